@@ -1,0 +1,1 @@
+"""Builders that turn real downloads (and user tables) into stil datasets."""

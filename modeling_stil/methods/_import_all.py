@@ -1,0 +1,11 @@
+"""Importing this module registers every built-in method (add one line per new method file)."""
+
+import importlib
+
+BUILTIN_METHOD_MODULES = [
+    "supervised",
+    "fixmatch",
+]
+
+for _module in BUILTIN_METHOD_MODULES:
+    importlib.import_module(f"{__package__}.{_module}")
