@@ -1,0 +1,412 @@
+"""Typed run arguments, recipes and command-line overrides.
+
+A run is described by three dataclasses of our own (`DataArguments`, `ModelArguments`,
+`TrainingArguments`) plus the chosen method's ``arguments_class`` (a `MethodArguments` subclass).
+Parsing happens in two passes: the first resolves ``method`` (from the command line, else the
+recipe, else the default), the second parses every key against the union of the four dataclasses.
+
+Sources, later wins: dataclass defaults < recipe YAML < ``--key value`` on the command line.
+Unknown keys fail with the list of valid ones; values are converted and checked against the field
+types (``int``, ``float``, ``bool``, ``str``, ``Optional[...]``, ``Literal[...]``, ``list[str]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import yaml
+
+DEFAULT_METHOD = "supervised"
+DEFAULT_MODEL = "multimodal-concat-tiny"
+DEFAULT_SYNTHETIC_TASK = "multimodal"
+
+
+class ArgumentError(ValueError):
+    """A recipe or command-line problem; the message says which key and what is accepted."""
+
+
+def _help(text: str, **kwargs) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class DataArguments:
+    dataset: str | None = _help(
+        "stil dataset folder (save_to_disk layout) or Hub dataset id. None: build the embedded "
+        "synthetic dataset (synthetic_task) into dataset_cache_dir and use it.",
+        default=None,
+    )
+    synthetic_task: Literal["multimodal", "image", "landmarks"] = _help(
+        "which embedded synthetic dataset to build when dataset is None", default=DEFAULT_SYNTHETIC_TASK
+    )
+    synthetic_num_samples: int = _help("rows of the synthetic dataset (all splits)", default=3000)
+    synthetic_image_size: int = _help("image side of the synthetic dataset in pixels", default=32)
+    dataset_cache_dir: str | None = _help(
+        "where synthetic datasets are built (default: $STIL_CACHE or ~/.cache/stil)/datasets", default=None
+    )
+    labeled_fraction: float | None = _help(
+        "re-draw the labelled subset of train with this fraction (stratified, seeded by `seed`). "
+        "None: use the dataset's labeled column", default=None
+    )
+    labeled_per_class: int | None = _help("re-draw the labelled subset with this many rows per class", default=None)
+    mu: int = _help("unlabelled batch size = mu * labelled batch size", default=7)
+    dataloader_num_workers: int = _help("DataLoader worker processes per loader", default=0)
+    max_eval_samples: int | None = _help("evaluate on at most this many rows of validation/test", default=None)
+
+
+@dataclass
+class ModelArguments:
+    model: str = _help("preset name (modeling_stil.presets), local folder or Hub id", default=DEFAULT_MODEL)
+    model_overrides: dict | None = _help(
+        "config overrides passed to create_model, e.g. --model_overrides '{hidden_size: 32}'", default=None
+    )
+
+
+@dataclass
+class TrainingArguments:
+    method: str = _help("SSL method name (modeling_stil.methods registry)", default=DEFAULT_METHOD)
+    output_dir: str = _help("run folder: checkpoints, logs, plots, export", default="runs/default")
+    overwrite_output_dir: bool = _help("allow a fresh run in a non-empty output_dir", default=False)
+    per_device_train_batch_size: int = _help("labelled batch per process", default=32)
+    per_device_eval_batch_size: int = _help("eval batch per process", default=128)
+    max_steps: int = _help("optimisation steps; -1: use num_train_epochs", default=300)
+    num_train_epochs: float = _help("epochs (passes over the unlabelled data) when max_steps is -1", default=1.0)
+    stop_after_steps: int | None = _help(
+        "stop (with a checkpoint) after this many steps although the schedule runs to max_steps: "
+        "for time-boxed jobs that are resumed later", default=None
+    )
+    learning_rate: float = _help("peak learning rate", default=1e-3)
+    weight_decay: float = _help("weight decay (decoupled for adamw)", default=1e-4)
+    optimizer: Literal["adamw", "adam", "sgd"] = _help("optimizer; adamw is fused on CUDA", default="adamw")
+    momentum: float = _help("sgd momentum", default=0.9)
+    nesterov: bool = _help("sgd nesterov", default=True)
+    adam_beta1: float = _help("adam/adamw beta1", default=0.9)
+    adam_beta2: float = _help("adam/adamw beta2", default=0.999)
+    lr_scheduler: Literal["cosine", "linear", "constant", "fixmatch_cosine"] = _help(
+        "decay after warm-up: cosine to 0, linear to 0, constant, or FixMatch's cos(7*pi*t/16)", default="cosine"
+    )
+    lr_scheduler_interval: Literal["step", "epoch"] = _help("update the learning rate every step or every epoch", default="step")
+    warmup: float = _help("linear warm-up: a fraction of max_steps if < 1, else a number of steps", default=0.05)
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = _help(
+        "autocast precision; None: the accelerate config / launcher decides", default=None
+    )
+    gradient_accumulation_steps: int = _help("micro-batches per optimisation step", default=1)
+    max_grad_norm: float | None = _help("clip gradients to this norm (None/0: no clipping)", default=1.0)
+    seed: int = _help("seed for initialisation, augmentation and sampling", default=42)
+    logging_steps: int = _help("reduce and log the accumulated training logs every N steps", default=10)
+    eval_steps: int | None = _help("evaluate on validation every N steps (None: once per epoch)", default=100)
+    save_steps: int | None = _help("checkpoint every N steps (None: at each evaluation)", default=None)
+    save_total_limit: int | None = _help("keep the last K checkpoints (the best is always kept)", default=2)
+    resume_from_checkpoint: str | None = _help("checkpoint folder, or 'latest' in output_dir/checkpoints", default=None)
+    metric_for_best_model: str | None = _help(
+        "validation metric that selects the best model (None: accuracy for multiclass, auroc for binary, "
+        "nme for landmarks, rmse for regression)", default=None
+    )
+    greater_is_better: bool | None = _help("direction of metric_for_best_model (None: inferred)", default=None)
+    report_to: list[str] = _help(
+        "trackers: tensorboard (default), wandb, comet_ml, mlflow, aim, ...; 'none' for JSONL only",
+        default_factory=lambda: ["tensorboard"],
+    )
+    run_name: str | None = _help("tracker run name (default: output_dir's name)", default=None)
+    push_to_hub: bool = _help("upload the exported folder to hub_model_id at the end", default=False)
+    hub_model_id: str | None = _help("Hub repository for push_to_hub (user/name)", default=None)
+    hub_private: bool = _help("create the Hub repository as private", default=False)
+    hub_token: str | None = _help("Hub token (default: the logged-in token)", default=None)
+    torch_compile: bool = _help("torch.compile the model (GPU recommended)", default=False)
+    channels_last: bool = _help("channels_last memory format (GPU convolution speed-up)", default=False)
+    disable_tqdm: bool = _help("no progress bar", default=False)
+    plots: bool = _help("write PNG plots into the run folder at every evaluation", default=True)
+    export: bool = _help("export the selected model (save_pretrained + processor + card) and reload it", default=True)
+    find_unused_parameters: bool = _help("DDP find_unused_parameters (methods with idle heads)", default=False)
+
+
+ARGUMENT_CLASSES = (DataArguments, ModelArguments, TrainingArguments)
+
+
+@dataclass
+class RunArguments:
+    """The parsed run: one instance per argument group."""
+
+    data: DataArguments
+    model: ModelArguments
+    training: TrainingArguments
+    method: Any  # the method's MethodArguments subclass instance
+    recipe: str | None = None
+
+    def groups(self) -> dict[str, Any]:
+        return {"data": self.data, "model": self.model, "training": self.training, "method": self.method}
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: dataclasses.asdict(obj) for name, obj in self.groups().items()}
+
+    def flat_dict(self) -> dict[str, Any]:
+        flat: dict[str, Any] = {}
+        for values in self.to_dict().values():
+            flat.update(values)
+        return flat
+
+    def save_yaml(self, path: str | os.PathLike) -> Path:
+        """Write the resolved configuration as a recipe that reproduces the run (flat keys)."""
+        path = Path(path)
+        text = "# resolved configuration of this run; `train.py THIS_FILE` reproduces it\n"
+        text += yaml.safe_dump(self.flat_dict(), sort_keys=False)
+        path.write_text(text)
+        return path
+
+
+# ----------------------------------------------------------------------------------------- types
+def _unwrap_optional(tp) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(tp))
+        if len(args) == 1:
+            return args[0], optional
+        return typing.Union[tuple(args)], optional
+    return tp, False
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the annotated type, or raise an ArgumentError naming the key."""
+    base, optional = _unwrap_optional(tp)
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null") and base is not str):
+        if optional:
+            return None
+        raise ArgumentError(f"--{key}: a value is required (type {_type_name(tp)})")
+    if isinstance(value, str) and optional and base is str and value.strip().lower() in ("none", "null"):
+        return None
+    origin = typing.get_origin(base)
+    if origin is Literal:
+        choices = typing.get_args(base)
+        if value not in choices:
+            text = str(value)
+            if text not in choices:
+                raise ArgumentError(f"--{key}: {value!r} is not one of {list(choices)}")
+            value = text
+        return value
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "yes", "1", "on"):
+            return True
+        if text in ("false", "no", "0", "off"):
+            return False
+        raise ArgumentError(f"--{key}: expected a boolean (true/false), got {value!r}")
+    if base is int:
+        if isinstance(value, bool):
+            raise ArgumentError(f"--{key}: expected an integer, got {value!r}")
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            return int(str(value).strip())
+        except ValueError:
+            raise ArgumentError(f"--{key}: expected an integer, got {value!r}") from None
+    if base is float:
+        if isinstance(value, bool):
+            raise ArgumentError(f"--{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ArgumentError(f"--{key}: expected a number, got {value!r}") from None
+    if base is str:
+        if isinstance(value, (dict, list)):
+            raise ArgumentError(f"--{key}: expected a string, got {value!r}")
+        return str(value)
+    if origin in (list, Sequence, tuple) or base in (list, tuple):
+        (item_type,) = typing.get_args(base)[:1] or (str,)
+        if isinstance(value, str):
+            parsed = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v.strip()]
+            value = parsed
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_convert(v.strip() if isinstance(v, str) else v, item_type, key) for v in value]
+    if base is dict or origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ArgumentError(f"--{key}: expected a mapping such as '{{a: 1}}', got {value!r}")
+        return value
+    if typing.get_origin(base) in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(base):
+            try:
+                return _convert(value, option, key)
+            except ArgumentError as error:
+                errors.append(str(error))
+        raise ArgumentError(f"--{key}: {value!r} fits none of {_type_name(tp)}")
+    return value
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        f.type = hints.get(f.name, f.type)
+        out[f.name] = f
+    return out
+
+
+# ----------------------------------------------------------------------------------------- parsing
+def parse_cli_overrides(argv: Sequence[str]) -> tuple[str | None, dict[str, Any]]:
+    """``[RECIPE.yaml] --key value --key=value --flag`` -> (recipe, {key: raw string or True}).
+
+    A bare ``--flag`` (followed by another ``--key`` or nothing) means True. Dashes in keys are
+    accepted as underscores."""
+    recipe = None
+    overrides: dict[str, Any] = {}
+    i = 0
+    argv = list(argv)
+    while i < len(argv):
+        token = argv[i]
+        if token.startswith("--"):
+            key = token[2:]
+            if "=" in key:
+                key, value = key.split("=", 1)
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                value = argv[i + 1]
+                i += 1
+            else:
+                value = True
+            key = key.replace("-", "_")
+            if key in overrides:
+                raise ArgumentError(f"--{key} is given twice on the command line")
+            overrides[key] = value
+        elif recipe is None and (token.endswith((".yaml", ".yml")) or Path(token).is_file()):
+            recipe = token
+        else:
+            raise ArgumentError(f"unexpected argument {token!r}: give at most one recipe file, then --key value pairs")
+        i += 1
+    return recipe, overrides
+
+
+def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ArgumentError(f"recipe {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ArgumentError(f"recipe {path} must be a mapping of key: value")
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        # Groups are optional: `training: {learning_rate: ...}` and flat `learning_rate: ...` both work.
+        if key in ("data", "model_args", "training", "method_args") and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def _valid_keys_message(valid: Sequence[str], bad: Sequence[str]) -> str:
+    lines = []
+    for key in bad:
+        close = difflib.get_close_matches(key, valid, n=3)
+        lines.append(f"  {key}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    return "unknown argument(s):\n" + "\n".join(lines) + "\nvalid keys: " + ", ".join(sorted(valid))
+
+
+def parse_run_arguments(argv: Sequence[str] | None = None, recipe_values: dict[str, Any] | None = None) -> RunArguments:
+    """Parse ``[RECIPE.yaml] [--key value ...]`` into a `RunArguments` (two passes: method first)."""
+    from ..methods.base import get_method_class
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        raise SystemExit(format_help())
+    recipe, overrides = parse_cli_overrides(argv)
+    values: dict[str, Any] = dict(recipe_values or {})
+    if recipe is not None:
+        values.update(load_recipe(recipe))
+    values.update(overrides)
+
+    # Pass 1: which method? (its dataclass decides which extra keys are valid)
+    method_name = str(values.get("method", DEFAULT_METHOD))
+    try:
+        method_cls = get_method_class(method_name)
+    except KeyError as error:
+        raise ArgumentError(str(error.args[0])) from None
+    classes = {"data": DataArguments, "model": ModelArguments, "training": TrainingArguments, "method": method_cls.arguments_class}
+    owner: dict[str, str] = {}
+    group_fields: dict[str, dict[str, dataclasses.Field]] = {}
+    for group, cls in classes.items():
+        group_fields[group] = _fields(cls)
+        for name in group_fields[group]:
+            if name in owner:
+                raise ArgumentError(
+                    f"method {method_name!r} argument {name!r} collides with a {owner[name]} argument; rename it"
+                )
+            owner[name] = group
+
+    unknown = [k for k in values if k not in owner]
+    if unknown:
+        raise ArgumentError(_valid_keys_message(list(owner), unknown))
+
+    # Pass 2: build every group with converted values
+    built = {}
+    for group, cls in classes.items():
+        kwargs = {}
+        for name, f in group_fields[group].items():
+            if name in values:
+                kwargs[name] = _convert(values[name], f.type, name)
+        try:
+            built[group] = cls(**kwargs)
+        except (TypeError, ValueError) as error:
+            raise ArgumentError(f"invalid {group} arguments: {error}") from None
+    run = RunArguments(data=built["data"], model=built["model"], training=built["training"], method=built["method"], recipe=recipe)
+    validate(run)
+    return run
+
+
+def validate(run: RunArguments) -> None:
+    t, d = run.training, run.data
+    problems = []
+    if t.max_steps == 0 or t.max_steps < -1:
+        problems.append("max_steps must be > 0 (or -1 to use num_train_epochs)")
+    if t.max_steps == -1 and t.num_train_epochs <= 0:
+        problems.append("num_train_epochs must be > 0 when max_steps is -1")
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps"):
+        if getattr(t, key) < 1:
+            problems.append(f"{key} must be >= 1")
+    for key in ("eval_steps", "save_steps", "save_total_limit", "stop_after_steps"):
+        value = getattr(t, key)
+        if value is not None and value < 1:
+            problems.append(f"{key} must be >= 1 or None")
+    if t.learning_rate <= 0:
+        problems.append("learning_rate must be > 0")
+    if t.warmup < 0:
+        problems.append("warmup must be >= 0")
+    if d.mu < 1:
+        problems.append("mu must be >= 1")
+    if d.labeled_fraction is not None and d.labeled_per_class is not None:
+        problems.append("give labeled_fraction or labeled_per_class, not both")
+    if d.labeled_fraction is not None and not 0 < d.labeled_fraction <= 1:
+        problems.append("labeled_fraction must be in (0, 1]")
+    if t.push_to_hub and not t.hub_model_id:
+        problems.append("push_to_hub needs hub_model_id (user/name)")
+    if t.push_to_hub and not t.export:
+        problems.append("push_to_hub needs export: true")
+    if problems:
+        raise ArgumentError("invalid arguments:\n  " + "\n  ".join(problems))
+
+
+def format_help() -> str:
+    lines = ["usage: accelerate launch train.py [RECIPE.yaml] [--key value ...]", ""]
+    for cls in ARGUMENT_CLASSES:
+        lines.append(f"{cls.__name__}:")
+        for name, f in _fields(cls).items():
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            lines.append(f"  --{name} ({_type_name(f.type)}, default {default!r}): {f.metadata.get('help', '')}")
+        lines.append("")
+    lines.append("plus the chosen method's arguments (see docs/methods.md).")
+    return "\n".join(lines)

@@ -1,0 +1,181 @@
+"""Checkpoints: atomic ``accelerator.save_state`` folders, rotation (last K + best), compatibility.
+
+Layout: ``<output_dir>/checkpoints/checkpoint-<step>/`` holds what ``save_state`` writes (the method
+module = model + teachers/banks/buffers, optimizer, scheduler, every rank's RNG states, the
+registered `TrainerProgress`) plus ``trainer_state.json`` (human-readable copy of the progress and
+the run fingerprint). A checkpoint is first written to ``.checkpoint-<step>.partial`` and renamed
+into place only when every rank has finished, so a crash never leaves a half checkpoint that
+``--resume_from_checkpoint latest`` would pick up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+CHECKPOINTS_DIRNAME = "checkpoints"
+STATE_FILENAME = "trainer_state.json"
+_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+class IncompatibleCheckpointError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainerProgress:
+    """Everything about the loop position that a resumed run needs (registered for checkpointing)."""
+
+    step: int = 0  # optimisation steps done
+    micro_step: int = 0  # micro-batches consumed (data position: loaders.iterate(micro_step))
+    epoch: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    best_checkpoint: str | None = None  # folder name under checkpoints/
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            if hasattr(self, key):
+                setattr(self, key, value)
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def make_fingerprint(method: str, model_config: dict[str, Any], dataset: dict[str, Any]) -> dict[str, Any]:
+    """What must not change between a checkpoint and the run resuming it.
+
+    ``model_config`` is the architecture (config dict without volatile keys); ``dataset`` a small
+    description (source, split sizes, labelled indices digest, schema digest)."""
+    volatile = {"transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype", "auto_map", "_commit_hash"}
+    arch = {k: v for k, v in model_config.items() if k not in volatile}
+    return {
+        "method": method,
+        "model_type": model_config.get("model_type"),
+        "model": digest(arch),
+        "dataset": digest(dataset),
+        "dataset_description": dataset,
+    }
+
+
+def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    diffs = []
+    if saved.get("method") != current.get("method"):
+        diffs.append(f"method: checkpoint {saved.get('method')!r}, this run {current.get('method')!r}")
+    if saved.get("model") != current.get("model"):
+        diffs.append(
+            f"model architecture: checkpoint {saved.get('model_type')!r} config {saved.get('model')}, "
+            f"this run {current.get('model_type')!r} config {current.get('model')}"
+        )
+    if saved.get("dataset") != current.get("dataset"):
+        a, b = saved.get("dataset_description") or {}, current.get("dataset_description") or {}
+        keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        detail = "; ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys[:6])
+        diffs.append(f"dataset: {detail or 'fingerprints differ'}")
+    return diffs
+
+
+def checkpoints_root(output_dir: str | os.PathLike) -> Path:
+    return Path(output_dir) / CHECKPOINTS_DIRNAME
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest step first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _PATTERN.match(child.name)
+        if match and child.is_dir() and (child / STATE_FILENAME).is_file():
+            found.append((int(match.group(1)), child))
+    return [path for _, path in sorted(found)]
+
+
+def resolve_checkpoint(spec: str, output_dir: str | os.PathLike) -> Path:
+    """``'latest'`` -> newest complete checkpoint in ``output_dir``; otherwise a checkpoint folder."""
+    if spec == "latest":
+        found = list_checkpoints(checkpoints_root(output_dir))
+        if not found:
+            raise FileNotFoundError(
+                f"resume_from_checkpoint=latest but {checkpoints_root(output_dir)} holds no complete checkpoint"
+            )
+        return found[-1]
+    path = Path(spec)
+    if path.is_dir() and not (path / STATE_FILENAME).is_file():
+        inner = list_checkpoints(path) or list_checkpoints(checkpoints_root(path))
+        if inner:
+            return inner[-1]
+    if not (path / STATE_FILENAME).is_file():
+        raise FileNotFoundError(f"{path} is not a stil checkpoint (no {STATE_FILENAME})")
+    return path
+
+
+def read_checkpoint_state(path: str | os.PathLike) -> dict[str, Any]:
+    return json.loads((Path(path) / STATE_FILENAME).read_text())
+
+
+def check_compatible(path: str | os.PathLike, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """Return the checkpoint's saved state or raise `IncompatibleCheckpointError` with the reasons."""
+    saved = read_checkpoint_state(path)
+    diffs = fingerprint_differences(saved.get("fingerprint", {}), fingerprint)
+    if diffs:
+        raise IncompatibleCheckpointError(
+            f"cannot resume from {path}: it was written by a different run:\n  " + "\n  ".join(diffs)
+            + "\nstart a new output_dir, or resume with the original method/model/dataset"
+        )
+    return saved
+
+
+def save_checkpoint(accelerator, output_dir: str | os.PathLike, progress: TrainerProgress, extra: dict[str, Any] | None = None) -> Path:
+    """Atomically write ``checkpoints/checkpoint-<step>`` with ``accelerator.save_state``.
+
+    Must be called on every process (each rank writes its RNG state)."""
+    root = checkpoints_root(output_dir)
+    final = root / f"checkpoint-{progress.step}"
+    partial = root / f".checkpoint-{progress.step}.partial"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        if partial.exists():
+            shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = progress.state_dict()
+        state.update(extra or {})
+        (partial / STATE_FILENAME).write_text(json.dumps(state, indent=2, default=str))
+        if final.exists():  # same step saved twice (e.g. best + periodic): keep the newer
+            trash = root / f".checkpoint-{progress.step}.old"
+            shutil.rmtree(trash, ignore_errors=True)
+            final.rename(trash)
+            partial.rename(final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            partial.rename(final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def rotate_checkpoints(output_dir: str | os.PathLike, keep_last: int | None, protect: set[str] | None = None) -> list[Path]:
+    """Delete all but the newest ``keep_last`` checkpoints, never those named in ``protect``."""
+    if keep_last is None:
+        return []
+    protect = protect or set()
+    found = list_checkpoints(checkpoints_root(output_dir))
+    candidates = [p for p in found if p.name not in protect]
+    doomed = candidates[: max(0, len(candidates) - keep_last)]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed

@@ -1,0 +1,171 @@
+"""Training logs: tensor accumulation without host syncs, tracker validation and a JSONL record.
+
+* `LogAccumulator` keeps running sums of the detached scalar tensors a method returns, on the
+  device; nothing touches the host until `reduce()` is called on a logging step, which performs one
+  cross-process reduction and one device-to-host copy for all keys together.
+* `resolve_trackers` turns ``report_to`` into Accelerate tracker names and fails loudly when a
+  tracker's package is missing (Accelerate itself only warns and then logs nothing).
+* `JsonlLogger` appends every logged value as one JSON object per line (main process only), and
+  can truncate the record back to a checkpoint's step on resume.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+# tracker name -> python package that must be importable
+TRACKER_PACKAGES = {
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+    "comet_ml": "comet_ml",
+    "mlflow": "mlflow",
+    "aim": "aim",
+    "clearml": "clearml",
+    "dvclive": "dvclive",
+    "swanlab": "swanlab",
+    "trackio": "trackio",
+}
+
+
+class TrackerUnavailableError(ImportError):
+    pass
+
+
+def resolve_trackers(report_to: Sequence[str] | str | None) -> list[str]:
+    """Validate tracker names; return the list to pass to ``Accelerator(log_with=...)``."""
+    if report_to is None:
+        return []
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    names = [n.strip().lower() for n in names if n and n.strip()]
+    if not names or names == ["none"] or names == ["jsonl"]:
+        return []
+    if "all" in names:
+        return [n for n, pkg in TRACKER_PACKAGES.items() if importlib.util.find_spec(pkg) is not None]
+    trackers = []
+    for name in names:
+        if name in ("none", "jsonl"):
+            continue
+        if name not in TRACKER_PACKAGES:
+            raise ValueError(f"unknown tracker {name!r} in report_to; known: {sorted(TRACKER_PACKAGES)} (or 'none')")
+        if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None:
+            raise TrackerUnavailableError(
+                f"report_to asks for {name!r} but the {TRACKER_PACKAGES[name]!r} package is not installed: "
+                f"`pip install {TRACKER_PACKAGES[name]}`, or drop it from report_to (e.g. --report_to none; "
+                "the JSONL log is always written)"
+            )
+        trackers.append(name)
+    return trackers
+
+
+def tracker_config(flat: dict[str, Any]) -> dict[str, Any]:
+    """Hyper-parameters in a form every tracker accepts (TensorBoard hparams want scalars/strings)."""
+    out = {}
+    for key, value in flat.items():
+        if value is None:
+            out[key] = "None"
+        elif isinstance(value, (bool, int, float, str)):
+            out[key] = value
+        else:
+            out[key] = json.dumps(value)
+    return out
+
+
+class LogAccumulator:
+    """Running sums of scalar tensors, reduced (mean over steps and processes) on demand."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, logs: dict[str, torch.Tensor]) -> None:
+        for key, value in logs.items():
+            if not isinstance(value, torch.Tensor):
+                value = torch.as_tensor(value)
+            value = value.detach().float()
+            if value.numel() != 1:
+                value = value.mean()
+            value = value.reshape(())
+            if key in self.sums:
+                self.sums[key] = self.sums[key] + value.to(self.sums[key].device)
+            else:
+                self.sums[key] = value.clone()
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def __bool__(self) -> bool:
+        return bool(self.sums)
+
+    def reduce(self, reduce_fn=None, device: torch.device | None = None) -> dict[str, float]:
+        """Mean of every key; ``reduce_fn`` sums a 1-D tensor over processes (one collective call).
+
+        Every process must hold the same keys (methods log the same terms at every step)."""
+        if not self.sums:
+            return {}
+        keys = sorted(self.sums)
+        device = device or self.sums[keys[0]].device
+        stacked = torch.stack([self.sums[k].to(device) for k in keys] + [torch.tensor(float(self.counts[k]), device=device) for k in keys])
+        if reduce_fn is not None:
+            stacked = reduce_fn(stacked)
+        values = stacked.cpu().tolist()
+        n = len(keys)
+        out = {k: values[i] / max(values[n + i], 1.0) for i, k in enumerate(keys)}
+        self.sums.clear()
+        self.counts.clear()
+        return out
+
+
+class JsonlLogger:
+    """Append-only JSON-lines record of every logged value (``{"step", "split", ...}`` per line)."""
+
+    def __init__(self, path: str | os.PathLike, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (_finite_or_str(v) if isinstance(v, float) else v) for k, v in record.items()}
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(clean) + "\n")
+            handle.flush()
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records written after ``step`` (a resumed run replays those steps)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = [r for r in read_jsonl(self.path) if int(r.get("step", 0)) <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
+
+    def history(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.path) if self.path.is_file() else []
+
+
+def _finite_or_str(value: float):
+    return value if math.isfinite(value) else str(value)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    records = []
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line:
+            records.append(json.loads(line))
+    return records
+
+
+def format_postfix(values: dict[str, float], keys: Iterable[str] = ("loss", "samples_per_second")) -> dict[str, str]:
+    out = {}
+    for key in keys:
+        if key in values:
+            out[key if key != "samples_per_second" else "samples/s"] = f"{values[key]:.4g}"
+    return out
