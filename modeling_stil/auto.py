@@ -11,6 +11,9 @@ import importlib
 MODEL_REGISTRY: list[tuple[str, str, str, tuple[str, ...]]] = [
     ("modeling_wide_resnet", "WideResNetConfig", "WideResNetForImageClassification", ("AutoModelForImageClassification",)),
     ("modeling_tcdcnn", "TCDCNNConfig", "TCDCNNForLandmarkRegression", ()),
+    ("modeling_baselines", "ImageClassifierConfig", "StilImageClassifier", ("AutoModelForImageClassification",)),
+    ("modeling_baselines", "TabularClassifierConfig", "StilTabularClassifier", ()),
+    ("modeling_baselines", "MultimodalClassifierConfig", "StilMultimodalClassifier", ()),
 ]
 
 _registered = False

@@ -210,6 +210,7 @@ class MultimodalClassifierConfig(StilBaseConfig):
         fusion_num_layers: int = 4,
         fusion_num_heads: int = 8,
         fused_dim: int = 128,
+        unimodal_loss_weight: float = 1.0,
         projection_hidden_dim: int | None = 512,
         projection_dim: int = 128,
         classifier_dropout: float = 0.0,
@@ -230,6 +231,8 @@ class MultimodalClassifierConfig(StilBaseConfig):
         self.fusion_num_layers = int(fusion_num_layers)
         self.fusion_num_heads = int(fusion_num_heads)
         self.fused_dim = int(fused_dim)
+        # loss = CE(z_m) + w * (CE(z_i) + CE(z_t)) when unimodal_heads (the §1.2 supervised recipe with w = 1)
+        self.unimodal_loss_weight = float(unimodal_loss_weight)
         self.projection_hidden_dim = projection_hidden_dim
         self.projection_dim = int(projection_dim)
         self.classifier_dropout = float(classifier_dropout)
