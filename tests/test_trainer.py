@@ -1,0 +1,268 @@
+"""Trainer loop tests on tiny test doubles (a linear/dropout model, a deterministic stream)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from modeling_stil.methods.base import MethodArguments, SSLMethod
+from modeling_stil.training import checkpointing as ckpt
+from modeling_stil.training.arguments import DataArguments, ModelArguments, RunArguments, TrainingArguments
+from modeling_stil.training.logging import LogAccumulator, TrackerUnavailableError, resolve_trackers
+from modeling_stil.training.trainer import NonFiniteLossError, Trainer, lr_lambda_factory
+
+N_FEATURES, N_CLASSES, N_ROWS = 6, 3, 96
+
+
+@pytest.fixture(autouse=True)
+def _reset_accelerate():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def toy_data(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N_ROWS, N_FEATURES, generator=g)
+    w = torch.randn(N_FEATURES, N_CLASSES, generator=g)
+    y = (x @ w).argmax(-1)
+    return x, y
+
+
+class ToyModel(nn.Module):
+    def __init__(self, dropout=0.2):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(N_FEATURES, 16), nn.ReLU(), nn.Dropout(dropout), nn.Linear(16, N_CLASSES))
+
+    def forward(self, continuous_values, **_):
+        return {"logits": self.net(continuous_values)}
+
+
+class ToyMethod(SSLMethod):
+    name = "toy"
+    nan_at_step: int | None = None
+
+    def __init__(self, model, args=None):
+        super().__init__(model, args)
+        self.register_buffer("after_steps", torch.zeros((), dtype=torch.long))
+        self.epoch_ends = 0
+
+    def training_step(self, labeled, unlabeled, state):
+        logits = self.model(**labeled["weak"])["logits"]
+        loss = nn.functional.cross_entropy(logits, labeled["labels"])
+        if self.nan_at_step is not None and state.step >= self.nan_at_step:
+            loss = loss * float("nan")
+        return loss, {"sup_loss": loss.detach(), "mask_ratio": torch.tensor(0.5)}
+
+    def after_optimizer_step(self, state):
+        self.after_steps += 1
+
+    def on_epoch_end(self, state):
+        self.epoch_ends += 1
+        return {}
+
+
+class ToyStream:
+    """Deterministic: the batch of micro-step i depends only on (seed, i); shuffled per epoch."""
+
+    def __init__(self, batch_size=8, seed=0):
+        self.x, self.y = toy_data(seed)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.steps_per_epoch = N_ROWS // batch_size
+
+    def iterate(self, start_step=0):
+        step = start_step
+        while True:
+            epoch, pos = divmod(step, self.steps_per_epoch)
+            order = np.random.default_rng([self.seed, epoch]).permutation(N_ROWS)
+            idx = torch.as_tensor(order[pos * self.batch_size : (pos + 1) * self.batch_size])
+            yield {"labels": self.y[idx], "index": idx, "weak": {"continuous_values": self.x[idx]}}, None
+            step += 1
+
+
+def eval_loader():
+    x, y = toy_data(1)
+    data = [{"continuous_values": x[i], "labels": y[i]} for i in range(len(y))]
+    return torch.utils.data.DataLoader(data, batch_size=32)
+
+
+def accuracy_metrics(task, predictions, references, num_labels):
+    return {"accuracy": float((predictions.argmax(-1) == references).float().mean())}
+
+
+def make_args(tmp_path, **overrides):
+    training = dict(
+        method="toy", output_dir=str(tmp_path / "run"), max_steps=8, eval_steps=4, logging_steps=2,
+        learning_rate=0.05, warmup=2, report_to=["none"], disable_tqdm=True, seed=0,
+    )
+    training.update(overrides)
+    return RunArguments(data=DataArguments(), model=ModelArguments(), training=TrainingArguments(**training), method=MethodArguments())
+
+
+def make_trainer(tmp_path, method_cls=ToyMethod, batch_size=8, fingerprint=None, **overrides):
+    torch.manual_seed(0)
+    args = make_args(tmp_path, **overrides)
+    method = method_cls(ToyModel())
+    return Trainer(
+        args, method, ToyStream(batch_size), {"validation": eval_loader(), "test": eval_loader()},
+        task="classification", num_labels=N_CLASSES, fingerprint=fingerprint or {"method": "toy", "model": "a", "dataset": "d"},
+        compute_metrics=accuracy_metrics,
+    )
+
+
+def weights(trainer):
+    return {k: v.detach().clone() for k, v in trainer.unwrapped.state_dict().items()}
+
+
+def test_resume_is_exact(tmp_path):
+    full = make_trainer(tmp_path / "a", optimizer="adamw")
+    full.train()
+    reference = weights(full)
+
+    first = make_trainer(tmp_path / "b", optimizer="adamw", stop_after_steps=4)
+    out = first.train()
+    assert out["finished"] is False and out["stopped_at_step"] == 4
+    assert ckpt.list_checkpoints(tmp_path / "b" / "run" / "checkpoints")[-1].name == "checkpoint-4"
+    second = make_trainer(tmp_path / "b", optimizer="adamw", resume_from_checkpoint="latest")
+    second.train()
+    assert second.progress.step == 8
+    resumed = weights(second)
+    assert reference.keys() == resumed.keys()
+    for key in reference:
+        assert torch.equal(reference[key], resumed[key]), key
+    assert int(resumed["after_steps"]) == 8  # after_optimizer_step ran once per optimisation step
+    # the JSONL of the resumed run has no duplicated steps and both halves
+    records = [json.loads(line) for line in (tmp_path / "b" / "run" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in records if r["split"] == "train"]
+    assert train_steps == sorted(set(train_steps)) and train_steps[-1] == 8
+
+
+def test_resume_without_restoring_state_differs(tmp_path):
+    """Guards the test above: a fresh run on the second half does NOT match (state matters)."""
+    full = make_trainer(tmp_path / "a")
+    full.train()
+    naive = make_trainer(tmp_path / "c", max_steps=8)
+    naive.progress.micro_step = naive.progress.step = 4  # data position only, no weights/optimizer/RNG
+    naive.train()
+    assert any(not torch.equal(a, b) for a, b in zip(weights(full).values(), weights(naive).values()))
+
+
+def test_incompatible_checkpoint_is_refused(tmp_path):
+    first = make_trainer(tmp_path, stop_after_steps=2, fingerprint=ckpt.make_fingerprint("toy", {"model_type": "x", "h": 1}, {"rows": 96}))
+    first.train()
+    other = make_trainer(
+        tmp_path, resume_from_checkpoint="latest",
+        fingerprint=ckpt.make_fingerprint("fixmatch", {"model_type": "x", "h": 2}, {"rows": 97}),
+    )
+    with pytest.raises(ckpt.IncompatibleCheckpointError) as error:
+        other.train()
+    message = str(error.value)
+    assert "method: checkpoint 'toy', this run 'fixmatch'" in message
+    assert "model architecture" in message and "rows: 96 vs 97" in message
+
+
+class NaNMethod(ToyMethod):
+    nan_at_step = 5
+
+
+def test_nan_loss_stops_with_step_terms_and_last_good_checkpoint(tmp_path):
+    trainer = make_trainer(tmp_path, method_cls=NaNMethod, save_steps=2, eval_steps=100, logging_steps=3)
+    with pytest.raises(NonFiniteLossError) as error:
+        trainer.train()
+    message = str(error.value)
+    assert "step 6" in message  # the 6th optimisation step (state.step == 5)
+    assert '"sup_loss": NaN' in message or "nan" in message.lower()
+    good = tmp_path / "run" / "checkpoints" / "checkpoint-4"
+    assert str(good) in message and good.is_dir()
+    # no checkpoint was written from NaN weights
+    assert not (tmp_path / "run" / "checkpoints" / "checkpoint-6").exists()
+
+
+def test_rotation_keeps_last_k_and_best(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=12, eval_steps=2, save_total_limit=1)
+    trainer.train()
+    names = [p.name for p in ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")]
+    best = trainer.progress.best_checkpoint
+    assert "checkpoint-12" in names and best in names and len(names) <= 2
+    assert not list((tmp_path / "run" / "checkpoints").glob(".*partial*"))
+
+
+def test_best_selection_and_test(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=10, eval_steps=2, learning_rate=0.1)
+    trainer.train()
+    history = [json.loads(l) for l in (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    validation = [r for r in history if r["split"] == "validation"]
+    assert [r["step"] for r in validation] == [2, 4, 6, 8, 10]
+    best = max(validation, key=lambda r: r["accuracy"])  # first of ties wins (strict improvement)
+    assert trainer.progress.best_step == best["step"]
+    trainer.load_best()
+    again = trainer.evaluate("validation")
+    assert again["accuracy"] == pytest.approx(best["accuracy"])
+    assert (tmp_path / "run" / "plots" / "losses.png").is_file()
+    assert (tmp_path / "run" / "plots" / "pseudo_labels.png").is_file()
+
+
+def test_gradient_accumulation_matches_large_batch(tmp_path):
+    class NoDropout(ToyMethod):
+        def __init__(self, model, args=None):
+            super().__init__(model, args)
+            self.model.net[2].p = 0.0
+
+    a = make_trainer(tmp_path / "a", method_cls=NoDropout, batch_size=16, max_steps=3, optimizer="sgd", warmup=0)
+    a.train()
+    b = make_trainer(tmp_path / "b", method_cls=NoDropout, batch_size=8, max_steps=3, optimizer="sgd", warmup=0, gradient_accumulation_steps=2)
+    b.train()
+    for (k, va), vb in zip(weights(a).items(), weights(b).values()):
+        if va.is_floating_point():
+            torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-6, msg=k)
+    assert int(weights(b)["after_steps"]) == 3
+
+
+def test_epoch_end_hook_and_max_steps_from_epochs(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=-1, num_train_epochs=2, eval_steps=None)
+    trainer.train()
+    assert trainer.max_steps == 2 * (N_ROWS // 8)
+    assert trainer.unwrapped.epoch_ends == 2
+
+
+def test_lr_schedule():
+    f = lr_lambda_factory("cosine", 100, 10, "step", 10)
+    assert f(0) < f(5) < f(9) <= 1.0
+    assert f(10) == pytest.approx(1.0) and f(100) == pytest.approx(0.0, abs=1e-9)
+    assert f(55) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    g = lr_lambda_factory("cosine", 100, 0, "epoch", 10)
+    assert g(10) == g(19) != g(20)
+    h = lr_lambda_factory("fixmatch_cosine", 100, 0, "step", 10)
+    assert h(100) == pytest.approx(math.cos(7 * math.pi / 16))
+
+
+def test_log_accumulator_means_without_item_calls():
+    acc = LogAccumulator()
+    acc.add({"loss": torch.tensor(1.0), "mask_ratio": torch.tensor(0.0)})
+    acc.add({"loss": torch.tensor(3.0)})
+    reduced = acc.reduce(lambda t: t * 2)  # a 2-process sum of identical values
+    assert reduced == {"loss": 2.0, "mask_ratio": 0.0}
+    assert not acc
+
+
+def test_missing_tracker_fails_loudly():
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        with pytest.raises(TrackerUnavailableError, match="pip install wandb"):
+            resolve_trackers(["tensorboard", "wandb"])
+    assert resolve_trackers(["none"]) == []
+    assert resolve_trackers("tensorboard") == ["tensorboard"]
+    with pytest.raises(ValueError, match="unknown tracker"):
+        resolve_trackers(["tensorbored"])
