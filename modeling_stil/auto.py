@@ -9,6 +9,8 @@ import importlib
 
 # (module under modeling_stil, config class name, model class name, extra Auto classes)
 MODEL_REGISTRY: list[tuple[str, str, str, tuple[str, ...]]] = [
+    ("modeling_stil", "StilConfig", "StilModel", ()),
+    ("modeling_tip", "TipConfig", "TipModel", ()),
     ("modeling_wide_resnet", "WideResNetConfig", "WideResNetForImageClassification", ("AutoModelForImageClassification",)),
     ("modeling_tcdcnn", "TCDCNNConfig", "TCDCNNForLandmarkRegression", ()),
     ("modeling_baselines", "ImageClassifierConfig", "StilImageClassifier", ("AutoModelForImageClassification",)),
