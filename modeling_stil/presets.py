@@ -1,0 +1,200 @@
+"""Named model presets and `create_model`.
+
+``create_model(name_or_path, *, schema=None, metadata=None, **overrides)``:
+
+* a preset name (``list_presets()``) builds a fresh model; ``schema`` (TabularSchema or dict) and
+  ``metadata`` (DatasetMetadata or dict) fill ``tabular_schema``, ``num_labels``/``id2label``/
+  ``label2id``, ``problem_type`` and ``num_channels``; ``overrides`` set any config field last
+  (e.g. ``image_size=64``). ``image_pretrained="path/or/timm-hub-name"`` loads backbone weights into
+  the model's ``encoder_imaging`` after construction (so ``post_init`` cannot overwrite them);
+* a local folder or a Hub id loads with ``AutoModel.from_pretrained`` (``overrides`` are passed to it,
+  e.g. ``dtype=torch.float32``) and, when schema/metadata are given, checks
+  ``model.check_data_compatibility(schema, metadata)``;
+* an unknown name raises listing the available presets and the close matches.
+
+Presets reproducing the papers (``stil-dvm``, ``tip-dvm``, ``multimodal-concat``, ``mmatch``,
+``image-resnet50``...) use the originals' pixel scaling (images in [0, 1], mean 0 / std 1) and 128 px;
+``wrn-28-2`` uses CIFAR-10 statistics at 32 px; ``tcdcnn`` 60 px grayscale in [0, 1]. ``*-tiny``
+presets are for tests (forward + backward of a few 32 px samples in milliseconds on CPU).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from .configuration_baselines import config_overrides_from_data
+
+ZERO_ONE = dict(image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0])
+# A tiny tabular layout for schema-less tiny presets (2 categorical fields of 3 and 4 values, 3 continuous).
+TINY_FIELD_LENGTHS = [3, 4, 1, 1, 1]
+TINY_TABULAR = dict(tabular_embedding_dim=32, tabular_num_layers=1, tabular_num_heads=4, projection_hidden_dim=32, projection_dim=16)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    family: str  # stil | tip | image | tabular | multimodal | wrn | tcdcnn
+    config_module: str
+    config_class: str
+    model_module: str
+    model_class: str
+    defaults: Mapping[str, Any]
+    description: str
+    classmethod_name: str | None = None  # e.g. StilConfig.dvm(**kw)
+
+    @property
+    def uses_tabular(self) -> bool:
+        return self.family in ("stil", "tip", "tabular", "multimodal")
+
+    @property
+    def uses_images(self) -> bool:
+        return self.family != "tabular"
+
+
+def _baseline(name, family, config_class, model_class, defaults, description, module="baselines"):
+    return Preset(name, family, f"configuration_{module}", config_class, f"modeling_{module}", model_class, defaults, description)
+
+
+_IMG = ("ImageClassifierConfig", "StilImageClassifier")
+_TAB = ("TabularClassifierConfig", "StilTabularClassifier")
+_MM = ("MultimodalClassifierConfig", "StilMultimodalClassifier")
+_TINY_IMG = dict(backbone="test_resnet", image_size=32)
+_TINY_HEAD = dict(projection_hidden_dim=32, projection_dim=16)
+
+_PRESET_LIST = [
+    Preset("stil-dvm", "stil", "configuration_stil", "StilConfig", "modeling_stil", "StilModel", {}, "STiL, paper DVM setting (ResNet-50, d=512, 286 classes, 128 px)", "dvm"),
+    Preset("stil-cardiac", "stil", "configuration_stil", "StilConfig", "modeling_stil", "StilModel", {}, "STiL, UK Biobank cardiac setting (needs schema or field_lengths)", "cardiac"),
+    Preset("stil-tiny", "stil", "configuration_stil", "StilConfig", "modeling_stil", "StilModel", {}, "STiL, tiny (tests)", "tiny"),
+    Preset("tip-dvm", "tip", "configuration_tip", "TipConfig", "modeling_tip", "TipModel", {}, "TIP fine-tuning network, DVM setting", "dvm"),
+    Preset("tip-tiny", "tip", "configuration_tip", "TipConfig", "modeling_tip", "TipModel", {}, "TIP fine-tuning network, tiny (tests)", "tiny"),
+    _baseline("image-resnet50", "image", *_IMG, dict(backbone="resnet50", image_size=128, projection_hidden_dim=2048, **ZERO_ONE), "image-only ResNet-50 + linear head + SimMatch projection head (Match family image wrapper)"),
+    _baseline("image-resnet18", "image", *_IMG, dict(backbone="resnet18", image_size=128, projection_hidden_dim=512, **ZERO_ONE), "image-only ResNet-18 classifier"),
+    _baseline("image-tiny", "image", *_IMG, dict(**_TINY_IMG, **_TINY_HEAD), "image-only, timm test_resnet (tests)"),
+    _baseline("tabular-transformer", "tabular", *_TAB, dict(), "tabular-only TIP transformer (d=512, 4 layers) + linear head"),
+    _baseline("tabular-tiny", "tabular", *_TAB, dict(TINY_TABULAR), "tabular-only transformer, d=32, 1 layer (tests)"),
+    _baseline("multimodal-concat", "multimodal", *_MM, dict(backbone="resnet50", image_size=128, fusion="concat", **ZERO_ONE), "Match-family concat backbone (Multimodal SimMatch/CoMatch/FreeMatch)"),
+    _baseline("multimodal-concat-tiny", "multimodal", *_MM, dict(fusion="concat", **_TINY_IMG, **TINY_TABULAR), "concat multimodal, tiny (tests)"),
+    _baseline("multimodal-tip", "multimodal", *_MM, dict(backbone="resnet50", image_size=128, fusion="tip", **ZERO_ONE), "TIP-style cross-attention fusion classifier (4+4 layers, d=512)"),
+    _baseline("multimodal-tip-tiny", "multimodal", *_MM, dict(fusion="tip", multimodal_embedding_dim=32, fusion_num_layers=1, fusion_num_heads=4, **_TINY_IMG, **TINY_TABULAR), "TIP-style fusion, tiny (tests)"),
+    _baseline("mmatch", "multimodal", *_MM, dict(backbone="resnet50", image_size=128, fusion="concat", unimodal_heads=True, **ZERO_ONE), "MMatch / co-training shared network: z_m, z_i, z_t heads, 128-d fused feature"),
+    _baseline("mmatch-tiny", "multimodal", *_MM, dict(fusion="concat", unimodal_heads=True, fused_dim=16, **_TINY_IMG, **TINY_TABULAR), "MMatch / co-training network, tiny (tests)"),
+    _baseline("wrn-28-2", "wrn", "WideResNetConfig", "WideResNetForImageClassification", dict(), "WRN-28-2 for CIFAR-10 (L2I/MixMatch), 1.47 M parameters", module="wide_resnet"),
+    _baseline("wrn-tiny", "wrn", "WideResNetConfig", "WideResNetForImageClassification", dict(depth=10, widen_factor=1, base_channels=8), "WRN-10-1 with 8 base channels (tests)", module="wide_resnet"),
+    _baseline("tcdcnn", "tcdcnn", "TCDCNNConfig", "TCDCNNForLandmarkRegression", dict(), "TCDCNN, 60 px grayscale, 10 landmark coordinates (L2I AFLW)", module="tcdcnn"),
+]
+PRESETS: dict[str, Preset] = {p.name: p for p in _PRESET_LIST}
+ALIASES = {"multimodal-heads": "mmatch", "cotrain": "mmatch", "co-training": "mmatch", "wrn": "wrn-28-2", "wideresnet": "wrn-28-2"}
+
+
+def list_presets() -> dict[str, str]:
+    """Preset name -> description (aliases not included)."""
+    return {name: p.description for name, p in PRESETS.items()}
+
+
+def _import(module: str, name: str):
+    try:
+        return getattr(importlib.import_module(f"{__package__}.{module}"), name)
+    except (ImportError, AttributeError) as error:
+        raise ImportError(
+            f"{__package__}.{module}.{name} is not available ({error}); this preset's model family is not "
+            "installed in this version of stil"
+        ) from error
+
+
+def _fit_channels(values: dict[str, Any]) -> None:
+    """num_channels overridden (e.g. grayscale data) -> per-channel mean/std of the right length."""
+    channels = values.get("num_channels")
+    if channels is None:
+        return
+    for key in ("image_mean", "image_std"):
+        stats = values.get(key)
+        if stats is not None and len(stats) != channels:
+            average = sum(stats) / len(stats)
+            values[key] = [average] * int(channels)
+
+
+def preset_config(name: str, *, schema=None, metadata=None, num_channels: int | None = None, **overrides):
+    """The config a preset would build (no weights are created)."""
+    preset = _resolve(name)
+    config_cls = _import(preset.config_module, preset.config_class)
+    values: dict[str, Any] = dict(preset.defaults)
+    data = config_overrides_from_data(schema if preset.uses_tabular else None, metadata, num_channels)
+    if not preset.uses_images:
+        data.pop("num_channels", None)
+    if preset.family in ("stil", "tip") and "tabular_schema" in data:
+        data["field_lengths"] = None  # the schema is the single source of truth
+    if preset.family in ("image", "tabular", "multimodal") and preset.name.endswith("-tiny") and preset.uses_tabular:
+        if "tabular_schema" not in data and "tabular_schema" not in overrides:
+            from .configuration_stil import placeholder_schema  # noqa: PLC0415
+
+            values["tabular_schema"] = placeholder_schema(TINY_FIELD_LENGTHS[:2], 3)
+    if preset.family in ("image", "tabular", "multimodal") and preset.name.endswith("-tiny") and "num_labels" not in data:
+        values.setdefault("num_labels", 3)
+    values.update(data)
+    values.update(overrides)
+    _fit_channels(values)
+    if preset.classmethod_name and hasattr(config_cls, preset.classmethod_name):
+        return getattr(config_cls, preset.classmethod_name)(**values)
+    return config_cls(**values)
+
+
+def _resolve(name: str) -> Preset:
+    key = ALIASES.get(name, name)
+    if key in PRESETS:
+        return PRESETS[key]
+    known = sorted(PRESETS) + sorted(ALIASES)
+    close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
+    raise ValueError(
+        f"unknown model {name!r}: not a preset, a local folder or a reachable Hub model. "
+        f"Close matches: {close or 'none'}. Available presets: {', '.join(sorted(PRESETS))} "
+        f"(aliases: {', '.join(sorted(ALIASES))})"
+    )
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/"))
+
+
+def create_model(name_or_path, *, schema=None, metadata=None, **overrides):
+    """A preset name, a saved folder or a Hub id -> a PreTrainedModel (see the module docstring)."""
+    import modeling_stil  # noqa: F401  (registers our Auto classes)
+
+    image_pretrained = overrides.pop("image_pretrained", None)
+    num_channels = overrides.pop("data_num_channels", None)
+    name = str(name_or_path)
+    path = Path(name)
+    if path.is_dir() or (name not in PRESETS and name not in ALIASES and _looks_like_hub_id(name) and not path.exists()):
+        from transformers import AutoModel
+
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise ValueError(f"{path} is a folder but has no config.json (not a saved model)")
+        try:
+            model = AutoModel.from_pretrained(str(name), **overrides)
+        except OSError as error:
+            raise ValueError(
+                f"could not load {name!r} as a local folder or a Hub model ({error}); "
+                f"presets are: {', '.join(sorted(PRESETS))}"
+            ) from error
+        if schema is not None or metadata is not None:
+            model.check_data_compatibility(schema, metadata)
+    else:
+        preset = _resolve(name)
+        config = preset_config(name, schema=schema, metadata=metadata, num_channels=num_channels, **overrides)
+        model_cls = _import(preset.model_module, preset.model_class)
+        model = model_cls(config)
+    if image_pretrained:
+        encoder = getattr(model, "encoder_imaging", None)
+        if encoder is None or not hasattr(encoder, "load_pretrained_weights"):
+            raise ValueError(f"{type(model).__name__} has no timm image encoder to load {image_pretrained!r} into")
+        encoder.load_pretrained_weights(image_pretrained)
+        if hasattr(model.config, "image_pretrained"):
+            model.config.image_pretrained = str(image_pretrained)
+    return model
+
+
+__all__ = ["PRESETS", "ALIASES", "Preset", "create_model", "list_presets", "preset_config"]
