@@ -57,6 +57,9 @@ class DataArguments:
         "None: use the dataset's labeled column", default=None
     )
     labeled_per_class: int | None = _help("re-draw the labelled subset with this many rows per class", default=None)
+    view_preset: Literal["default", "dvm", "cardiac", "cifar", "aflw"] = _help(
+        "augmentation strengths of data_utils.views (dvm/cardiac/cifar/aflw: the originals' settings)", default="default"
+    )
     mu: int = _help("unlabelled batch size = mu * labelled batch size", default=7)
     dataloader_num_workers: int = _help("DataLoader worker processes per loader", default=0)
     max_eval_samples: int | None = _help("evaluate on at most this many rows of validation/test", default=None)

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 # never sent: resumable training state, partial files, caches
-DEFAULT_IGNORE_PATTERNS = ["checkpoints/*", "checkpoints/**", ".*", "**/.*", "*.partial*", "data/**", "logs/tensorboard/**"]
+DEFAULT_IGNORE_PATTERNS = ["checkpoints/*", "checkpoints/**", ".*", "**/.*", "*.partial*", "data/**"]
 
 
 class HubUploadError(RuntimeError):

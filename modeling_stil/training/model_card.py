@@ -20,8 +20,8 @@ TEMPLATE = """---
 
 # {{ model_name }}
 
-A `{{ model_type }}` model trained with the **{{ method }}** method of
-[stil](https://github.com/) (semi-supervised learning for images and image+tabular data) on
+A `{{ model_type }}` model trained with the **{{ method }}** method of stil
+(Hugging-Face-native semi-supervised learning for images and image+tabular data) on
 `{{ dataset }}` ({{ task }}, {{ labeled_description }}).
 
 ```python
@@ -35,7 +35,7 @@ model = AutoModel.from_pretrained("{{ repo_or_path }}")
 The model selected on the validation split ({{ selection }}) was evaluated once on the test split.
 
 | split | {{ metric_header }} |
-|---|{{ metric_rule }}|
+|---|{{ metric_rule }}
 {{ metric_rows }}
 
 ## Training
@@ -89,6 +89,7 @@ def build_model_card(
     git_commit: str | None = None,
     base_model: str | None = None,
     modalities: list[str] | None = None,
+    mixed_precision: str | None = None,
 ):
     """Return a ``huggingface_hub.ModelCard`` (call ``.save(path)``)."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -150,7 +151,7 @@ def build_model_card(
         learning_rate=t.get("learning_rate"),
         schedule=f"{t.get('lr_scheduler')} per {t.get('lr_scheduler_interval')}, warm-up {t.get('warmup')}",
         num_processes=num_processes,
-        mixed_precision=t.get("mixed_precision") or "launcher default",
+        mixed_precision=mixed_precision or t.get("mixed_precision") or "no",
         git_commit=git_commit or "unknown",
         recipe_yaml=yaml.safe_dump(recipe, sort_keys=False).strip(),
         versions_json=json.dumps(versions, indent=2),

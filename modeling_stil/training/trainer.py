@@ -517,3 +517,324 @@ def make_accelerator(args):
         **kwargs,
     )
     return accelerator
+
+
+# ========================================================================================= assembly
+def stil_cache_dir() -> Path:
+    return Path(os.environ.get("STIL_CACHE", Path.home() / ".cache" / "stil"))
+
+
+def synthetic_dataset_path(data_args) -> Path:
+    root = Path(data_args.dataset_cache_dir) if data_args.dataset_cache_dir else stil_cache_dir() / "datasets"
+    fraction = data_args.labeled_fraction if data_args.labeled_fraction is not None else 0.1
+    name = f"synthetic-{data_args.synthetic_task}-n{data_args.synthetic_num_samples}-s{data_args.synthetic_image_size}-l{fraction:g}"
+    return root / name
+
+
+def prepare_dataset(args, accelerator) -> tuple[str, Any, Any, Any]:
+    """Resolve the dataset argument: build the embedded synthetic dataset when none is given.
+
+    Returns ``(source, DatasetDict, DatasetMetadata, TabularSchema | None)``."""
+    from data_utils.io import load_dataset
+
+    data = args.data
+    source = data.dataset
+    if source is None:
+        from data_utils.synthetic import make_synthetic_dataset
+
+        path = synthetic_dataset_path(data)
+        with accelerator.main_process_first():
+            if accelerator.is_main_process and not path.exists():
+                accelerator.print(f"building the synthetic {data.synthetic_task} dataset into {path}")
+                make_synthetic_dataset(
+                    data.synthetic_task, path, num_samples=data.synthetic_num_samples,
+                    image_size=data.synthetic_image_size,
+                    labeled_fraction=data.labeled_fraction if data.labeled_fraction is not None else 0.1,
+                )
+        source = str(path)
+    dataset_dict, metadata, schema = load_dataset(source)
+    return source, dataset_dict, metadata, schema
+
+
+def labeled_indices_for(args, dataset_dict, metadata) -> list[int]:
+    """Training rows that keep their label: re-drawn when asked, else the dataset's own split."""
+    import numpy as np
+    from data_utils.splits import check_labeled_split, select_labeled
+
+    train = dataset_dict["train"]
+    data = args.data
+    redraw = data.dataset is not None and (data.labeled_fraction is not None or data.labeled_per_class is not None)
+    labels = np.asarray(train[metadata.label_column]) if metadata.task == "classification" else None
+    if redraw:
+        if metadata.task != "classification":
+            n = len(train)
+            if data.labeled_per_class is not None:
+                raise ValueError("labeled_per_class needs a classification dataset; use labeled_fraction")
+            rng = np.random.default_rng(args.training.seed)
+            indices = np.sort(rng.choice(n, size=max(1, int(round(data.labeled_fraction * n))), replace=False))
+        else:
+            indices = select_labeled(labels, fraction=data.labeled_fraction, per_class=data.labeled_per_class, seed=args.training.seed)
+    elif metadata.labeled_column in train.column_names:
+        indices = np.flatnonzero(np.asarray(train[metadata.labeled_column], dtype=bool))
+    elif metadata.labeled_indices is not None:
+        indices = np.asarray(metadata.labeled_indices)
+    else:
+        indices = np.arange(len(train))  # fully labelled dataset
+    if labels is not None:
+        mask = np.zeros(len(train), dtype=bool)
+        mask[indices] = True
+        check_labeled_split(labels, mask, num_classes=metadata.num_labels)
+    return [int(i) for i in indices]
+
+
+def dataset_fingerprint(source: str, dataset_dict, metadata, schema, labeled: list[int]) -> dict[str, Any]:
+    return {
+        "source": str(Path(source).resolve()) if Path(source).exists() else source,
+        "task": metadata.task,
+        "num_labels": metadata.num_labels,
+        "split_sizes": {k: len(v) for k, v in dataset_dict.items()},
+        "labeled": ckpt.digest(labeled),
+        "num_labeled": len(labeled),
+        "schema": ckpt.digest(schema.to_dict()) if schema is not None else None,
+    }
+
+
+def apply_labeled_split(dataset_dict, metadata, labeled: list[int]):
+    """Write the chosen labelled rows into the train split's labeled column (what the loaders read)."""
+    import numpy as np
+
+    train = dataset_dict["train"]
+    mask = np.zeros(len(train), dtype=bool)
+    mask[np.asarray(labeled, dtype=np.int64)] = True
+    column = metadata.labeled_column
+    if column in train.column_names:
+        if np.array_equal(np.asarray(train[column], dtype=bool), mask):
+            return dataset_dict
+        train = train.remove_columns(column)
+    dataset_dict = dataset_dict.copy() if hasattr(dataset_dict, "copy") else dict(dataset_dict)
+    dataset_dict["train"] = train.add_column(column, mask.tolist())
+    return dataset_dict
+
+
+def build_loaders(args, method, model_config, dataset_dict, metadata, schema, accelerator):
+    """Training stream (labelled + unlabelled, exact resume) and eval loaders (data_utils.loaders)."""
+    from data_utils.loaders import build_train_loaders
+    from data_utils.views import ViewConfig
+
+    view_config = ViewConfig.from_model_config(model_config, preset=args.data.view_preset, seed=args.training.seed)
+    data = args.data
+    train_stream = build_train_loaders(
+        dataset_dict, metadata, schema,
+        labeled_views=dict(method.labeled_views),
+        unlabeled_views=dict(method.unlabeled_views) if method.unlabeled_views is not None else None,
+        view_config=view_config,
+        batch_size=args.training.per_device_train_batch_size,
+        mu=data.mu,
+        seed=args.training.seed,
+        num_workers=data.dataloader_num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+        num_replicas=accelerator.num_processes,
+        rank=accelerator.process_index,
+    )
+    eval_loaders = {}
+    for split in ("validation", "test"):
+        if split not in dataset_dict:
+            continue
+        if data.max_eval_samples is not None and len(dataset_dict[split]) > data.max_eval_samples:
+            dataset_dict = dataset_dict.copy()
+            dataset_dict[split] = dataset_dict[split].select(range(data.max_eval_samples))
+        from data_utils.loaders import build_eval_loader
+
+        eval_loaders[split] = build_eval_loader(
+            dataset_dict, metadata, schema, split, args.training.per_device_eval_batch_size, view_config,
+            num_workers=data.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda",
+        )
+    if "validation" not in eval_loaders:
+        raise ValueError("the dataset has no validation split: best-model selection needs one")
+    return train_stream, eval_loaders
+
+
+def build_model(args, schema, metadata):
+    from modeling_stil.presets import create_model
+
+    overrides = dict(args.model.model_overrides or {})
+    model = create_model(args.model.model, schema=schema, metadata=metadata, **overrides)
+    model = model.float()
+    check = getattr(model, "check_data_compatibility", None)
+    if check is not None:
+        check(schema, metadata)
+    return model
+
+
+def write_run_files(args, output_dir: Path, info: dict[str, Any]) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    args.save_yaml(output_dir / "run_config.yaml")
+    tmp = output_dir / ".run_info.json.tmp"
+    tmp.write_text(json.dumps(info, indent=2, default=str))
+    os.replace(tmp, output_dir / "run_info.json")
+
+
+def check_output_dir(targs) -> None:
+    from . import checkpointing
+
+    out = Path(targs.output_dir)
+    if targs.resume_from_checkpoint or targs.overwrite_output_dir or not out.exists():
+        return
+    if checkpointing.list_checkpoints(checkpointing.checkpoints_root(out)) or (out / "config.json").exists():
+        raise FileExistsError(
+            f"output_dir {out} already holds a run; pass --resume_from_checkpoint latest to continue it, "
+            "--overwrite_output_dir to start again there, or choose another --output_dir"
+        )
+
+
+def build_and_train(args) -> dict[str, Any]:
+    """The whole job: data, model, method, loop, selection, test, export (+ reload check, upload)."""
+    import shutil
+
+    from accelerate.utils import set_seed
+
+    from ..methods.base import get_method_class
+    from .metrics import compute_metrics
+
+    targs = args.training
+    check_output_dir(targs)
+    accelerator = make_accelerator(args)
+    output_dir = Path(targs.output_dir)
+    if targs.overwrite_output_dir and not targs.resume_from_checkpoint and accelerator.is_main_process and output_dir.exists():
+        shutil.rmtree(output_dir)
+    accelerator.wait_for_everyone()
+    set_seed(targs.seed)
+
+    source, dataset_dict, metadata, schema = prepare_dataset(args, accelerator)
+    labeled = labeled_indices_for(args, dataset_dict, metadata)
+    method_cls = get_method_class(targs.method)
+    method_cls.check_task(metadata.task)
+    set_seed(targs.seed)
+    model = build_model(args, schema, metadata)
+    method = method_cls(model, args.method)
+    dataset_dict = apply_labeled_split(dataset_dict, metadata, labeled)
+    train_stream, eval_loaders = build_loaders(args, method, model.config, dataset_dict, metadata, schema, accelerator)
+
+    fingerprint = ckpt.make_fingerprint(targs.method, model.config.to_dict(), dataset_fingerprint(source, dataset_dict, metadata, schema, labeled))
+    info = {
+        "seed": targs.seed,
+        "dataset": source,
+        "task": metadata.task,
+        "num_labels": metadata.num_labels,
+        "labeled_indices": labeled,
+        "split_sizes": {k: len(v) for k, v in dataset_dict.items()},
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        "device": str(accelerator.device),
+        "versions": library_versions(),
+        "git_commit": git_commit(Path(__file__).resolve().parents[2]),
+        "fingerprint": fingerprint,
+    }
+    if accelerator.is_main_process:
+        write_run_files(args, output_dir, info)
+    if accelerator.trackers or resolve_trackers(targs.report_to):
+        accelerator.init_trackers(targs.run_name or output_dir.name, config=tracker_config(args.flat_dict()))
+
+    trainer = Trainer(
+        args, method, train_stream, eval_loaders, task=metadata.task, num_labels=metadata.num_labels,
+        fingerprint=fingerprint, compute_metrics=compute_metrics, accelerator=accelerator, run_info=info,
+    )
+    started = time.perf_counter()
+    results = trainer.train()
+    results["train_seconds"] = round(time.perf_counter() - started, 2)
+    if not results["finished"]:
+        accelerator.print(f"stopped at step {results['stopped_at_step']} (stop_after_steps); resume with --resume_from_checkpoint latest")
+        accelerator.end_training()
+        return results
+
+    best_step = trainer.load_best()
+    validation = trainer.evaluate("validation")
+    results["best_step"] = best_step
+    results["validation"] = validation
+    results["metric_for_best_model"] = trainer.best_metric_name
+    if "test" in eval_loaders:
+        results["test"] = trainer.test("test")
+    if accelerator.is_main_process:
+        trainer.write_plots()
+        accelerator.print(json.dumps({"best_step": best_step, "validation": validation, "test": results.get("test")}))
+
+    if targs.export:
+        export_run(trainer, args, metadata, source, results)
+    accelerator.end_training()
+    if targs.push_to_hub and accelerator.is_main_process:
+        from .hub import push_folder
+
+        commit = push_folder(output_dir, targs.hub_model_id, token=targs.hub_token, private=targs.hub_private,
+                             commit_message=f"stil {targs.method} run (seed {targs.seed})")
+        results["hub_commit"] = str(getattr(commit, "commit_url", commit))
+    return results
+
+
+def export_run(trainer: Trainer, args, metadata, source: str, results: dict[str, Any]) -> Path:
+    """save_pretrained (safetensors) + processor + eval_results.json + model card, then reload and
+    re-evaluate the export with ``AutoModel.from_pretrained`` to prove it is self-sufficient."""
+    from transformers import AutoModel
+
+    from ..processing_stil import StilProcessor
+    from .model_card import build_model_card, write_eval_results
+
+    acc = trainer.accelerator
+    targs = args.training
+    out = Path(targs.output_dir)
+    state_dict = trainer.export_state_dict()  # every process (collective under FSDP)
+    eval_model = trainer.unwrapped.eval_model()
+    if acc.is_main_process:
+        eval_model.save_pretrained(out, state_dict={k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, is_main_process=True)
+        StilProcessor.from_model_config(eval_model.config, image_column=metadata.image_column).save_pretrained(out)
+        labeled_description = f"{results.get('num_labeled', trainer.run_info.get('num_labeled', '?'))} labelled training rows"
+        n_labeled = len(trainer.run_info.get("labeled_indices", []))
+        n_train = trainer.run_info.get("split_sizes", {}).get("train")
+        if n_train:
+            labeled_description = f"{n_labeled}/{n_train} training rows labelled ({100.0 * n_labeled / n_train:.1f}%)"
+        plots = [f"plots/{name}" for name in ("losses.png", "validation.png", "learning_rate.png", "pseudo_labels.png") if (out / "plots" / name).is_file()]
+        dataset_name = Path(source).name if Path(source).exists() else source
+        unlabeled_batch = None
+        if trainer.unwrapped.unlabeled_views is not None:
+            unlabeled_batch = args.data.mu * targs.per_device_train_batch_size * acc.num_processes
+        card = build_model_card(
+            model_name=targs.hub_model_id or out.name,
+            model_type=eval_model.config.model_type,
+            method=targs.method,
+            task=metadata.task,
+            dataset=dataset_name,
+            labeled_description=labeled_description,
+            test_metrics=results.get("test", {}),
+            validation_metrics=results.get("validation"),
+            recipe=args.flat_dict(),
+            versions=trainer.run_info.get("versions", library_versions()),
+            selection=f"best {trainer.best_metric_name} ({'higher' if trainer.greater_is_better else 'lower'} is better) at step {results.get('best_step')}",
+            steps=trainer.progress.step,
+            best_step=results.get("best_step"),
+            global_batch=targs.per_device_train_batch_size * acc.num_processes * targs.gradient_accumulation_steps,
+            unlabeled_batch=unlabeled_batch,
+            num_processes=acc.num_processes,
+            plots=plots,
+            repo_or_path=targs.hub_model_id or str(out),
+            git_commit=trainer.run_info.get("git_commit"),
+            mixed_precision=str(acc.mixed_precision),
+            modalities=(["image"] if metadata.image_column else []) + (["tabular"] if eval_model.config.to_dict().get("tabular_schema") else []),
+        )
+        card.save(str(out / "README.md"))
+    acc.wait_for_everyone()
+
+    reloaded = AutoModel.from_pretrained(str(out), dtype=torch.float32).to(acc.device)
+    check_split = "test" if "test" in trainer.eval_loaders else "validation"
+    reloaded_metrics = trainer.evaluate(check_split, model=reloaded)
+    expected = results.get(check_split) or results.get("validation", {})
+    mismatched = {k: (expected.get(k), v) for k, v in reloaded_metrics.items() if k in expected and not math.isclose(v, expected[k], rel_tol=1e-4, abs_tol=1e-5)}
+    if mismatched:
+        raise RuntimeError(f"the exported model in {out} does not reproduce the {check_split} metrics after reloading: {mismatched}")
+    results["reload_check"] = {"split": check_split, "metrics": reloaded_metrics, "matches": True}
+    if acc.is_main_process:
+        write_eval_results(out / "eval_results.json", {
+            "model": str(out), "dataset": source, "method": targs.method, "best_step": results.get("best_step"),
+            "metric_for_best_model": trainer.best_metric_name, "validation": results.get("validation"),
+            "test": results.get("test"), "reload_check": results["reload_check"],
+        })
+        acc.print(f"exported to {out} and reloaded with AutoModel.from_pretrained: {check_split} metrics match")
+    return out
