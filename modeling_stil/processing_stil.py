@@ -210,8 +210,27 @@ class StilProcessor:
             raise ValueError("this processor has no tabular schema (an image-only model); do not pass tabular rows")
         if isinstance(rows, Mapping):
             rows = [rows]
-        arrays = self.schema.encode_raw_rows(list(rows))
+        rows = [self._parse_numbers(row, i) for i, row in enumerate(rows)]
+        arrays = self.schema.encode_raw_rows(rows)
         return {key: torch.from_numpy(value) for key, value in arrays.items()}
+
+    def _parse_numbers(self, row: Mapping[str, Any], index: int) -> dict[str, Any]:
+        """Continuous cells given as text (CSV) -> float, with an error naming the row and column."""
+        row = dict(row)
+        for f in self.schema.continuous_fields:
+            value = row.get(f.name)
+            if isinstance(value, str):
+                text = value.strip()
+                if text == "" or text.lower() in ("nan", "na", "none", "null"):
+                    row[f.name] = None
+                    continue
+                try:
+                    row[f.name] = float(text)
+                except ValueError:
+                    raise ValueError(
+                        f"row {index}: continuous column {f.name!r} has the non-numeric value {value!r}"
+                    ) from None
+        return row
 
     def __call__(self, images=None, tabular=None, labels=None, return_tensors: str = "pt") -> dict[str, torch.Tensor]:
         if return_tensors not in ("pt", None):
