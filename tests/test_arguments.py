@@ -1,0 +1,150 @@
+"""Recipe + command-line parsing, and the shipped recipes / accelerate configs."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from modeling_stil.training.arguments import (
+    ArgumentError,
+    DataArguments,
+    ModelArguments,
+    TrainingArguments,
+    load_recipe,
+    parse_cli_overrides,
+    parse_run_arguments,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_no_arguments_is_the_default_job():
+    run = parse_run_arguments([])
+    assert run.training.method == "supervised"
+    assert run.model.model == "multimodal-concat-tiny"
+    assert run.data.dataset is None and run.data.synthetic_task == "multimodal"
+    assert type(run.method).__name__ == "SupervisedArguments"
+    assert run.training.report_to == ["tensorboard"]
+
+
+def test_default_recipe_equals_the_defaults():
+    assert parse_run_arguments([str(ROOT / "recipes" / "default.yaml")]).to_dict() == parse_run_arguments([]).to_dict()
+
+
+def test_cli_overrides_recipe_and_types_are_converted(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: fixmatch\nlearning_rate: 0.03\nmax_steps: 50\nthreshold: 0.9\nmodel_overrides: {hidden: 3}\n")
+    run = parse_run_arguments([str(recipe), "--learning_rate", "0.1", "--threshold=0.8", "--push_to_hub", "--hub_model_id", "me/x",
+                               "--report_to", "tensorboard,none", "--max_grad_norm", "none", "--mixed_precision", "bf16"])
+    assert run.training.method == "fixmatch" and type(run.method).__name__ == "FixMatchArguments"
+    assert run.training.learning_rate == 0.1 and isinstance(run.training.learning_rate, float)
+    assert run.training.max_steps == 50 and run.method.threshold == 0.8
+    assert run.training.push_to_hub is True and run.training.max_grad_norm is None
+    assert run.training.report_to == ["tensorboard", "none"] and run.training.mixed_precision == "bf16"
+    assert run.model.model_overrides == {"hidden": 3}
+
+
+def test_method_from_cli_decides_the_second_pass(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: fixmatch\nthreshold: 0.9\n")
+    # fixmatch keys in the recipe become unknown when the command line switches to supervised
+    with pytest.raises(ArgumentError, match="threshold"):
+        parse_run_arguments([str(recipe), "--method", "supervised"])
+
+
+def test_unknown_key_lists_valid_ones():
+    with pytest.raises(ArgumentError) as error:
+        parse_run_arguments(["--learning_rat", "0.1"])
+    message = str(error.value)
+    assert "learning_rat" in message and "did you mean learning_rate" in message
+    assert "valid keys:" in message and "per_device_train_batch_size" in message and "labeled_view" in message
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--max_steps", "ten"], "expected an integer"),
+        (["--optimizer", "lamb"], "not one of"),
+        (["--nesterov", "maybe"], "boolean"),
+        (["--push_to_hub"], "hub_model_id"),
+        (["--labeled_fraction", "1.5"], "labeled_fraction"),
+        (["--method", "nomethod"], "unknown method"),
+        (["--mu", "0"], "mu must be"),
+    ],
+)
+def test_bad_values_fail_clearly(argv, fragment):
+    with pytest.raises(ArgumentError, match=fragment):
+        parse_run_arguments(argv)
+
+
+def test_method_argument_validation_surfaces():
+    with pytest.raises(ArgumentError, match="threshold"):
+        parse_run_arguments(["--method", "fixmatch", "--threshold", "2"])
+
+
+def test_cli_token_parsing():
+    recipe, values = parse_cli_overrides(["r.yaml", "--a", "1", "--b-c=2", "--flag", "--d", "x"])
+    assert recipe == "r.yaml" and values == {"a": "1", "b_c": "2", "flag": True, "d": "x"}
+    with pytest.raises(ArgumentError, match="twice"):
+        parse_cli_overrides(["--a", "1", "--a", "2"])
+    with pytest.raises(ArgumentError, match="unexpected argument"):
+        parse_cli_overrides(["r.yaml", "other.yaml"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    run = parse_run_arguments(["--method", "fixmatch", "--seed", "7", "--threshold", "0.7"])
+    path = run.save_yaml(tmp_path / "run_config.yaml")
+    again = parse_run_arguments([str(path)])
+    assert again.to_dict() == run.to_dict()
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_parse(recipe):
+    run = parse_run_arguments([str(recipe)])
+    assert run.training.method == load_recipe(recipe).get("method", "supervised")
+
+
+def test_recipes_cover_the_issue():
+    names = {p.name for p in (ROOT / "recipes").glob("*.yaml")}
+    assert {"default.yaml", "fixmatch_synthetic_image.yaml", "fixmatch_synthetic_multimodal.yaml"} <= names
+
+
+CONFIGS = sorted((ROOT / "accelerate_configs").glob("*.yaml"))
+
+
+def test_every_launch_setting_has_configs():
+    names = {p.stem for p in CONFIGS}
+    assert "cpu" in names
+    for base in ("single_gpu", "multi_gpu", "multi_node", "fsdp", "deepspeed_zero2"):
+        assert {base, f"{base}_bf16", f"{base}_fp16"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_accelerate_configs_load(path):
+    from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+
+    config = load_config_from_file(str(path))
+    assert isinstance(config, ClusterConfig)
+    expected = {"_bf16": "bf16", "_fp16": "fp16"}.get(path.stem[-5:], "no")
+    assert str(config.mixed_precision) == expected
+    kind = str(config.distributed_type).split(".")[-1]
+    want = {"cpu": "NO", "single_gpu": "NO", "multi_gpu": "MULTI_GPU", "multi_node": "MULTI_GPU", "fsdp": "FSDP", "deepspeed_zero2": "DEEPSPEED"}
+    base = path.stem.replace("_bf16", "").replace("_fp16", "")
+    assert kind == want[base]
+    if base == "cpu":
+        assert config.use_cpu is True
+    if base == "multi_node":
+        assert config.num_machines > 1 and config.main_process_ip
+    if base == "deepspeed_zero2":
+        assert config.deepspeed_config["zero_stage"] == 2
+    if base == "fsdp":
+        assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+
+
+def test_every_field_has_help():
+    for cls in (DataArguments, ModelArguments, TrainingArguments):
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
