@@ -151,16 +151,17 @@ class TabularSchema:
     ) -> "TabularSchema":
         """Build a schema from the *training* split's raw columns.
 
-        Vocabularies are the sorted distinct non-missing values (as strings) unless given in
+        Vocabularies are the sorted distinct non-missing values (as strings; 2.0 reads as "2", the
+        same rule `encode_raw_rows` applies) unless given in
         ``categories``; continuous statistics are the mean and population std of the finite values.
         """
         categories = dict(categories or {})
         fields: list[TabularField] = []
         for name in categorical:
             if name in categories:
-                vocab = [str(v) for v in categories[name]]
+                vocab = [_category_label(v) for v in categories[name]]
             else:
-                values = {str(v) for v in columns[name] if not _is_missing(v)}
+                values = {_category_label(v) for v in columns[name] if not _is_missing(v)}
                 vocab = sorted(values, key=_natural_key)
             if not vocab:
                 raise SchemaError(f"categorical column {name!r} has no non-missing value in the training split")

@@ -97,8 +97,8 @@ def check_labeled_split(labels: Sequence[int], mask: Sequence[bool], num_classes
     mask = np.asarray(mask, dtype=bool)
     if not mask.any():
         raise SplitError(
-            "the labelled set is empty: mark some training rows as labeled (labeled column) or pass "
-            "--labeled_fraction / --labeled_per_class"
+            "the labelled set is empty: mark some training rows as labeled (the labeled column) or "
+            "choose a labelled fraction / a labelled count per class"
         )
     classes = np.arange(num_classes) if num_classes is not None else np.unique(labels)
     present = set(np.unique(labels[mask]).tolist())
@@ -106,5 +106,5 @@ def check_labeled_split(labels: Sequence[int], mask: Sequence[bool], num_classes
     if absent:
         raise SplitError(
             f"classes {absent[:20]}{' ...' if len(absent) > 20 else ''} have no labelled training row; "
-            "raise the labelled fraction or use --labeled_per_class so every class has one"
+            "raise the labelled fraction or choose a labelled count per class so every class has one"
         )

@@ -133,3 +133,10 @@ def test_save_and_load_dataset_round_trip_and_overwrite_guard(tmp_path):
 def test_load_dataset_rejects_foreign_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a stil dataset"):
         load_dataset(tmp_path)
+
+
+def test_fit_and_raw_encoding_share_one_category_rule():
+    schema = TabularSchema.fit({"doors": [2.0, 4.0]}, categorical=["doors"])
+    assert schema.fields[0].categories == ["2", "4"]
+    out = schema.encode_raw_rows([{"doors": 4}, {"doors": "2"}, {"doors": 2.0}])
+    assert out["categorical_values"][:, 0].tolist() == [1, 0, 0]
