@@ -224,7 +224,7 @@ class StilConfig(TabularImageConfig):
         """A few-hundred-thousand-parameter model for tests: a narrow ResNet-18, d=32."""
         kw = dict(
             image_encoder="resnet18",
-            image_encoder_kwargs={"channels": [8, 16, 32, 64], "stem_width": 8},
+            image_encoder_kwargs={"channels": [8, 16, 32, 64]},
             image_size=64,
             field_lengths=[3, 4, 1, 1, 1],
             tabular_embedding_dim=32,

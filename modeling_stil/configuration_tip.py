@@ -55,7 +55,7 @@ class TipConfig(TabularImageConfig):
     def tiny(cls, **overrides) -> "TipConfig":
         kw = dict(
             image_encoder="resnet18",
-            image_encoder_kwargs={"channels": [8, 16, 32, 64], "stem_width": 8},
+            image_encoder_kwargs={"channels": [8, 16, 32, 64]},
             image_size=64,
             field_lengths=[3, 4, 1, 1, 1],
             tabular_embedding_dim=32,
