@@ -114,11 +114,15 @@ def test_unsupervised_term_produces_parameter_gradient():
     assert (grads[1.0] - grads[0.0]).abs().max() > 1e-6
 
 
-def test_soft_pseudo_labels_by_hand():
+@pytest.mark.parametrize("concat_forward", [True, False])
+def test_soft_pseudo_labels_by_hand(concat_forward):
     model = LinearNet()
-    method = FixMatch(model, FixMatchArguments(use_hard_labels=False, temperature=0.5, threshold=0.0))
+    args = FixMatchArguments(use_hard_labels=False, temperature=0.5, threshold=0.0, concat_forward=concat_forward)
     labeled, unlabeled = hand_batches()
-    _, logs = method(labeled, unlabeled, TrainState())
+    loss, logs = FixMatch(model, args)(labeled, unlabeled, TrainState())
+    loss.backward()
+    x_w = unlabeled["weak"]["pixel_values"]
+    assert x_w.grad is None or torch.count_nonzero(x_w.grad) == 0, "soft targets carried gradient"
     x_w, x_s = unlabeled["weak"]["pixel_values"].detach(), unlabeled["strong"]["pixel_values"].detach()
     targets = (x_w / 0.5).softmax(-1)
     expected = -(targets * x_s.log_softmax(-1)).sum(-1).mean()
