@@ -328,7 +328,8 @@ class ViewDataset(Dataset):
             view = self.image_views.get(key)
             if view is not None:
                 pixels, translation = apply_image_view(view, images, seeds, coins)
-                inputs["pixel_values"] = normalize_batch(pixels, self.config)
+                inputs["pixel_values"] = (normalize_batch(pixels, self.config) if self.config.normalize_in_loader
+                                          else pixels)
                 if translation is not None:
                     inputs["translation"] = translation
                     if self.landmarks:

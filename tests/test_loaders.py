@@ -20,7 +20,7 @@ from data_utils.loaders import (
 )
 from data_utils.schema import SchemaError, TabularSchema
 from data_utils.splits import SplitError
-from data_utils.views import ViewConfig, ViewError
+from data_utils.views import ViewConfig, ViewError, normalize_pixels
 
 CLASSES = ["a", "b", "c"]
 
@@ -139,6 +139,11 @@ def test_eval_batches_are_clean_sequential_and_deterministic(data):
     # pixels: the stored image resized to 16 px, divided by 255
     stored = np.asarray(dd["validation"][0]["image"].resize((16, 16), Image.BILINEAR), dtype=np.float32) / 255
     assert np.allclose(batches[0]["eval"]["pixel_values"][0].permute(1, 2, 0).numpy(), stored, atol=1e-6)
+    # uint8 batches (normalised later, on the device) hold the same pixels
+    raw_cfg = ViewConfig(image_size=16, preset="dvm", seed=5, normalize_in_loader=False)
+    raw = next(iter(build_eval_loader(dd, meta, schema, "validation", batch_size=4, view_config=raw_cfg)))
+    assert raw["eval"]["pixel_values"].dtype == torch.uint8
+    assert torch.allclose(normalize_pixels(raw, raw_cfg)["eval"]["pixel_values"], batches[0]["eval"]["pixel_values"])
 
 
 def test_mu_ratio_epoch_length_and_unlabelled_pass(data):

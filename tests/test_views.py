@@ -23,6 +23,7 @@ from data_utils.views import (
     joint_coins,
     mask_fields,
     normalize_batch,
+    normalize_pixels,
     resolve_views,
     sample_seeds,
 )
@@ -233,3 +234,13 @@ def test_view_config_from_model_config():
     assert (cfg.image_size, cfg.image_mean, cfg.image_std, cfg.preset, cfg.seed) == (64, (0.5,) * 3, (0.25,) * 3, "dvm", 3)
     with pytest.raises(ViewError, match="channel"):
         ViewConfig(image_mean=(0.5, 0.5))
+
+
+def test_uint8_batches_normalised_later_match_loader_normalisation():
+    cfg = ViewConfig(image_size=16, image_mean=(0.5, 0.4, 0.3), image_std=(0.2, 0.25, 0.3), normalize_in_loader=False)
+    images = _images(3, size=(16, 16))
+    pixels, _ = apply_image_view(build_image_view("eval", cfg), images, sample_seeds(0, "s", "k", np.zeros(3), np.arange(3)))
+    batch = {"labels": torch.tensor([1, 2, 3]), "v": {"pixel_values": pixels, "missing_mask": torch.zeros(3, 2, dtype=torch.bool)}}
+    out = normalize_pixels(batch, cfg, device="cpu")
+    assert torch.allclose(out["v"]["pixel_values"], normalize_batch(pixels, cfg))
+    assert out["v"]["missing_mask"].dtype == torch.bool and torch.equal(out["labels"], batch["labels"])
