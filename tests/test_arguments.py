@@ -45,6 +45,7 @@ def test_cli_overrides_recipe_and_types_are_converted(tmp_path):
     assert run.training.push_to_hub is True and run.training.max_grad_norm is None
     assert run.training.report_to == ["tensorboard", "none"] and run.training.mixed_precision == "bf16"
     assert run.model.model_overrides == {"hidden": 3}
+    assert parse_run_arguments(["--report_to", "none"]).training.report_to == ["none"]
 
 
 def test_method_from_cli_decides_the_second_pass(tmp_path):

@@ -180,7 +180,8 @@ def _unwrap_optional(tp) -> tuple[Any, bool]:
 def _convert(value: Any, tp: Any, key: str) -> Any:
     """Convert a YAML/CLI value to the annotated type, or raise an ArgumentError naming the key."""
     base, optional = _unwrap_optional(tp)
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null") and base is not str):
+    is_list = typing.get_origin(base) in (list, Sequence, tuple) or base in (list, tuple)
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null") and base is not str and not is_list):
         if optional:
             return None
         raise ArgumentError(f"--{key}: a value is required (type {_type_name(tp)})")
