@@ -567,6 +567,38 @@ def _render_cars(params: dict[str, np.ndarray], size: int):
     return render
 
 
+def car_image_params(table: dict[str, np.ndarray], motif: np.ndarray, group_shape: np.ndarray, image_size: int,
+                     rng: np.random.Generator, color_in_image: bool = True) -> dict[str, np.ndarray]:
+    """Per-sample drawing parameters of the car pictures.
+
+    The body is drawn from the row's own raw ``Length``, ``Height`` and ``Wheelbase`` (instance-level
+    shared geometry) and painted with its ``Color``; ``motif`` is the image-only factor and
+    ``group_shape`` in [0, 1] the body group (steeper pillars and bigger wheels towards 1).
+    Nuisances: zoom, centre and ground-line jitter, small roll, horizontal flip, background.
+    """
+    S, n, r = image_size, motif.size, rng
+    zoom = r.uniform(0.9, 1.0, n)
+    mm_to_px = 0.80 * S / 5000.0 * zoom
+    level = motif // len(MOTIF_KINDS)
+    colour_code = table["Color"] if color_in_image else r.choice(len(COLORS), size=n, p=COLOR_PRIOR)
+    return {
+        "cx": S / 2 + r.uniform(-0.06, 0.06, n) * S,
+        "ground": S * (0.74 + r.uniform(-0.04, 0.04, n)),
+        "theta": np.deg2rad(r.uniform(-5, 5, n)),
+        "flip": np.where(r.random(n) < 0.5, -1.0, 1.0),
+        "length_px": table["Length"] * mm_to_px,
+        "height_px": table["Height"] * mm_to_px * 1.5,  # cartoon: exaggerated height
+        "axle_px": table["Wheelbase"] * mm_to_px / 2,
+        "wheel_px": 330 * mm_to_px * 1.5 * (1 + 0.15 * group_shape),
+        "pillar": 0.16 - 0.11 * group_shape + r.uniform(-0.02, 0.02, n),
+        "period": np.maximum(2.5, S * 0.15 * 0.6 ** level),
+        "phase_u": r.random(n), "phase_w": r.random(n),
+        "motif": motif % len(MOTIF_KINDS), "level": level,
+        "bg_level": r.uniform(0.3, 0.7, n),
+        "body_rgb": np.clip(COLOR_RGB[colour_code] * r.uniform(0.9, 1.1, n)[:, None], 0, 1),
+    }
+
+
 def make_multimodal(
     num_samples: int | None = None,
     num_classes: int | None = None,
@@ -595,35 +627,11 @@ def make_multimodal(
     table = _make_table(y, a_c, b_c, g_c, A, B, G, knobs, rngs["table"])
 
     # ---- per-sample image parameters (all drawn up front: results do not depend on chunking)
-    r = rngs["image"]
-    zoom = r.uniform(0.9, 1.0, n)
-    mm_to_px = 0.80 * S / 5000.0 * zoom
     motif = a_c[y].copy()
     confused = rngs["motif"].random(n) < knobs.motif_confusion
     if A > 1:
         motif[confused] = (motif[confused] + rngs["motif"].integers(1, A, confused.sum())) % A
-    level = motif // len(MOTIF_KINDS)
-    if knobs.color_in_image:
-        colour_code = table["Color"]
-    else:
-        colour_code = r.choice(len(COLORS), size=n, p=COLOR_PRIOR)
-    shape = g_c[y] / max(G - 1, 1)
-    params = {
-        "cx": S / 2 + r.uniform(-0.06, 0.06, n) * S,
-        "ground": S * (0.74 + r.uniform(-0.04, 0.04, n)),
-        "theta": np.deg2rad(r.uniform(-5, 5, n)),
-        "flip": np.where(r.random(n) < 0.5, -1.0, 1.0),
-        "length_px": table["Length"] * mm_to_px,
-        "height_px": table["Height"] * mm_to_px * 1.5,  # cartoon: exaggerated height
-        "axle_px": table["Wheelbase"] * mm_to_px / 2,
-        "wheel_px": 330 * mm_to_px * 1.5 * (1 + 0.15 * shape),
-        "pillar": 0.16 - 0.11 * shape + r.uniform(-0.02, 0.02, n),
-        "period": np.maximum(2.5, S * 0.15 * 0.6 ** level),
-        "phase_u": r.random(n), "phase_w": r.random(n),
-        "motif": motif % len(MOTIF_KINDS), "level": level,
-        "bg_level": r.uniform(0.3, 0.7, n),
-        "body_rgb": np.clip(COLOR_RGB[colour_code] * r.uniform(0.9, 1.1, n)[:, None], 0, 1),
-    }
+    params = car_image_params(table, motif, g_c[y] / max(G - 1, 1), S, rngs["image"], knobs.color_in_image)
     encoded = _render_all(n, S, 3, _render_cars(params, S), seed, progress, "rendering cars",
                            knobs.pixel_noise)
 
