@@ -237,16 +237,18 @@ def _composite(background: np.ndarray, layers, m: int) -> np.ndarray:
     """
     channels = background.shape[-1]
     remaining = np.ones(background.shape[:3], dtype=np.float32)
-    weights, colours = [], []
+    planes = np.empty((channels,) + background.shape[:3], dtype=np.float32)  # channel-first accumulator
+    planes[:] = 0.0
     for coverage, colour in layers:
-        weights.append(coverage * remaining)
+        weight = coverage * remaining
         remaining *= 1.0 - coverage
         colour = np.asarray(colour, dtype=np.float32)
-        colours.append(np.broadcast_to(colour if colour.ndim == 2 else colour.reshape(1, -1), (m, channels)))
-    stacked = np.stack(weights, axis=-1)  # (m, S, S, K)
-    palette = np.stack(colours, axis=1).astype(np.float32)  # (m, K, C)
-    painted = np.matmul(stacked.reshape(m, -1, len(layers)), palette).reshape(background.shape)
-    return painted + background * remaining[..., None]
+        colour = np.broadcast_to(colour if colour.ndim == 2 else colour.reshape(1, -1), (m, channels))
+        for c in range(channels):
+            planes[c] += weight * colour[:, c, None, None]
+    for c in range(channels):
+        planes[c] += background[..., c] * remaining
+    return np.ascontiguousarray(np.moveaxis(planes, 0, -1))
 
 
 def _png_batch(pixels: np.ndarray) -> list[bytes]:
