@@ -327,9 +327,14 @@ class ViewDataset(Dataset):
             inputs: dict[str, torch.Tensor] = {}
             view = self.image_views.get(key)
             if view is not None:
-                pixels, translation = apply_image_view(view, images, seeds, coins)
-                inputs["pixel_values"] = (normalize_batch(pixels, self.config) if self.config.normalize_in_loader
-                                          else pixels)
+                shape = (len(images), self.config.num_channels, self.config.image_size, self.config.image_size)
+                if self.config.normalize_in_loader:
+                    pixels, translation = apply_image_view(view, images, seeds, coins)
+                    inputs["pixel_values"] = normalize_batch(pixels, self.config, out=_output_buffer(shape, torch.float32))
+                else:
+                    pixels, translation = apply_image_view(view, images, seeds, coins,
+                                                           out=_output_buffer(shape, torch.uint8))
+                    inputs["pixel_values"] = pixels
                 if translation is not None:
                     inputs["translation"] = translation
                     if self.landmarks:
@@ -340,6 +345,19 @@ class ViewDataset(Dataset):
                 inputs.update({k: torch.from_numpy(v) for k, v in tab.items()})
             batch[key] = inputs
         return batch
+
+
+def _output_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+    """In a DataLoader worker, an empty tensor in shared memory: results written there reach the main
+    process without the extra copy pickling would make (what torch's default_collate does). Else None."""
+    if torch.utils.data.get_worker_info() is None:
+        return None
+    numel = int(np.prod(shape))
+    try:
+        storage = torch.UntypedStorage._new_shared(numel * torch.empty((), dtype=dtype).element_size())
+    except (AttributeError, RuntimeError):  # private API moved: fall back on a plain tensor
+        return torch.empty(shape, dtype=dtype)
+    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
 
 
 def _passthrough(batch):
@@ -488,11 +506,13 @@ class SemiSupervisedLoaders:
             )
         self.labeled_dataset = self.source.dataset(train_split, labeled_views, self.labeled_rows, kind="labeled",
                                                    stream="labeled", pool=pool_for(self.labeled_rows))
+        # Workers in proportion to the rows each stream loads per step (1 : mu), at least one.
         lw = labeled_num_workers
         if lw is None:
-            lw = 0 if num_workers == 0 or not unlabeled_views else max(1, math.ceil(num_workers / (1 + mu)))
-        if not unlabeled_views:
-            lw = num_workers if labeled_num_workers is None else labeled_num_workers
+            if num_workers == 0 or not unlabeled_views:
+                lw = num_workers
+            else:
+                lw = max(1, math.ceil(num_workers / (1 + mu)))
         self.labeled_loader = _loader(self.labeled_dataset, self.labeled_sampler, lw, pin_memory,
                                       persistent_workers, prefetch_factor)
 

@@ -364,10 +364,11 @@ def single_threaded():
 
 
 def apply_image_view(view: ImageView, images: Sequence[torch.Tensor], seeds: np.ndarray,
-                     augment: np.ndarray | None = None):
+                     augment: np.ndarray | None = None, out: torch.Tensor | None = None):
     """Run ``view`` on each uint8 image with its own seed; returns (stacked uint8, translations|None).
 
-    ``augment`` (bool per sample) forces the plain resize where False (joint coins of a recipe).
+    ``augment`` (bool per sample) forces the plain resize where False (joint coins of a recipe);
+    ``out`` receives the stacked batch (a shared-memory buffer in DataLoader workers).
     Torch's default CPU generator is saved and restored, so callers' randomness is untouched.
     """
     generator = torch.default_generator
@@ -378,24 +379,29 @@ def apply_image_view(view: ImageView, images: Sequence[torch.Tensor], seeds: np.
             for i, image in enumerate(images):
                 generator.manual_seed(torch_seed(seeds[i]))
                 if augment is not None and not augment[i] and not view.translate_pixels:
-                    out, shift = view._resize(image), None
+                    result, shift = view._resize(image), None
                 else:
-                    out, shift = view(image)
-                outputs.append(out)
+                    result, shift = view(image)
+                outputs.append(result)
                 shifts.append(shift)
         finally:
             generator.set_state(state)
-    stacked = torch.stack(outputs) if outputs else torch.empty(0, dtype=torch.uint8)
+    if not outputs:
+        stacked = torch.empty(0, dtype=torch.uint8)
+    else:
+        stacked = torch.stack(outputs) if out is None else torch.stack(outputs, out=out)
     translations = torch.stack(shifts) if shifts and shifts[0] is not None else None
     return stacked, translations
 
 
-def normalize_batch(images_uint8: torch.Tensor, cfg: ViewConfig) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float32 ((x / 255) - mean) / std, in one vectorised pass."""
+def normalize_batch(images_uint8: torch.Tensor, cfg: ViewConfig, out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float32 ((x / 255) - mean) / std, in one vectorised pass (into ``out``)."""
     mean = torch.tensor(cfg.image_mean, dtype=torch.float32).view(1, -1, 1, 1)
     std = torch.tensor(cfg.image_std, dtype=torch.float32).view(1, -1, 1, 1)
     scale = 1.0 / (255.0 * std)
-    return torch.addcmul(-mean / std, images_uint8.to(torch.float32), scale)
+    if out is None:
+        return torch.addcmul(-mean / std, images_uint8.to(torch.float32), scale)
+    return torch.addcmul(-mean / std, images_uint8, scale, out=out)
 
 
 def normalize_pixels(batch: Any, cfg: ViewConfig, device: torch.device | str | None = None,

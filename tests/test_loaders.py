@@ -207,6 +207,11 @@ def test_batches_independent_of_worker_count(data):
         _assert_equal(ua, ub)
     # persistent workers: a second iterate() restarts cleanly at the requested step
     _assert_equal(next(parallel_loaders.iterate(4))[1], serial[1][1])
+    # uint8 batches written into shared memory by the workers hold the same pixels
+    raw_cfg = ViewConfig(image_size=16, preset="dvm", seed=5, normalize_in_loader=False)
+    raw = next(_loaders(data, num_workers=1, view_config=raw_cfg).iterate(3))[1]
+    assert raw["strong"]["pixel_values"].dtype == torch.uint8
+    _assert_equal(normalize_pixels(raw, raw_cfg), serial[0][1])
 
 
 def test_loading_does_not_touch_the_global_rng(data):
