@@ -402,13 +402,13 @@ def bayes_ceilings(a, b, g, prior=None) -> dict[str, float]:
         best: dict[tuple, float] = {}
         for c, key in enumerate(zip(*keys)):
             best[key] = max(best.get(key, 0.0), prior[c])
-        return float(sum(best.values()))
+        return round(float(sum(best.values())), 6)
 
     return {
         "image_only": ceiling((a, g)),
         "table_only": ceiling((b, g)),
         "joint": ceiling((a, b, g)),
-        "chance": float(prior.max()),
+        "chance": round(float(prior.max()), 6),
     }
 
 

@@ -53,6 +53,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.no_progress:
+        import datasets
+
+        datasets.disable_progress_bars()
     started = time.perf_counter()
     try:
         path = make_synthetic_dataset(
