@@ -342,7 +342,23 @@ def config_overrides_from_data(schema=None, metadata=None, num_channels: int | N
 
 
 class DataCompatibilityMixin:
-    """Adds ``check_data_compatibility`` and the shared loss to a PreTrainedModel."""
+    """Adds ``check_data_compatibility``, the shared loss and extra ``auto_map`` entries to a PreTrainedModel.
+
+    ``register_for_auto_class`` keeps a single Auto class per model, so a model that is also an
+    image classifier lists the others in ``_extra_auto_classes``; ``save_pretrained`` adds them to
+    ``auto_map`` so ``AutoModel`` and ``AutoModelForImageClassification`` both load it as remote code.
+    """
+
+    _extra_auto_classes: tuple = ()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if self._extra_auto_classes:
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            name = f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}"
+            for auto_class in self._extra_auto_classes:
+                auto_map.setdefault(auto_class, name)
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def check_data_compatibility(self, schema=None, metadata=None, num_channels: int | None = None) -> None:
         check_data_compatibility(self.config, schema, metadata, num_channels)

@@ -117,6 +117,7 @@ class StilBaselinePreTrainedModel(DataCompatibilityMixin, PreTrainedModel):
 class StilImageClassifier(StilBaselinePreTrainedModel):
     config_class = ImageClassifierConfig
     input_modalities = ("image",)
+    _extra_auto_classes = ("AutoModelForImageClassification",)
 
     def __init__(self, config: ImageClassifierConfig):
         super().__init__(config)
@@ -232,6 +233,5 @@ ImageClassifierConfig.register_for_auto_class()
 TabularClassifierConfig.register_for_auto_class()
 MultimodalClassifierConfig.register_for_auto_class()
 StilImageClassifier.register_for_auto_class("AutoModel")
-StilImageClassifier.register_for_auto_class("AutoModelForImageClassification")
 StilTabularClassifier.register_for_auto_class("AutoModel")
 StilMultimodalClassifier.register_for_auto_class("AutoModel")

@@ -126,6 +126,8 @@ class WideResNetPreTrainedModel(DataCompatibilityMixin, PreTrainedModel):
 class WideResNetForImageClassification(WideResNetPreTrainedModel):
     """WRN-d-k classifier. ``model(pixel_values, labels=None)`` -> `WideResNetOutput`."""
 
+    _extra_auto_classes = ("AutoModelForImageClassification",)
+
     def __init__(self, config: WideResNetConfig):
         super().__init__(config)
         c = config.channels
@@ -157,4 +159,3 @@ class WideResNetForImageClassification(WideResNetPreTrainedModel):
 
 WideResNetConfig.register_for_auto_class()
 WideResNetForImageClassification.register_for_auto_class("AutoModel")
-WideResNetForImageClassification.register_for_auto_class("AutoModelForImageClassification")

@@ -170,3 +170,49 @@ def test_data_compatibility_lists_every_difference():
         wrn.check_data_compatibility(None, DatasetMetadata(label_names=["a", "b", "c"]))
     with pytest.raises(DataCompatibilityError, match="needs images"):
         wrn.check_data_compatibility(None, DatasetMetadata(image_column=None, label_names=[str(i) for i in range(10)]))
+
+
+REMOTE_LOADER = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('modeling_stil', 'data_utils'):
+            raise ImportError('blocked ' + name)
+sys.meta_path.insert(0, Block())
+import torch
+from transformers import AutoModel, AutoModelForImageClassification
+for folder, auto in zip(sys.argv[1::2], sys.argv[2::2]):
+    cls = AutoModelForImageClassification if auto == 'image' else AutoModel
+    model = cls.from_pretrained(folder, trust_remote_code=True).eval()
+    assert type(model).__module__.startswith('transformers_modules'), type(model).__module__
+    expected = torch.load(folder + '/expected.pt', weights_only=True)
+    with torch.no_grad():
+        assert torch.equal(model(**expected['inputs']).logits, expected['logits']), folder
+print('remote ok')
+"""
+
+
+def test_remote_code_loads_without_the_library(tmp_path):
+    """save_pretrained ships the code: a process that cannot import stil still loads the models."""
+    import subprocess
+    import sys
+
+    from modeling_stil.presets import create_model
+
+    args = []
+    cases = [("wrn-tiny", "image", (3, 32)), ("wrn-tiny", "auto", (3, 32)), ("tcdcnn", "auto", (1, 60)),
+             ("image-tiny", "image", (3, 32)), ("multimodal-tip-tiny", "auto", (3, 32))]
+    for i, (name, auto, (channels, size)) in enumerate(cases):
+        model = create_model(name).eval()
+        inputs = {"pixel_values": torch.randn(2, channels, size, size)}
+        if model.config.tabular_schema:
+            inputs.update(categorical_values=torch.tensor([[0, 1], [2, 3]]), continuous_values=torch.randn(2, 3),
+                          missing_mask=torch.zeros(2, 5, dtype=torch.bool))
+        folder = tmp_path / f"m{i}"
+        model.save_pretrained(folder)
+        with torch.no_grad():
+            torch.save({"inputs": inputs, "logits": model(**inputs).logits}, folder / "expected.pt")
+        args += [str(folder), auto]
+    result = subprocess.run([sys.executable, "-c", REMOTE_LOADER, *args], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=120, env={**os.environ, "PYTHONPATH": ""})
+    assert result.returncode == 0 and "remote ok" in result.stdout, result.stderr[-2000:]
