@@ -18,6 +18,61 @@ import sys
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _truthy(value: str | None) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes")
+
+
+def requested_cpu_processes() -> int:
+    """Processes asked of ``accelerate launch --cpu --num_processes N`` when accelerate started only one.
+
+    Accelerate's CPU launcher starts a single process unless MPI is configured (it only exports
+    MASTER_ADDR/PORT); we read N from the launcher's own command line (or its --config_file) and
+    start the N gloo workers with torch.distributed.run ourselves."""
+    if not _truthy(os.environ.get("ACCELERATE_USE_CPU")) or "MASTER_ADDR" not in os.environ:
+        return 1
+    if any(os.environ.get(k) for k in ("WORLD_SIZE", "LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")):
+        return 1
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as handle:
+            parent = [a.decode() for a in handle.read().split(b"\0") if a]
+    except OSError:
+        return 1
+    if "launch" not in parent:
+        return 1
+    value, config = None, None
+    for i, arg in enumerate(parent):
+        for flag in ("--num_processes", "--num-processes"):
+            if arg == flag and i + 1 < len(parent):
+                value = parent[i + 1]
+            elif arg.startswith(flag + "="):
+                value = arg.split("=", 1)[1]
+        if arg == "--config_file" and i + 1 < len(parent):
+            config = parent[i + 1]
+    if value is None and config:
+        import yaml
+
+        try:
+            value = (yaml.safe_load(open(config)) or {}).get("num_processes")
+        except OSError:
+            value = None
+    try:
+        return max(1, int(value)) if value is not None else 1
+    except ValueError:
+        return 1
+
+
+def spawn_cpu_workers(n: int, argv: list[str]) -> int:
+    import subprocess
+
+    env = dict(os.environ, ACCELERATE_USE_CPU="True")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--nnodes=1",
+        f"--master_addr={os.environ['MASTER_ADDR']}", f"--master_port={os.environ.get('MASTER_PORT', '29500')}",
+        os.path.abspath(__file__), *argv,
+    ]
+    return subprocess.call(command, env=env)
+
+
 def main(argv: list[str] | None = None) -> int:
     from modeling_stil.training.arguments import ArgumentError, parse_run_arguments
     from modeling_stil.training.checkpointing import IncompatibleCheckpointError
@@ -43,4 +98,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    workers = requested_cpu_processes()
+    sys.exit(spawn_cpu_workers(workers, sys.argv[1:]) if workers > 1 else main())

@@ -266,3 +266,32 @@ def test_missing_tracker_fails_loudly():
     assert resolve_trackers("tensorboard") == ["tensorboard"]
     with pytest.raises(ValueError, match="unknown tracker"):
         resolve_trackers(["tensorbored"])
+
+
+@pytest.mark.slow
+def test_cli_default_job_end_to_end(tmp_path):
+    """`accelerate launch --config_file accelerate_configs/cpu.yaml train.py` with the default recipe,
+    kept small by command-line overrides: trains, selects, tests, exports, reloads."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    accelerate = Path(sys.executable).with_name("accelerate")
+    out = tmp_path / "run"
+    command = [str(accelerate), "launch", "--config_file", str(root / "accelerate_configs" / "cpu.yaml"),
+               "--num_cpu_threads_per_process", "1", str(root / "train.py"),
+               "--output_dir", str(out), "--dataset_cache_dir", str(tmp_path / "cache"), "--synthetic_num_samples", "600",
+               "--max_steps", "20", "--eval_steps", "10", "--disable_tqdm", "true"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(root))
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["stopped_at_step"] == 20 and summary["reload_check"]["matches"] is True
+    assert set(summary["test"]) >= {"accuracy", "balanced_accuracy", "macro_f1", "auroc"}
+    for name in ("model.safetensors", "config.json", "processor_config.json", "README.md", "plots/losses.png",
+                 "plots/validation.png", "plots/learning_rate.png"):
+        assert (out / name).is_file(), name
+    events = list((out / "logs").rglob("events.out.tfevents.*"))
+    assert events, "TensorBoard is the default tracker"

@@ -506,6 +506,10 @@ def make_accelerator(args):
         kwargs["mixed_precision"] = targs.mixed_precision
     if targs.torch_compile:
         kwargs["dynamo_backend"] = "inductor"
+    # torchrun-launched processes on a machine without GPU: gloo on CPU (accelerate needs cpu=True)
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or (world > 1 and not torch.cuda.is_available()):
+        kwargs["cpu"] = True
     accelerator = Accelerator(
         gradient_accumulation_steps=targs.gradient_accumulation_steps,
         log_with=trackers or None,
