@@ -24,7 +24,7 @@ import difflib
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from .configuration_baselines import config_overrides_from_data
 
