@@ -128,7 +128,10 @@ class TrainingArguments:
     disable_tqdm: bool = _help("no progress bar", default=False)
     plots: bool = _help("write PNG plots into the run folder at every evaluation", default=True)
     export: bool = _help("export the selected model (save_pretrained + processor + card) and reload it", default=True)
-    find_unused_parameters: bool = _help("DDP find_unused_parameters (methods with idle heads)", default=False)
+    find_unused_parameters: bool = _help(
+        "DDP find_unused_parameters: true by default because presets carry heads some methods never use "
+        "(projection heads); set false for speed when every parameter gets a gradient", default=True
+    )
 
 
 ARGUMENT_CLASSES = (DataArguments, ModelArguments, TrainingArguments)
