@@ -17,7 +17,7 @@ hash it into their field/row choices. A batch is therefore identical whatever th
 after a resume. ``stream`` separates the labelled and unlabelled streams, so a row that is in both
 (when the unlabelled pool includes labelled rows) gets independent augmentations in each.
 
-Decisions (each is also listed in docs/methods.md by the method owners where it matters):
+Decisions (deliberate; the architecture table in docs/architecture.md summarises the recipes):
 
 * ``ColorJitter`` hue = 0.2 in ``stil``/``hard``: the original code ran albumentations 1.3.1, whose
   hidden default hue is 0.2 (stil_method.md §4.3, §9.20); the torchvision fallback of the originals
