@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 PSEUDO_LABEL_KEYS = ("mask_ratio", "pseudo_label_accuracy")
-_SKIP_EVAL_KEYS = {"step", "epoch", "split", "time", "runtime_seconds", "samples", "num_samples"}
+_SKIP_EVAL_KEYS = {"step", "epoch", "split", "time", "runtime_seconds", "samples", "num_samples", "auroc_skipped_classes"}
 
 
 def _series(records: Sequence[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
