@@ -256,6 +256,16 @@ def test_log_accumulator_means_without_item_calls():
     assert not acc
 
 
+def test_log_accumulator_skips_undefined_values_per_key():
+    acc = LogAccumulator()
+    acc.add({"pseudo_label_accuracy": torch.tensor(float("nan")), "loss": torch.tensor(1.0)})
+    acc.add({"pseudo_label_accuracy": torch.tensor(0.5), "loss": torch.tensor(2.0)})
+    acc.add({"pseudo_label_accuracy": torch.tensor(1.0), "never_defined": torch.tensor(float("nan"))})
+    reduced = acc.reduce()
+    assert reduced["pseudo_label_accuracy"] == 0.75 and reduced["loss"] == 1.5
+    assert math.isnan(reduced["never_defined"])
+
+
 def test_missing_tracker_fails_loudly():
     import importlib.util
 

@@ -78,11 +78,16 @@ def tracker_config(flat: dict[str, Any]) -> dict[str, Any]:
 
 
 class LogAccumulator:
-    """Running sums of scalar tensors, reduced (mean over steps and processes) on demand."""
+    """Running sums of scalar tensors, reduced (mean over steps and processes) on demand.
+
+    Non-finite values are skipped rather than summed: a value that is undefined on some steps
+    (pseudo-label accuracy when no monitor label or no confident row exists is NaN) must not turn
+    the whole logging window into NaN. A key with no finite value in the window reduces to NaN.
+    The loss itself is guarded separately (the trainer stops on a non-finite loss)."""
 
     def __init__(self):
         self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
+        self.counts: dict[str, torch.Tensor] = {}
 
     def add(self, logs: dict[str, torch.Tensor]) -> None:
         for key, value in logs.items():
@@ -92,11 +97,14 @@ class LogAccumulator:
             if value.numel() != 1:
                 value = value.mean()
             value = value.reshape(())
+            finite = torch.isfinite(value)
+            value = torch.where(finite, value, torch.zeros_like(value))
             if key in self.sums:
                 self.sums[key] = self.sums[key] + value.to(self.sums[key].device)
+                self.counts[key] = self.counts[key] + finite.float().to(self.counts[key].device)
             else:
                 self.sums[key] = value.clone()
-            self.counts[key] = self.counts.get(key, 0) + 1
+                self.counts[key] = finite.float()
 
     def __bool__(self) -> bool:
         return bool(self.sums)
@@ -109,12 +117,12 @@ class LogAccumulator:
             return {}
         keys = sorted(self.sums)
         device = device or self.sums[keys[0]].device
-        stacked = torch.stack([self.sums[k].to(device) for k in keys] + [torch.tensor(float(self.counts[k]), device=device) for k in keys])
+        stacked = torch.stack([self.sums[k].to(device) for k in keys] + [self.counts[k].to(device) for k in keys])
         if reduce_fn is not None:
             stacked = reduce_fn(stacked)
         values = stacked.cpu().tolist()
         n = len(keys)
-        out = {k: values[i] / max(values[n + i], 1.0) for i, k in enumerate(keys)}
+        out = {k: (values[i] / values[n + i] if values[n + i] > 0 else float("nan")) for i, k in enumerate(keys)}
         self.sums.clear()
         self.counts.clear()
         return out
