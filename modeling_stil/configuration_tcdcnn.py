@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .configuration_baselines import StilBaseConfig
+from .configuration_common import StilBaseConfig
 
 
 class TCDCNNConfig(StilBaseConfig):

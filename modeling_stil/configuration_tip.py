@@ -1,18 +1,12 @@
 """Configuration of TIP's pretraining network (``TipConfig``, model_type ``tip``; siyi-wind/TIP,
-ECCV 2024). Shares the image/tabular fields with STiL (``TabularImageConfig``)."""
+ECCV 2024). Shares the image/tabular fields and the dvm / cardiac / tiny presets with STiL
+(``TabularImageConfig``)."""
 
 from __future__ import annotations
 
 from typing import Optional
 
-from .configuration_stil import (
-    CARDIAC_NUM_CATEGORICAL,
-    CARDIAC_NUM_CONTINUOUS,
-    DVM_FIELD_LENGTHS,
-    TabularImageConfig,
-    layout_from_field_lengths,
-    read_field_lengths,
-)
+from .configuration_stil import TabularImageConfig
 
 
 class TipConfig(TabularImageConfig):
@@ -31,40 +25,4 @@ class TipConfig(TabularImageConfig):
     image_projector_hidden_dim: Optional[int] = None
     tabular_projector_hidden_dim: Optional[int] = None
 
-    @classmethod
-    def dvm(cls, **overrides) -> "TipConfig":
-        kw = dict(field_lengths=list(DVM_FIELD_LENGTHS), image_size=128)
-        kw.update(overrides)
-        return cls(**kw)
-
-    @classmethod
-    def cardiac(cls, field_lengths=None, **overrides) -> "TipConfig":
-        if field_lengths is None and overrides.get("tabular_schema") is None:
-            raise ValueError("cardiac: pass field_lengths (list or the original .pt file) or tabular_schema")
-        if isinstance(field_lengths, str):
-            field_lengths = read_field_lengths(field_lengths)
-        if field_lengths is not None:
-            cat, n_con = layout_from_field_lengths(field_lengths)
-            if (len(cat), n_con) != (CARDIAC_NUM_CATEGORICAL, CARDIAC_NUM_CONTINUOUS):
-                raise ValueError(f"cardiac expects 26 categorical + 49 continuous fields, got {len(cat)} + {n_con}")
-        kw = dict(field_lengths=field_lengths, image_size=128)
-        kw.update(overrides)
-        return cls(**kw)
-
-    @classmethod
-    def tiny(cls, **overrides) -> "TipConfig":
-        kw = dict(
-            image_encoder="resnet18",
-            image_encoder_kwargs={"channels": [8, 16, 32, 64]},
-            image_size=64,
-            field_lengths=[3, 4, 1, 1, 1],
-            tabular_embedding_dim=32,
-            tabular_num_layers=2,
-            tabular_num_heads=4,
-            hidden_size=32,
-            multimodal_num_layers=2,
-            multimodal_num_heads=4,
-            projection_dim=16,
-        )
-        kw.update(overrides)
-        return cls(**kw)
+    _preset_overrides = {"tiny": {"multimodal_num_layers": 2, "multimodal_num_heads": 4, "projection_dim": 16}}

@@ -7,7 +7,7 @@ normalisation statistics.
 
 from __future__ import annotations
 
-from .configuration_baselines import StilBaseConfig
+from .configuration_common import StilBaseConfig
 
 CIFAR10_MEAN = [0.4914, 0.4822, 0.4465]
 CIFAR10_STD = [0.2471, 0.2435, 0.2616]

@@ -21,7 +21,7 @@ Sub-module names follow the originals so their checkpoints map 1:1:
     encoder from modeling_stil.encoders: tabular tokens attend to projected image tokens) -> fused CLS
     -> ``classifier_multimodal``; ``unimodal_heads=True`` adds the TIPBackboneEnsemble image/tabular heads.
 
-Weight initialisation goes through ``encoders.init_module_weights``: timm modules keep timm's
+Weight initialisation (modeling_common.StilPreTrainedModel) goes through ``encoders.init_module_weights``: timm modules keep timm's
 initialisation (and any pretrained weights loaded afterwards), TIP modules get TIP's, our heads
 PyTorch's defaults (as in the originals).
 """
@@ -33,24 +33,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_baselines import (
-    DataCompatibilityMixin,
     ImageClassifierConfig,
     MultimodalClassifierConfig,
     TabularClassifierConfig,
 )
-from .encoders import (
-    ImageEncoder,
-    LinearHead,
-    MultimodalCrossEncoder,
-    TabularTransformerEncoder,
-    TwoLayerMLP,
-    compute_loss,
-    init_module_weights,
-)
+from .encoders import LinearHead, MultimodalCrossEncoder, TwoLayerMLP
+from .modeling_common import StilPreTrainedModel
 
 
 @dataclass
@@ -74,44 +65,17 @@ def _projection_head(config, in_dim: int):
     return TwoLayerMLP(in_dim, hidden, config.projection_dim)
 
 
-def _require_schema(config) -> None:
-    if not config.tabular_schema:
-        raise ValueError(
-            f"{type(config).__name__} needs tabular_schema (the dataset's TabularSchema dict); build the model "
-            "with create_model(name, schema=..., metadata=...) or pass tabular_schema=schema.to_dict()"
-        )
+class StilBaselinePreTrainedModel(StilPreTrainedModel):
+    """Weight init, data check, loss and encoder builders come from modeling_common.StilPreTrainedModel."""
 
-
-class StilBaselinePreTrainedModel(DataCompatibilityMixin, PreTrainedModel):
     base_model_prefix = "stil_baseline"
-    main_input_name = "pixel_values"
-    supports_gradient_checkpointing = False
-    _supports_sdpa = True
-
-    def _init_weights(self, module):
-        init_module_weights(module)
 
     def _loss(self, logits, labels):
-        if labels is None:
-            return None
-        return compute_loss(logits, labels, self.config.problem_type, self.config.num_labels)
+        return self.compute_loss(logits, labels)
 
     def _dropout(self, x):
         p = self.config.classifier_dropout
         return F.dropout(x, p, self.training) if p > 0 else x
-
-    def _build_tabular_encoder(self):
-        c = self.config
-        _require_schema(c)
-        return TabularTransformerEncoder(
-            c.cardinalities,
-            c.num_continuous,
-            dim=c.tabular_embedding_dim,
-            num_layers=c.tabular_num_layers,
-            num_heads=c.tabular_num_heads,
-            mlp_ratio=c.tabular_mlp_ratio,
-            drop_rate=c.tabular_dropout,
-        )
 
 
 class StilImageClassifier(StilBaselinePreTrainedModel):
@@ -121,7 +85,7 @@ class StilImageClassifier(StilBaselinePreTrainedModel):
 
     def __init__(self, config: ImageClassifierConfig):
         super().__init__(config)
-        self.encoder_imaging = ImageEncoder(config.backbone, config.num_channels, config.backbone_kwargs)
+        self.encoder_imaging = self._build_image_encoder()
         dim = self.encoder_imaging.feature_dim
         self.classifier = LinearHead(dim, config.num_labels)
         self.head = _projection_head(config, dim)
@@ -169,7 +133,7 @@ class StilMultimodalClassifier(StilBaselinePreTrainedModel):
     def __init__(self, config: MultimodalClassifierConfig):
         super().__init__(config)
         c = config
-        self.encoder_imaging = ImageEncoder(c.backbone, c.num_channels, c.backbone_kwargs)
+        self.encoder_imaging = self._build_image_encoder()
         self.encoder_tabular = self._build_tabular_encoder()
         image_dim = self.encoder_imaging.feature_dim
         tab_dim = c.tabular_embedding_dim

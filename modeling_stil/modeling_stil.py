@@ -1,5 +1,6 @@
 """STiL's network as a transformers model (``StilModel``), plus the base class of our image + tabular
-models (``TabularImagePreTrainedModel``: weight init that keeps timm/TIP initialisation, data checks).
+models (``TabularImagePreTrainedModel``, on modeling_common's ``StilPreTrainedModel``: weight init that
+keeps timm/TIP initialisation, data checks, task loss, encoder builders).
 
 The model knows nothing of semi-supervised learning: STiL's projectors, CLUB estimators, prototypes
 and EMA teacher belong to the method (modeling_stil/methods), not here. Parameter names follow
@@ -14,64 +15,37 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_stil import StilConfig, TabularImageConfig
-from .encoders import (
-    ImageEncoder,
-    InteractionLayer,
-    LinearHead,
-    TabularTransformerEncoder,
-    TwoLayerMLP,
-    compute_loss,
-    init_module_weights,
-)
+from .encoders import InteractionLayer, LinearHead, TwoLayerMLP
+from .modeling_common import StilPreTrainedModel
 
 
-class TabularImagePreTrainedModel(PreTrainedModel):
-    """Base of our image + tabular models."""
+class TabularImagePreTrainedModel(StilPreTrainedModel):
+    """Base of our image + tabular models (STiL, TIP): the shared base (weight init, data check, loss,
+    encoder builders; modeling_common.py) plus the shared forward signature and TIP-weight loading."""
 
     config_class = TabularImageConfig
     base_model_prefix = "stil"
-    main_input_name = "pixel_values"
     input_modalities = ("image", "tabular")
-    supports_gradient_checkpointing = False
-    _supports_sdpa = True
+    _strict_data_check = False  # compare what the data states (a TIP checkpoint meets data without labels)
 
-    def _init_weights(self, module: nn.Module) -> None:
-        # post_init would otherwise re-initialise the timm backbone and TIP's normal(0.02) layers
-        # with transformers' defaults; see encoders.init_module_weights for the rules.
-        init_module_weights(module)
+    def forward(
+        self,
+        pixel_values: Optional[torch.Tensor] = None,
+        categorical_values: Optional[torch.Tensor] = None,
+        continuous_values: Optional[torch.Tensor] = None,
+        missing_mask: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ) -> ModelOutput:
+        out = self._forward(pixel_values, categorical_values, continuous_values, missing_mask, labels)
+        return out if return_dict is not False else out.to_tuple()
 
-    def _build_image_encoder(self, config: TabularImageConfig) -> ImageEncoder:
-        return ImageEncoder(config.image_encoder, config.num_channels, config.image_encoder_kwargs)
-
-    def _build_tabular_encoder(self, config: TabularImageConfig) -> TabularTransformerEncoder:
-        if config.tabular_schema is None:
-            raise ValueError(f"{type(self).__name__} needs a tabular layout: set tabular_schema or field_lengths")
-        return TabularTransformerEncoder(
-            config.cat_cardinalities,
-            config.num_continuous,
-            dim=config.tabular_embedding_dim,
-            num_layers=config.tabular_num_layers,
-            num_heads=config.tabular_num_heads,
-            mlp_ratio=config.tabular_mlp_ratio,
-            drop_rate=config.tabular_drop_rate,
-            embedding_dropout=config.embedding_dropout,
-            check_codes=config.check_categorical_codes,
-        )
-
-    def check_data_compatibility(self, schema=None, metadata=None, num_channels: Optional[int] = None) -> None:
-        """Raise ``ValueError`` listing every difference between the model and the data
-        (field count, cardinalities, names, label count, image channels)."""
-        diffs = self.config.data_differences(schema, metadata, num_channels, need_labels=self._needs_labels)
-        if diffs:
-            raise ValueError(
-                f"{type(self).__name__} was built for different data:\n  - " + "\n  - ".join(diffs)
-            )
-
-    _needs_labels = True
+    def _forward(self, pixel_values, categorical_values, continuous_values, missing_mask, labels) -> ModelOutput:
+        raise NotImplementedError
 
     def load_image_pretrained(self, source: str) -> None:
         """Load pretrained image-backbone weights (local file or timm hub name) after construction."""
@@ -162,16 +136,7 @@ class StilModel(TabularImagePreTrainedModel):
         self.classifier_tabular = LinearHead(2 * d, config.num_labels)
         self.post_init()
 
-    def forward(
-        self,
-        pixel_values: Optional[torch.Tensor] = None,
-        categorical_values: Optional[torch.Tensor] = None,
-        continuous_values: Optional[torch.Tensor] = None,
-        missing_mask: Optional[torch.Tensor] = None,
-        labels: Optional[torch.Tensor] = None,
-        return_dict: Optional[bool] = None,
-        **kwargs,
-    ) -> StilOutput:
+    def _forward(self, pixel_values, categorical_values, continuous_values, missing_mask, labels) -> StilOutput:
         if pixel_values is None:
             raise ValueError("StilModel needs pixel_values (both modalities)")
         image_tokens, _ = self.encoder_imaging(pixel_values)
@@ -194,13 +159,12 @@ class StilModel(TabularImagePreTrainedModel):
 
         loss = None
         if labels is not None:
-            pt, n = self.config.problem_type, self.config.num_labels
             loss = (
-                compute_loss(logits, labels, pt, n)
-                + compute_loss(image_logits, labels, pt, n)
-                + compute_loss(tabular_logits, labels, pt, n)
+                self.compute_loss(logits, labels)
+                + self.compute_loss(image_logits, labels)
+                + self.compute_loss(tabular_logits, labels)
             )
-        out = StilOutput(
+        return StilOutput(
             loss=loss,
             logits=logits,
             image_logits=image_logits,
@@ -214,7 +178,6 @@ class StilModel(TabularImagePreTrainedModel):
             tabular_shared=x_at,
             fused_shared=z_c,
         )
-        return out if return_dict is not False else out.to_tuple()
 
 
 StilConfig.register_for_auto_class()

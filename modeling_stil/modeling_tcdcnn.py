@@ -19,8 +19,8 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from .configuration_baselines import DataCompatibilityMixin
 from .configuration_tcdcnn import TCDCNNConfig
+from .modeling_common import DataCompatibilityMixin
 
 
 @dataclass

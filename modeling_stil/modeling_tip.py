@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn as nn
 from transformers.utils import ModelOutput
 
 from .configuration_tip import TipConfig
@@ -92,16 +91,7 @@ class TipModel(TabularImagePreTrainedModel):
     def reconstruct(self, multimodal_tokens):
         return self.predictor_tabular(multimodal_tokens)
 
-    def forward(
-        self,
-        pixel_values: Optional[torch.Tensor] = None,
-        categorical_values: Optional[torch.Tensor] = None,
-        continuous_values: Optional[torch.Tensor] = None,
-        missing_mask: Optional[torch.Tensor] = None,
-        labels: Optional[torch.Tensor] = None,
-        return_dict: Optional[bool] = None,
-        **kwargs,
-    ) -> TipOutput:
+    def _forward(self, pixel_values, categorical_values, continuous_values, missing_mask, labels) -> TipOutput:
         out = TipOutput()
         has_tab = categorical_values is not None or continuous_values is not None
         if pixel_values is not None:
@@ -117,7 +107,7 @@ class TipModel(TabularImagePreTrainedModel):
             out.cat_logits, out.con_predictions = self.reconstruct(out.multimodal_tokens)
         if pixel_values is None and not has_tab:
             raise ValueError("TipModel needs pixel_values and/or tabular values")
-        return out if return_dict is not False else out.to_tuple()
+        return out
 
 
 TipConfig.register_for_auto_class()

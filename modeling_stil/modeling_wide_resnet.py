@@ -30,8 +30,8 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from .configuration_baselines import DataCompatibilityMixin
 from .configuration_wide_resnet import WideResNetConfig
+from .modeling_common import DataCompatibilityMixin
 
 
 @dataclass

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from .configuration_baselines import config_overrides_from_data
+from .configuration_common import config_overrides_from_data
 
 ZERO_ONE = dict(image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0])
 # A tiny tabular layout for schema-less tiny presets (2 categorical fields of 3 and 4 values, 3 continuous).
@@ -129,7 +129,7 @@ def preset_config(name: str, *, schema=None, metadata=None, num_channels: int | 
         data["field_lengths"] = None  # the schema is the single source of truth
     if preset.family in ("image", "tabular", "multimodal") and preset.name.endswith("-tiny") and preset.uses_tabular:
         if "tabular_schema" not in data and "tabular_schema" not in overrides:
-            from .configuration_stil import placeholder_schema  # noqa: PLC0415
+            from .configuration_common import placeholder_schema  # noqa: PLC0415
 
             values["tabular_schema"] = placeholder_schema(TINY_FIELD_LENGTHS[:2], 3)
     if preset.family in ("image", "tabular", "multimodal") and preset.name.endswith("-tiny") and "num_labels" not in data:
