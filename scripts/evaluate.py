@@ -15,7 +15,11 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Run as `python scripts/evaluate.py`, Python puts scripts/ first on sys.path, where this very file
+# would shadow the `evaluate` library our metrics import. Drop scripts/, add the repository root.
+_SCRIPTS = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _SCRIPTS]
+sys.path.insert(0, str(_SCRIPTS.parent))
 
 
 def evaluate_model(model, dataset_dict, metadata, schema, split: str, batch_size: int = 128, max_samples: int | None = None,

@@ -26,10 +26,11 @@ from data_utils.io import load_dataset
 from . import real_layouts
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import build_aflw as build_aflw_cli  # noqa: E402
-import build_cifar10 as build_cifar10_cli  # noqa: E402
-import build_dvm as build_dvm_cli  # noqa: E402
+from tests._scripts import load_script  # noqa: E402
+
+build_aflw_cli = load_script("build_aflw")
+build_cifar10_cli = load_script("build_cifar10")
+build_dvm_cli = load_script("build_dvm")
 
 
 # ------------------------------------------------------------------------------------ DVM prepared

@@ -109,14 +109,21 @@ def test_model_card_metadata_and_plots(offline_push_run):
     assert "seed: 3" in card.text and "torch" in card.text and "max_steps: 6" in card.text
 
 
-def test_evaluate_script_prints_and_writes(offline_push_run, capsys):
-    from scripts import evaluate as evaluate_script
+def test_evaluate_script_prints_and_writes(offline_push_run, tmp_path):
+    """Run exactly as a user does (`python scripts/evaluate.py`, scripts/ first on sys.path), which
+    once let scripts/evaluate.py shadow the `evaluate` library."""
+    import os
+    import subprocess
 
     _, _, out, cache = offline_push_run
     dataset = next(cache.iterdir())
-    code = evaluate_script.main(["--model", str(out), "--dataset", str(dataset), "--split", "test", "--write"])
-    assert code == 0
-    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--model", str(out), "--dataset", str(dataset),
+         "--split", "test", "--write"],
+        cwd=tmp_path, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    printed = json.loads(done.stdout.strip().splitlines()[-1])
     expected = json.loads((out / "eval_results.json").read_text())
     assert printed["accuracy"] == pytest.approx(expected["test"]["accuracy"])
     assert expected["evaluations"][f"{dataset.name}:test"]["accuracy"] == pytest.approx(printed["accuracy"])

@@ -18,6 +18,7 @@ from data_utils.schema import SchemaError, TabularField, TabularSchema
 from modeling_stil.configuration_baselines import DataCompatibilityError
 from modeling_stil.presets import PRESETS, create_model, list_presets
 from modeling_stil.processing_stil import PROCESSOR_FILENAME, StilProcessor
+from tests._scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = TabularSchema(
@@ -192,11 +193,7 @@ def test_predict_script_regression(tmp_path):
     model.save_pretrained(folder)  # no processor file: settings come from config.json
     _image(5, size=(80, 70)).save(tmp_path / "face.jpg")
     (tmp_path / "rows.csv").write_text("image\nface.jpg\n")
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import predict
-    finally:
-        sys.path.pop(0)
+    predict = load_script("predict")
     out = tmp_path / "pred.jsonl"
     assert predict.main(["--model", str(folder), "--table", str(tmp_path / "rows.csv"), "--output", str(out)]) == 0
     values = json.loads(out.read_text())["values"]
@@ -207,11 +204,7 @@ def test_predict_script_regression(tmp_path):
 
 
 def test_benchmark_script_runs(tmp_path):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import benchmark_models
-    finally:
-        sys.path.pop(0)
+    benchmark_models = load_script("benchmark_models")
     out = tmp_path / "bench.jsonl"
     code = benchmark_models.main(
         ["--model", "mmatch-tiny", "--batch", "2", "--warmup", "0", "--iters", "1", "--device", "cpu", "--json", str(out)]
