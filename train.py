@@ -74,6 +74,12 @@ def spawn_cpu_workers(n: int, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from data_utils.loaders import LoaderError
+    from data_utils.schema import SchemaError
+    from data_utils.splits import SplitError
+    from data_utils.synthetic import SyntheticConfigError
+    from data_utils.views import ViewError
+    from modeling_stil.configuration_common import DataCompatibilityError
     from modeling_stil.training.arguments import ArgumentError, parse_run_arguments
     from modeling_stil.training.checkpointing import IncompatibleCheckpointError
     from modeling_stil.training.hub import HubUploadError
@@ -87,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         results = build_and_train(args)
-    except (NonFiniteLossError, IncompatibleCheckpointError, TrackerUnavailableError, HubUploadError, FileExistsError, FileNotFoundError) as error:
+    except (NonFiniteLossError, IncompatibleCheckpointError, TrackerUnavailableError, HubUploadError, FileExistsError,
+            FileNotFoundError, LoaderError, SchemaError, SplitError, SyntheticConfigError, ViewError,
+            DataCompatibilityError) as error:
+        # Bad input and failed runs end with one line naming the problem and the fix, not a traceback.
         print(f"train.py: error: {error}", file=sys.stderr)
         return 1
     summary = {k: results.get(k) for k in ("stopped_at_step", "best_step", "metric_for_best_model", "validation", "test", "train_seconds") if k in results}
