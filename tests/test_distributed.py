@@ -52,12 +52,12 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
-    # and the runs did learn something (the comparison is not between two untouched inits)
-    init_changed = json.loads((tmp_path / "one" / "eval_results.json").read_text())
     r1 = json.loads((tmp_path / "one" / "eval_results.json").read_text())["test"]
     r2 = json.loads((tmp_path / "two" / "eval_results.json").read_text())["test"]
     assert r1["num_samples"] == r2["num_samples"]  # gather_for_metrics dropped the padding duplicates
     assert r1["accuracy"] == pytest.approx(r2["accuracy"], abs=1e-6)
-    history = [json.loads(l) for l in (tmp_path / "two" / "logs" / "metrics.jsonl").read_text().splitlines()]
-    assert any(r["split"] == "train" and r["loss"] > 0 for r in history)
-    assert init_changed["best_step"] in (3, 6)
+    # and both runs really trained (the comparison is not between two untouched initialisations)
+    for run in ("one", "two"):
+        history = [json.loads(l) for l in (tmp_path / run / "logs" / "metrics.jsonl").read_text().splitlines()]
+        train = [r for r in history if r["split"] == "train"]
+        assert train and all(r["grad_norm"] > 0 for r in train)
