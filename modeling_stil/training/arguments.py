@@ -47,7 +47,7 @@ class DataArguments:
     synthetic_task: Literal["multimodal", "image", "landmarks"] = _help(
         "which embedded synthetic dataset to build when dataset is None", default=DEFAULT_SYNTHETIC_TASK
     )
-    synthetic_num_samples: int = _help("rows of the synthetic dataset (all splits)", default=3000)
+    synthetic_num_samples: int = _help("rows of the synthetic dataset (all splits)", default=6000)
     synthetic_image_size: int = _help("image side of the synthetic dataset in pixels", default=32)
     dataset_cache_dir: str | None = _help(
         "where synthetic datasets are built (default: $STIL_CACHE or ~/.cache/stil)/datasets", default=None
@@ -80,7 +80,7 @@ class TrainingArguments:
     overwrite_output_dir: bool = _help("allow a fresh run in a non-empty output_dir", default=False)
     per_device_train_batch_size: int = _help("labelled batch per process", default=32)
     per_device_eval_batch_size: int = _help("eval batch per process", default=128)
-    max_steps: int = _help("optimisation steps; -1: use num_train_epochs", default=300)
+    max_steps: int = _help("optimisation steps; -1: use num_train_epochs", default=1000)
     num_train_epochs: float = _help("epochs (passes over the unlabelled data) when max_steps is -1", default=1.0)
     stop_after_steps: int | None = _help(
         "stop (with a checkpoint) after this many steps although the schedule runs to max_steps: "
