@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from .metrics import DIAGNOSTIC_KEYS
+
 TEMPLATE = """---
 {{ card_data }}
 ---
@@ -95,7 +97,7 @@ def build_model_card(
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     task_type = {"classification": "image-classification", "regression": "tabular-regression", "landmarks": "keypoint-detection"}.get(task, task)
-    numeric = {k: v for k, v in test_metrics.items() if isinstance(v, (int, float)) and k != "num_samples"}
+    numeric = {k: v for k, v in test_metrics.items() if isinstance(v, (int, float)) and k not in DIAGNOSTIC_KEYS}
     eval_results = [
         EvalResult(
             task_type=task_type,
@@ -120,7 +122,7 @@ def build_model_card(
         base_model=base_model,
         pipeline_tag=task_type if task == "classification" else None,
     )
-    metric_names = sorted(set(numeric) | set(k for k in (validation_metrics or {}) if k != "num_samples"))
+    metric_names = sorted(set(numeric) | set(k for k in (validation_metrics or {}) if k not in DIAGNOSTIC_KEYS))
     rows = []
     for split, metrics in (("validation (best)", validation_metrics or {}), ("test", test_metrics)):
         if metrics:

@@ -27,6 +27,8 @@ TASK_METRICS = {
     "landmarks": ("nme", "failure_rate", "mse"),
 }
 # the metric each task selects models on by default, and whether higher is better
+# Counters that travel with the metrics but are not scores (kept out of model cards' model-index).
+DIAGNOSTIC_KEYS = ("num_samples", "auroc_skipped_classes")
 DEFAULT_SELECTION_METRIC = {"classification": ("accuracy", True), "regression": ("mse", False), "landmarks": ("nme", False)}
 
 
