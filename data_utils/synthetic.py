@@ -340,9 +340,34 @@ def _labeled_rows(train_labels: np.ndarray, fraction: float, seed: int, stratifi
     return indices, info
 
 
-def _build_splits(columns: dict[str, Any], features, splits: dict[str, np.ndarray], labeled_indices):
+def _split_and_label(args: dict[str, Any], seed: int, rng: np.random.Generator, labels: np.ndarray | None = None):
+    """Split the rows and pick the labelled train rows: ``(splits, labelled train positions, split_info)``.
+
+    With class ``labels`` both are stratified by class; without (landmarks) both are uniformly random.
+    """
+    val_fraction, test_fraction = args["val_fraction"], args["test_fraction"]
+    if labels is None:
+        splits = _random_split(args["num_samples"], val_fraction, test_fraction, rng)
+        train_labels, protocol = np.zeros(splits["train"].size, dtype=np.int64), "uniformly random"
+    else:
+        splits = _stratified_split(labels, val_fraction, test_fraction, rng)
+        train_labels, protocol = labels[splits["train"]], "stratified by class"
+    labeled, split_info = _labeled_rows(train_labels, args["labeled_fraction"], seed + 1, stratified=labels is not None)
+    split_info.update({
+        "split_seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction,
+        "split_protocol": f"{protocol}: test, then validation, rest train",
+        "split_sizes": {k: int(v.size) for k, v in splits.items()},
+    })
+    return splits, labeled, split_info
+
+
+def _build_splits(encoded: list[bytes], columns: dict[str, Any], features: dict[str, Any],
+                  splits: dict[str, np.ndarray], labeled_indices):
+    """DatasetDict of the PNG ``encoded`` images (first column) plus ``columns``; train gets ``labeled``."""
     import datasets
 
+    columns = {"image": [{"bytes": b, "path": None} for b in encoded], **columns}
+    features = {"image": datasets.Image(), **features}
     out = {}
     for name, idx in splits.items():
         data = {}
@@ -356,13 +381,20 @@ def _build_splits(columns: dict[str, Any], features, splits: dict[str, np.ndarra
             mask = np.zeros(idx.size, dtype=bool)
             mask[labeled_indices] = True
             data["labeled"] = mask
-            split_features = datasets.Features({**features, "labeled": datasets.Value("bool")})
-        out[name] = datasets.Dataset.from_dict(data, features=split_features)
+            split_features = {**features, "labeled": datasets.Value("bool")}
+        out[name] = datasets.Dataset.from_dict(data, features=datasets.Features(split_features))
     return datasets.DatasetDict(out)
 
 
-def _image_feature_values(encoded: list[bytes]) -> list[dict[str, Any]]:
-    return [{"bytes": b, "path": None} for b in encoded]
+def _metadata(generator: str, labeled, split_info: dict[str, Any], label_names: list[str] | None = None,
+              **source: Any) -> DatasetMetadata:
+    """The stil metadata every generator writes; ``source`` follows the builder/task/version keys."""
+    return DatasetMetadata(
+        task="landmarks" if generator == "landmarks" else "classification", image_column="image",
+        label_column="label", label_names=label_names, num_targets=10 if generator == "landmarks" else None,
+        labeled_column="labeled", labeled_indices=[int(i) for i in labeled], split_info=split_info,
+        source={"builder": "synthetic", "task": generator, "generator_version": GENERATOR_VERSION, **source},
+    )
 
 
 # ==================================================================================================
@@ -637,51 +669,39 @@ def make_multimodal(
     encoded = _render_all(n, S, 3, _render_cars(params, S), seed, progress, "rendering cars",
                            knobs.pixel_noise)
 
-    splits = _stratified_split(y, args["val_fraction"], args["test_fraction"], rngs["split"])
+    splits, labeled, split_info = _split_and_label(args, seed, rngs["split"], labels=y)
     train = splits["train"]
     schema = TabularSchema.fit(
         {k: table[k][train] for k in list(CATEGORICAL_FIELDS) + CONTINUOUS_FIELDS},
         categorical=list(CATEGORICAL_FIELDS), continuous=CONTINUOUS_FIELDS, allow_missing=True,
         categories=CATEGORICAL_FIELDS,
     )
-    labeled, split_info = _labeled_rows(y[train], args["labeled_fraction"], seed + 1, stratified=True)
     label_names = [f"model_{c:03d}" if K > 100 else f"model_{c:02d}" for c in range(K)]
-    features = datasets.Features({
-        "image": datasets.Image(),
+    features = {
         **{name: datasets.ClassLabel(names=vocab) for name, vocab in CATEGORICAL_FIELDS.items()},
         **{name: datasets.Value("float32") for name in CONTINUOUS_FIELDS},
         "label": datasets.ClassLabel(names=label_names),
-    })
-    columns: dict[str, Any] = {"image": _image_feature_values(encoded)}
-    columns.update({name: table[name].astype(np.int64) for name in CATEGORICAL_FIELDS})
+    }
+    columns: dict[str, Any] = {name: table[name].astype(np.int64) for name in CATEGORICAL_FIELDS}
     columns.update({name: table[name].astype(np.float32) for name in CONTINUOUS_FIELDS})
     columns["label"] = y
-    dataset_dict = _build_splits(columns, features, splits, labeled)
+    dataset_dict = _build_splits(encoded, columns, features, splits, labeled)
 
     ceilings = bayes_ceilings(a_c, b_c, g_c, prior)
-    split_info.update({
-        "split_seed": seed, "val_fraction": args["val_fraction"], "test_fraction": args["test_fraction"],
-        "split_protocol": "stratified by class: test, then validation, rest train",
-        "split_sizes": {k: int(v.size) for k, v in splits.items()},
-    })
-    metadata = DatasetMetadata(
-        task="classification", image_column="image", label_column="label", label_names=label_names,
-        labeled_column="labeled", labeled_indices=[int(i) for i in labeled], split_info=split_info,
-        source={
-            "builder": "synthetic", "task": "multimodal", "generator_version": GENERATOR_VERSION,
-            "args": {**args, "seed": seed}, "knobs": asdict(knobs),
-            "factor_sizes": {"image_factors_A": A, "table_factors_B": B, "groups_G": G},
-            "factor_assignments": [
-                {"class": c, "name": label_names[c], "a_image_motif": int(a_c[c]),
-                 "motif": _motif_name(int(a_c[c])),
-                 "b_table_tier": int(b_c[c]), "g_shared_group": int(g_c[c])}
-                for c in range(K)
-            ],
-            "class_prior": [float(v) for v in prior],
-            "bayes_ceilings_noise_free": ceilings,
-            "image": {"mode": "RGB", "size": S, "format": "PNG"},
-            "notes": "Continuous columns are raw physical units; z-score with tabular_schema.json (train stats).",
-        },
+    metadata = _metadata(
+        "multimodal", labeled, split_info, label_names,
+        args={**args, "seed": seed}, knobs=asdict(knobs),
+        factor_sizes={"image_factors_A": A, "table_factors_B": B, "groups_G": G},
+        factor_assignments=[
+            {"class": c, "name": label_names[c], "a_image_motif": int(a_c[c]),
+             "motif": _motif_name(int(a_c[c])),
+             "b_table_tier": int(b_c[c]), "g_shared_group": int(g_c[c])}
+            for c in range(K)
+        ],
+        class_prior=[float(v) for v in prior],
+        bayes_ceilings_noise_free=ceilings,
+        image={"mode": "RGB", "size": S, "format": "PNG"},
+        notes="Continuous columns are raw physical units; z-score with tabular_schema.json (train stats).",
     )
     return dataset_dict, metadata, schema
 
@@ -795,24 +815,14 @@ def make_image(
     }
     encoded = _render_all(n, S, 3, _render_objects(params, S), seed, progress, "rendering shapes",
                            pixel_noise)
-    splits = _stratified_split(y, args["val_fraction"], args["test_fraction"], rngs["split"])
-    labeled, split_info = _labeled_rows(y[splits["train"]], args["labeled_fraction"], seed + 1, stratified=True)
+    splits, labeled, split_info = _split_and_label(args, seed, rngs["split"], labels=y)
     label_names = [f"{d['texture']}_{d['shape']}_{c:02d}" for c, d in enumerate(design)]
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=label_names)})
-    dataset_dict = _build_splits({"image": _image_feature_values(encoded), "label": y}, features, splits, labeled)
-    split_info.update({
-        "split_seed": seed, "val_fraction": args["val_fraction"], "test_fraction": args["test_fraction"],
-        "split_protocol": "stratified by class: test, then validation, rest train",
-        "split_sizes": {k: int(v.size) for k, v in splits.items()},
-    })
-    metadata = DatasetMetadata(
-        task="classification", image_column="image", label_column="label", label_names=label_names,
-        labeled_column="labeled", labeled_indices=[int(i) for i in labeled], split_info=split_info,
-        source={
-            "builder": "synthetic", "task": "image", "generator_version": GENERATOR_VERSION,
-            "args": {**args, "seed": seed}, "knobs": {"pixel_noise": pixel_noise, "hue_spread": hue_spread},
-            "class_design": design, "image": {"mode": "RGB", "size": S, "format": "PNG"},
-        },
+    dataset_dict = _build_splits(encoded, {"label": y}, {"label": datasets.ClassLabel(names=label_names)}, splits,
+                                 labeled)
+    metadata = _metadata(
+        "image", labeled, split_info, label_names,
+        args={**args, "seed": seed}, knobs={"pixel_noise": pixel_noise, "hue_spread": hue_spread},
+        class_design=design, image={"mode": "RGB", "size": S, "format": "PNG"},
     )
     return dataset_dict, metadata, None
 
@@ -921,28 +931,16 @@ def make_landmarks(
     keypoints = _face_keypoints(geometry).astype(np.float32)
     encoded = _render_all(n, S, 1, _render_faces(geometry, S), seed, progress, "rendering faces",
                            pixel_noise)
-    splits = _random_split(n, args["val_fraction"], args["test_fraction"], rngs["split"])
-    labeled, split_info = _labeled_rows(np.zeros(splits["train"].size, dtype=np.int64), args["labeled_fraction"],
-                                        seed + 1, stratified=False)
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.List(datasets.Value("float32"))})
-    dataset_dict = _build_splits({"image": _image_feature_values(encoded), "label": list(keypoints)}, features,
-                                 splits, labeled)
-    split_info.update({
-        "split_seed": seed, "val_fraction": args["val_fraction"], "test_fraction": args["test_fraction"],
-        "split_protocol": "uniformly random: test, then validation, rest train",
-        "split_sizes": {k: int(v.size) for k, v in splits.items()},
-    })
-    metadata = DatasetMetadata(
-        task="landmarks", image_column="image", label_column="label", num_targets=10,
-        labeled_column="labeled", labeled_indices=[int(i) for i in labeled], split_info=split_info,
-        source={
-            "builder": "synthetic", "task": "landmarks", "generator_version": GENERATOR_VERSION,
-            "args": {k: v for k, v in {**args, "seed": seed}.items() if k != "num_classes"},
-            "knobs": {"pixel_noise": pixel_noise},
-            "landmarks": LANDMARK_NAMES,
-            "coordinates": "x1,y1,...,x5,y5 in pixels of the stored image; pixel column j spans [j, j+1)",
-            "image": {"mode": "L", "size": S, "format": "PNG"},
-        },
+    splits, labeled, split_info = _split_and_label(args, seed, rngs["split"])
+    dataset_dict = _build_splits(encoded, {"label": list(keypoints)},
+                                 {"label": datasets.List(datasets.Value("float32"))}, splits, labeled)
+    metadata = _metadata(
+        "landmarks", labeled, split_info,
+        args={k: v for k, v in {**args, "seed": seed}.items() if k != "num_classes"},
+        knobs={"pixel_noise": pixel_noise},
+        landmarks=LANDMARK_NAMES,
+        coordinates="x1,y1,...,x5,y5 in pixels of the stored image; pixel column j spans [j, j+1)",
+        image={"mode": "L", "size": S, "format": "PNG"},
     )
     return dataset_dict, metadata, None
 
