@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_utils.builders._common import run_cli  # noqa: E402
+from data_utils.builders._common import add_output_arguments, run_cli  # noqa: E402
 from data_utils.builders.aflw import build_aflw  # noqa: E402
 
 
@@ -25,9 +25,7 @@ def parse_args(argv=None):
     parser.add_argument("--aflw-root", required=True)
     parser.add_argument("--labeled-fraction", type=float, help="fraction of training images labelled (default all)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("--no-progress", action="store_true")
+    add_output_arguments(parser)
     return parser.parse_args(argv)
 
 

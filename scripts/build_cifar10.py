@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_utils.builders._common import run_cli  # noqa: E402
+from data_utils.builders._common import add_output_arguments, run_cli  # noqa: E402
 from data_utils.builders.cifar10 import build_cifar10  # noqa: E402
 
 
@@ -26,9 +26,7 @@ def parse_args(argv=None):
     parser.add_argument("--num-labeled", type=int, default=250, help="multiple of 10")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--val-per-class", type=int, default=500)
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("--no-progress", action="store_true")
+    add_output_arguments(parser)
     return parser.parse_args(argv)
 
 

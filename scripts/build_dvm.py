@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_utils.builders._common import run_cli  # noqa: E402
+from data_utils.builders._common import add_output_arguments, run_cli  # noqa: E402
 from data_utils.builders.dvm import build_dvm_prepared, build_dvm_raw  # noqa: E402
 
 
@@ -46,9 +46,7 @@ def parse_args(argv=None):
     raw.add_argument("--jitter-seed", type=int, default=2022)
     raw.add_argument("--low-data-seed", type=int, default=2023)
     for p in (prepared, raw):
-        p.add_argument("--output", required=True)
-        p.add_argument("--overwrite", action="store_true")
-        p.add_argument("--no-progress", action="store_true")
+        add_output_arguments(p)
     return parser.parse_args(argv)
 
 

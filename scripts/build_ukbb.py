@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_utils.builders._common import BuildError, run_cli  # noqa: E402
+from data_utils.builders._common import BuildError, add_output_arguments, run_cli  # noqa: E402
 from data_utils.builders.ukbb import build_ukbb  # noqa: E402
 
 
@@ -29,9 +29,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=2022)
     parser.add_argument("--column-names", help="text file, one column name per line (categorical first)")
     parser.add_argument("--images-root", help="folder holding <subject>/<file>.npy, replacing stored paths")
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("--no-progress", action="store_true")
+    add_output_arguments(parser)
     return parser.parse_args(argv)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_utils.builders._common import run_cli, split_list  # noqa: E402
+from data_utils.builders._common import add_output_arguments, run_cli, split_list  # noqa: E402
 from data_utils.builders.table import build_from_table  # noqa: E402
 
 
@@ -54,9 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="categories from the train split only (default) or from every split")
     parser.add_argument("--image-mode", choices=["RGB", "L", "keep"], default="RGB",
                         help="convert images to this mode (original bytes kept when already in it)")
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("--no-progress", action="store_true")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
     if args.split_column and args.test_fraction is not None:
         parser.error("--test-fraction cannot be combined with --split-column")

@@ -45,6 +45,13 @@ def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | N
     return 0
 
 
+def add_output_arguments(parser) -> None:
+    """The flags every builder CLI ends with: --output (required), --overwrite, --no-progress."""
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
+
+
 def split_list(text: str | None) -> list[str] | None:
     if text is None:
         return None
@@ -155,6 +162,24 @@ def check_continuous(values: Sequence[Any], column: str, where: str, allow_missi
             raise SchemaError(f"{where} row {row} column {column!r}: infinite value {value!r}; fix or drop the row")
         out.append(number)
     return out
+
+
+def check_tip_columns(
+    df, column_names: Sequence[str], lengths: Sequence[int], where: str, lengths_file: str
+) -> dict[str, list]:
+    """The columns of one of TIP's headerless ``*_reordered.csv`` tables, validated, by name.
+
+    ``lengths`` (read from ``lengths_file``) gives each field's length: a categorical field (length > 1)
+    holds integer codes below its length, a continuous one (length 1) numbers, missing cells allowed.
+    """
+    columns = {}
+    for j, name in enumerate(column_names):
+        values = df[j].tolist()
+        if lengths[j] > 1:
+            columns[name] = check_codes(values, lengths[j], name, where, f"the codes must match {lengths_file}")
+        else:
+            columns[name] = check_continuous(values, name, where, allow_missing=True)
+    return columns
 
 
 # ------------------------------------------------------------------------------------------ .pt files

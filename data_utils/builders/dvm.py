@@ -26,9 +26,9 @@ from ..io import DatasetMetadata
 from ..schema import TabularSchema
 from ._common import (
     BuildError,
-    check_codes,
     check_continuous,
     check_output_free,
+    check_tip_columns,
     load_pt,
     make_features,
     read_image_file,
@@ -97,6 +97,11 @@ def dvm_low_data_subsets(labels: Sequence[int], seed: int = 2023) -> dict[str, n
     return {"0.1": ten, "0.01": one}
 
 
+def _check_subset_name(labeled_subset: str | None) -> None:
+    if labeled_subset is not None and str(labeled_subset) not in SUBSETS:
+        raise BuildError(f"--labeled-subset must be one of {SUBSETS}, got {labeled_subset!r}")
+
+
 # ------------------------------------------------------------------------------ prepared files
 def _resolve_image(path: str, features_dir: Path, images_root: Path | None, image_format: str) -> tuple[Path, str]:
     p = Path(path)
@@ -142,8 +147,7 @@ def build_dvm_prepared(
     import pandas as pd
 
     check_output_free(output, overwrite)
-    if labeled_subset is not None and str(labeled_subset) not in SUBSETS:
-        raise BuildError(f"--labeled-subset must be one of {SUBSETS}, got {labeled_subset!r}")
+    _check_subset_name(labeled_subset)
     if image_format not in ("auto", "jpg", "npy"):
         raise BuildError(f"--image-format must be auto, jpg or npy, got {image_format!r}")
     features_dir = Path(features_dir)
@@ -178,16 +182,7 @@ def build_dvm_prepared(
                 raise BuildError(f"{features_dir / names['paths']} rows {seen[str(p)]} and {i}: duplicated image "
                                  f"path {p}; each advert needs its own image")
             seen[str(p)] = i
-        where = str(csv)
-        columns = {}
-        for j, name in enumerate(DVM_COLUMNS):
-            values = df[j].tolist()
-            if name in cardinalities:
-                columns[name] = check_codes(values, cardinalities[name], name, where,
-                                            f"the codes must match {LENGTHS_FILE}")
-            else:
-                columns[name] = check_continuous(values, name, where, allow_missing=True)
-        tables[split] = columns
+        tables[split] = check_tip_columns(df, DVM_COLUMNS, lengths, str(csv), LENGTHS_FILE)
         labels[split] = [int(x) for x in lab]
         sources[split] = [_resolve_image(str(p), features_dir, images_root, image_format) for p in paths]
         _check_image_sources(sources[split], f"{features_dir / names['paths']}")
@@ -361,8 +356,7 @@ def build_dvm_raw(
     from sklearn.model_selection import train_test_split
 
     check_output_free(output, overwrite)
-    if labeled_subset is not None and str(labeled_subset) not in SUBSETS:
-        raise BuildError(f"--labeled-subset must be one of {SUBSETS}, got {labeled_subset!r}")
+    _check_subset_name(labeled_subset)
     root = Path(dvm_root)
     tables = root / "tables_V2.0"
     ad, price, image, extra = (_read_raw(tables, k) for k in ("ad", "price", "image", "extra"))

@@ -25,9 +25,8 @@ from ..io import DatasetMetadata
 from ..schema import TabularSchema
 from ._common import (
     BuildError,
-    check_codes,
-    check_continuous,
     check_output_free,
+    check_tip_columns,
     load_pt,
     make_features,
     read_npy_image,
@@ -139,15 +138,8 @@ def build_ukbb(
                 raise BuildError(f"{features_dir / names['paths']} row {i}: image file {q} does not exist; fix "
                                  "--images-root or the paths file")
             resolved.append(q)
-        where = str(csv)
-        cols = {}
-        for j, name in enumerate(column_names):
-            values = df[j].tolist()
-            if j < n_cat:
-                cols[name] = check_codes(values, lengths[j], name, where, f"the codes must match {LENGTHS_FILE}")
-            else:
-                cols[name] = check_continuous(values, name, where, allow_missing=True)
-        tables[split], labels[split], sources[split] = cols, lab, resolved
+        tables[split] = check_tip_columns(df, column_names, lengths, str(csv), LENGTHS_FILE)
+        labels[split], sources[split] = lab, resolved
 
     keep = np.arange(len(labels["train"]))
     if balanced:
