@@ -196,6 +196,20 @@ def _load_exact(model, state: dict) -> None:
 
 # ------------------------------------------------------------------------------------------------
 # STiL
+
+def _fill(model, state: dict, field_lengths, what: str):
+    """Load ``state`` into a freshly built ``model``: every tensor must fit (shapes named otherwise),
+    every key must be claimed both ways, then the tensors are copied exactly. Returns the model in eval mode."""
+    own = model.state_dict()
+    errors = _shape_errors(own, state, field_lengths)
+    if errors:
+        raise ConversionError(
+            "tensors that do not fit the model built from the given field lengths/config:\n  " + "\n  ".join(errors)
+        )
+    _check_keys(set(own), set(state), what)
+    _load_exact(model, state)
+    return model.eval()
+
 def split_stil_state_dict(state: dict, weights: str = "student") -> tuple[dict, dict]:
     """-> (backbone state without prefix, method-side state with original keys). Refuses leftovers."""
     if weights not in ("student", "teacher"):
@@ -246,16 +260,7 @@ def convert_stil_state_dict(state: dict, field_lengths, num_classes: Optional[in
     field_lengths = resolve_field_lengths(field_lengths)
     backbone, method = split_stil_state_dict(state, weights)
     config = stil_config_from_state(backbone, field_lengths, num_classes, **config_overrides)
-    model = StilModel(config)
-    own = model.state_dict()
-    errors = _shape_errors(own, backbone, field_lengths)
-    if errors:
-        raise ConversionError(
-            "tensors that do not fit the model built from the given field lengths/config:\n  " + "\n  ".join(errors)
-        )
-    _check_keys(set(own), set(backbone), "STiL backbone")
-    _load_exact(model, backbone)
-    return model.eval(), method
+    return _fill(StilModel(config), backbone, field_lengths, "STiL backbone"), method
 
 
 def convert_stil_checkpoint(checkpoint, field_lengths, output_dir=None, num_classes=None, weights="student", trust_checkpoint=False, **config_overrides):
@@ -313,16 +318,7 @@ def convert_tip_state_dict(state: dict, field_lengths, **config_overrides):
     if leftover:
         raise ConversionError(f"keys not claimed by the TIP mapping ({len(leftover)}): {leftover[:30]}")
     config = tip_config_from_state(state, field_lengths, **config_overrides)
-    model = TipModel(config)
-    own = model.state_dict()
-    errors = _shape_errors(own, state, field_lengths)
-    if errors:
-        raise ConversionError(
-            "tensors that do not fit the model built from the given field lengths/config:\n  " + "\n  ".join(errors)
-        )
-    _check_keys(set(own), set(state), "TIP")
-    _load_exact(model, state)
-    return model.eval()
+    return _fill(TipModel(config), state, field_lengths, "TIP")
 
 
 def convert_tip_checkpoint(checkpoint, field_lengths, output_dir=None, trust_checkpoint=False, **config_overrides):
