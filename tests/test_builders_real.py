@@ -26,7 +26,7 @@ from data_utils.io import load_dataset
 from . import real_layouts
 
 ROOT = Path(__file__).resolve().parents[1]
-from tests._scripts import load_script  # noqa: E402
+from tests._helpers import load_script  # noqa: E402
 
 build_aflw_cli = load_script("build_aflw")
 build_cifar10_cli = load_script("build_cifar10")

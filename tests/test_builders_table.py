@@ -16,7 +16,7 @@ from data_utils.io import load_dataset
 from data_utils.schema import TabularSchema
 
 ROOT = Path(__file__).resolve().parents[1]
-from tests._scripts import load_script  # noqa: E402
+from tests._helpers import load_script  # noqa: E402
 
 prepare_dataset = load_script("prepare_dataset")
 

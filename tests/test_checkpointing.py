@@ -8,19 +8,15 @@ import pytest
 import torch
 
 from modeling_stil.training import checkpointing as ckpt
+from tests._helpers import fresh_accelerate_state
 
 
 @pytest.fixture
 def accelerator(tmp_path):
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    acc = Accelerator(cpu=True)
-    yield acc
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    with fresh_accelerate_state():
+        yield Accelerator(cpu=True)
 
 
 def _prepared(acc):

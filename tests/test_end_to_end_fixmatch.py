@@ -9,29 +9,13 @@ pseudo-label accuracy from the unlabelled ground truth) must reach the JSONL and
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-
-def run_train(argv):
-    from accelerate.state import AcceleratorState, GradientState
-
-    import train
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    try:
-        return train.main(argv)
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+from tests._helpers import run_train
 
 
 def fixmatch_argv(out: Path, cache: Path, *extra: str) -> list[str]:

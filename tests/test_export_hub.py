@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests._helpers import run_train
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -31,12 +33,6 @@ def offline_push_run(tmp_path_factory):
     import io
     import os
 
-    from accelerate.state import AcceleratorState, GradientState
-
-    import train
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
     root = tmp_path_factory.mktemp("export")
     out = root / "run"
     old = os.environ.get("HF_HUB_OFFLINE")
@@ -44,14 +40,12 @@ def offline_push_run(tmp_path_factory):
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr):
-            code = train.main(tiny_argv(out, root / "cache", "--push_to_hub", "true", "--hub_model_id", "someone/stil-tiny"))
+            code = run_train(tiny_argv(out, root / "cache", "--push_to_hub", "true", "--hub_model_id", "someone/stil-tiny"))
     finally:
         if old is None:
             os.environ.pop("HF_HUB_OFFLINE", None)
         else:
             os.environ["HF_HUB_OFFLINE"] = old
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
     return code, stderr.getvalue(), out, root / "cache"
 
 
@@ -177,17 +171,9 @@ def test_resume_refuses_other_method(offline_push_run):
     import contextlib
     import io
 
-    from accelerate.state import AcceleratorState, GradientState
-
-    import train
-
     _, _, out, cache = offline_push_run
     stderr = io.StringIO()
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
     with contextlib.redirect_stderr(stderr):
-        code = train.main(tiny_argv(out, cache, "--method", "fixmatch", "--mu", "2", "--resume_from_checkpoint", "latest"))
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+        code = run_train(tiny_argv(out, cache, "--method", "fixmatch", "--mu", "2", "--resume_from_checkpoint", "latest"))
     assert code == 1
     assert "method: checkpoint 'supervised', this run 'fixmatch'" in stderr.getvalue()

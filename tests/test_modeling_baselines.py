@@ -9,22 +9,14 @@ import torch.nn.functional as F
 
 import modeling_stil  # noqa: F401
 from data_utils.io import DatasetMetadata
-from data_utils.schema import TabularField, TabularSchema
+from data_utils.schema import TabularSchema
 from modeling_stil.configuration_baselines import DataCompatibilityError
 from modeling_stil.encoders import ImageEncoder
 from modeling_stil.modeling_baselines import StilImageClassifier, StilMultimodalClassifier, StilTabularClassifier
 from modeling_stil.presets import create_model
+from tests._helpers import TOY_METADATA, TOY_SCHEMA
 
-SCHEMA = TabularSchema(
-    [
-        TabularField("color", "categorical", ["red", "blue", "green"]),
-        TabularField("make", "categorical", ["a", "b", "c", "d"]),
-        TabularField("age", "continuous", mean=5.0, std=2.0),
-        TabularField("km", "continuous", mean=100.0, std=50.0),
-        TabularField("price", "continuous", mean=10.0, std=3.0),
-    ]
-)
-META = DatasetMetadata(label_names=["cat", "dog", "bird"])
+SCHEMA, META = TOY_SCHEMA, TOY_METADATA
 PRESETS = ["image-tiny", "tabular-tiny", "multimodal-concat-tiny", "multimodal-tip-tiny", "mmatch-tiny"]
 
 

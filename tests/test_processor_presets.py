@@ -14,23 +14,14 @@ from torchvision.transforms.v2 import functional as TF
 
 import modeling_stil  # noqa: F401
 from data_utils.io import DatasetMetadata
-from data_utils.schema import SchemaError, TabularField, TabularSchema
+from data_utils.schema import SchemaError
 from modeling_stil.configuration_baselines import DataCompatibilityError
 from modeling_stil.presets import PRESETS, create_model, list_presets
 from modeling_stil.processing_stil import PROCESSOR_FILENAME, StilProcessor
-from tests._scripts import load_script
+from tests._helpers import TOY_METADATA, TOY_SCHEMA, load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEMA = TabularSchema(
-    [
-        TabularField("color", "categorical", ["red", "blue", "green"]),
-        TabularField("make", "categorical", ["a", "b", "c", "d"]),
-        TabularField("age", "continuous", mean=5.0, std=2.0),
-        TabularField("km", "continuous", mean=100.0, std=50.0),
-        TabularField("price", "continuous", mean=10.0, std=3.0),
-    ]
-)
-META = DatasetMetadata(label_names=["cat", "dog", "bird"])
+SCHEMA, META = TOY_SCHEMA, TOY_METADATA
 
 
 def _image(seed, size=(40, 30), mode="RGB"):

@@ -16,19 +16,15 @@ from modeling_stil.training import checkpointing as ckpt
 from modeling_stil.training.arguments import DataArguments, ModelArguments, RunArguments, TrainingArguments
 from modeling_stil.training.logging import LogAccumulator, TrackerUnavailableError, resolve_trackers
 from modeling_stil.training.trainer import NonFiniteLossError, Trainer, lr_lambda_factory
+from tests._helpers import fresh_accelerate_state
 
 N_FEATURES, N_CLASSES, N_ROWS = 6, 3, 96
 
 
 @pytest.fixture(autouse=True)
 def _reset_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    with fresh_accelerate_state():
+        yield
 
 
 def toy_data(seed=0):

@@ -1,0 +1,64 @@
+"""Helpers shared by the test modules: CLIs as modules, in-process training runs, a toy schema."""
+
+import contextlib
+import importlib.util
+import sys
+from pathlib import Path
+
+from data_utils.io import DatasetMetadata
+from data_utils.schema import TabularField, TabularSchema
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
+
+# A small mixed table (2 categorical + 3 continuous fields) and its 3-class label set.
+TOY_SCHEMA = TabularSchema(
+    [
+        TabularField("color", "categorical", ["red", "blue", "green"]),
+        TabularField("make", "categorical", ["a", "b", "c", "d"]),
+        TabularField("age", "continuous", mean=5.0, std=2.0),
+        TabularField("km", "continuous", mean=100.0, std=50.0),
+        TabularField("price", "continuous", mean=10.0, std=3.0),
+    ]
+)
+TOY_METADATA = DatasetMetadata(label_names=["cat", "dog", "bird"])
+
+
+def load_script(name: str):
+    """Import a CLI from scripts/ as a module without putting scripts/ on sys.path.
+
+    scripts/ holds files named like libraries (scripts/evaluate.py): on sys.path they would shadow
+    `import evaluate` for the rest of the test session."""
+    module_name = f"stil_scripts_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons; each in-process run or Accelerator starts clean
+    and leaves nothing behind for the next test."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        yield
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
+def run_train(argv: list[str]) -> int:
+    """`train.py ARGV` in this process; returns its exit status."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import train
+
+    with fresh_accelerate_state():
+        return train.main(argv)
