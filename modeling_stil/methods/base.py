@@ -45,6 +45,41 @@ class MethodArguments:
 
 
 @dataclass
+class DataInfo:
+    """What a method may know about the data and the run *before* ``accelerator.prepare`` (given to
+    `SSLMethod.setup`): sizes of banks and buffers, ``repeat_ratio``, target statistics.
+
+    Batch sizes are per process (``*_batch_size``) and across processes (``global_*``)."""
+
+    num_labeled: int = 0  # labelled training rows
+    num_unlabeled: int = 0  # rows of the unlabelled stream (all train rows if it includes the labelled)
+    num_train: int = 0  # rows of the train split
+    split_sizes: dict = field(default_factory=dict)
+    labeled_batch_size: int = 0  # per process, per micro-step
+    unlabeled_batch_size: int = 0
+    meta_batch_size: int = 0
+    num_processes: int = 1
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"
+    task: str = TASK_CLASSIFICATION
+    num_labels: int = 1
+    steps_per_epoch: int = 1  # optimisation steps per epoch
+    max_steps: int = 1
+    unlabeled_includes_labeled: bool = False
+    # regression: labelled-target statistics (targets reach the method standardised when set)
+    target_mean: list | None = None
+    target_std: list | None = None
+
+    @property
+    def global_labeled_batch_size(self) -> int:
+        return self.labeled_batch_size * self.num_processes
+
+    @property
+    def global_unlabeled_batch_size(self) -> int:
+        return self.unlabeled_batch_size * self.num_processes
+
+
+@dataclass
 class TrainState:
     """What a method may know about the run. Passed to every hook; never stored by the method."""
 
@@ -55,6 +90,8 @@ class TrainState:
     num_processes: int = 1
     task: str = TASK_CLASSIFICATION
     num_labels: int = 1
+    learning_rate: float = 0.0  # the current (scheduled) learning rate of the first parameter group
+    phase: int = 0  # optimisation phase within the step (methods with num_phases > 1)
     # all_gather across processes (identity on one process): banks and queues use it
     gather: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda tensor: tensor, repr=False)
     # sum-reduce across processes (identity on one process): prototype sums, threshold statistics
@@ -67,15 +104,52 @@ class TrainState:
 
 
 class SSLMethod(nn.Module):
-    """Base class. Subclasses set the class attributes and implement `training_step`."""
+    """Base class. Subclasses set the class attributes and implement `training_step`.
+
+    Extension points (each optional; see docs/architecture.md "Method contract"):
+
+    * streams: ``labeled_views`` (None: no labelled stream), ``unlabeled_views`` (None: none),
+      ``meta_views`` (an extra, independently shuffled labelled stream: ``labeled["meta"]``),
+      ``label_free`` (the unlabelled stream iterates every train row and no label column is needed),
+      ``stream_defaults`` (unlabeled_includes_labeled, corruption_pool, augmentation_rate, epoch);
+    * ``setup(info)``: sizes known before ``prepare`` (register banks as buffers here);
+    * ``init_from_pretrained(path)``: restore method state next to a pretrained model (teacher, heads);
+    * ``num_phases``: optimisation steps per iteration (meta-learning); ``state.phase`` says which;
+    * ``parameter_groups()``: what the optimizer and clipping use, with optional own lr / decay;
+    * evaluation: ``eval_views``, ``evaluation_step`` (per-sample outputs to gather),
+      ``compute_eval_metrics`` and ``selection`` (metric, loss or last step);
+    * hooks: ``after_optimizer_step`` (EMA, pointers), ``on_epoch_end`` (prototypes), both called
+      after a synchronised optimizer step, never inside an accumulation window.
+    """
 
     name: ClassVar[str] = ""
     arguments_class: ClassVar[type[MethodArguments]] = MethodArguments
     # view key -> view recipe name (data_utils.views). Keys are what training_step reads.
-    labeled_views: ClassVar[dict[str, str]] = {"weak": "weak"}
+    labeled_views: ClassVar[dict[str, str] | None] = {"weak": "weak"}
     # None: the method uses no unlabelled data (the trainer builds no unlabelled loader)
     unlabeled_views: ClassVar[dict[str, str] | None] = None
+    # an extra labelled stream, shuffled independently of the labelled one (L2I's meta batch);
+    # its views arrive as ``labeled["meta"] = {"labels": ..., "index": ..., <view key>: inputs}``
+    meta_views: ClassVar[dict[str, str] | None] = None
+    # True: no labels are read; the unlabelled stream iterates over every train row (pretraining)
+    label_free: ClassVar[bool] = False
+    # stream settings a recipe may override (data.unlabeled_includes_labeled, ...; None = these)
+    stream_defaults: ClassVar[dict[str, Any]] = {
+        "unlabeled_includes_labeled": False,  # unlabelled stream over all train rows
+        "corruption_pool": "split",  # tabular corruption draws from the whole split or the stream's rows
+        "augmentation_rate": None,  # probability of the joint ("hard") augmentation; None = view config's
+        "epoch": "unlabeled",  # "unlabeled": one pass over the unlabelled stream; "longest": the longer stream
+    }
     supported_tasks: ClassVar[tuple[str, ...]] = (TASK_CLASSIFICATION,)
+    # model families the method needs (checked before training): e.g. ("image", "tabular")
+    required_modalities: ClassVar[tuple[str, ...]] = ()
+    # optimisation steps per iteration with the same optimizer; >1 for meta-learning (L2I)
+    num_phases: ClassVar[int] = 1
+    # view the evaluation loaders produce: {view key: recipe}; evaluation_step reads it
+    eval_views: ClassVar[dict[str, str]] = {"eval": "eval"}
+    # best-on-validation selection: None = the task's default metric; ("<metric>", greater_is_better)
+    # for a named validation metric (e.g. ("loss", False)); "last" = keep the last step
+    selection: ClassVar[tuple[str, bool] | str | None] = None
 
     def __init__(self, model: nn.Module, args: MethodArguments | None = None):
         super().__init__()
@@ -83,13 +157,24 @@ class SSLMethod(nn.Module):
         self.args = args if args is not None else self.arguments_class()
 
     # ------------------------------------------------------------------ the contract
-    def training_step(self, labeled: dict, unlabeled: dict | None, state: TrainState):
+    def setup(self, info: DataInfo) -> None:
+        """Called once after construction and before ``accelerator.prepare`` / ``load_state``, with
+        the data sizes. Create size-dependent buffers (banks, per-row labels) here so that
+        checkpoints restore into them."""
+
+    def init_from_pretrained(self, path: str) -> dict[str, list[str]]:
+        """Restore method-owned state saved next to a pretrained model in ``path`` (``--init_from``)
+        after the model's own weights were loaded. Returns ``{"loaded": [...], "skipped": [...]}``."""
+        return {"loaded": [], "skipped": []}
+
+    def training_step(self, labeled: dict | None, unlabeled: dict | None, state: TrainState):
         """Return ``(loss, logs)``: a scalar tensor and a dict of *detached* scalar tensors.
 
-        Never call ``.item()`` here: the trainer reduces logs only on logging steps."""
+        Never call ``.item()`` here: the trainer reduces logs only on logging steps. Banks and queues
+        are written here (with ``state.gather``), so they see exactly the batches that were trained on."""
         raise NotImplementedError
 
-    def forward(self, labeled: dict, unlabeled: dict | None, state: TrainState):
+    def forward(self, labeled: dict | None, unlabeled: dict | None, state: TrainState):
         # DDP wraps the method, so the step must run through forward for gradient sync.
         return self.training_step(labeled, unlabeled, state)
 
@@ -99,16 +184,51 @@ class SSLMethod(nn.Module):
 
     @torch.no_grad()
     def on_epoch_end(self, state: TrainState) -> dict[str, torch.Tensor]:
-        """Called at each epoch boundary (prototype recomputation, threshold resets). May return logs."""
+        """Called after the optimizer step that completes an epoch (prototype recomputation,
+        threshold resets). May return logs."""
         return {}
 
     def eval_model(self) -> nn.Module:
         """The network used for evaluation and export (student by default; a teacher if the paper says so)."""
         return self.model
 
-    def trainable_parameters(self):
-        """Parameters the optimizer updates (teachers are excluded by requires_grad=False)."""
-        return [p for p in self.parameters() if p.requires_grad]
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters the optimizer updates and clipping sees (teachers are excluded by requires_grad=False)."""
+        return [p for group in self.parameter_groups() for p in group["params"]]
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Optimizer parameter groups: ``[{"params": [...], "lr": optional, "weight_decay": optional}]``.
+
+        The trainer splits each group into decayed / not decayed (biases, norms) parameters and keeps
+        a group's own ``lr`` / ``weight_decay`` where given."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluation_step(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        """Per-sample outputs of one eval batch, gathered across processes by the trainer.
+
+        Keys ending in ``logits`` are scored with the task metrics (``image_logits`` -> ``image/accuracy``);
+        any other key holds per-sample values that are averaged (e.g. ``loss``). ``model`` is the
+        eval model or a reloaded export."""
+        view = next(value for key, value in batch.items() if key in self.eval_views)
+        from .common import model_inputs
+
+        return {"logits": model(**model_inputs(view)).logits}
+
+    def compute_eval_metrics(self, outputs: dict[str, torch.Tensor], references: torch.Tensor,
+                             score: Callable[[torch.Tensor, torch.Tensor], dict[str, float]]) -> dict[str, float]:
+        """Metrics from the gathered ``evaluation_step`` outputs; ``score(predictions, references)``
+        computes the task metrics of one head."""
+        metrics: dict[str, float] = {}
+        for key, value in outputs.items():
+            if key.endswith("logits"):
+                prefix = key[: -len("logits")].rstrip("_")
+                for name, number in score(value, references).items():
+                    metrics[f"{prefix}/{name}" if prefix else name] = number
+            else:
+                metrics[key] = float(value.float().mean()) if value.numel() else float("nan")
+        return metrics
 
     @classmethod
     def check_task(cls, task: str) -> None:
