@@ -84,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     from modeling_stil.training.checkpointing import IncompatibleCheckpointError
     from modeling_stil.training.hub import HubUploadError
     from modeling_stil.training.logging import TrackerUnavailableError
-    from modeling_stil.training.trainer import NonFiniteLossError, build_and_train
+    from modeling_stil.training.job import build_and_train
+    from modeling_stil.pretrained_init import InitFromError
+    from modeling_stil.training.trainer import JobError, NonFiniteLossError
 
     try:
         args = parse_run_arguments(argv)
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         results = build_and_train(args)
     except (NonFiniteLossError, IncompatibleCheckpointError, TrackerUnavailableError, HubUploadError, FileExistsError,
             FileNotFoundError, LoaderError, SchemaError, SplitError, SyntheticConfigError, ViewError,
-            DataCompatibilityError) as error:
+            DataCompatibilityError, JobError, InitFromError) as error:
         # Bad input and failed runs end with one line naming the problem and the fix, not a traceback.
         print(f"train.py: error: {error}", file=sys.stderr)
         return 1

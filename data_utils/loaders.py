@@ -338,8 +338,9 @@ class ViewDataset(Dataset):
                 if translation is not None:
                     inputs["translation"] = translation
                     if self.landmarks:
+                        # ground truth of unlabelled rows stays under monitor_* keys (never in a loss)
                         moved = labels + translation.repeat(1, labels.shape[1] // 2)
-                        inputs["labels"] = moved
+                        inputs["monitor_labels" if self.kind == "unlabeled" else "labels"] = moved
             if clean is not None:
                 tab = recipe.tabular(clean, seeds, self.pool, coins)
                 inputs.update({k: torch.from_numpy(v) for k, v in tab.items()})
@@ -449,7 +450,9 @@ class SemiSupervisedLoaders:
                  seed: int | None = None, num_workers: int = 0, labeled_num_workers: int | None = None,
                  pin_memory: bool = False, persistent_workers: bool = True, prefetch_factor: int | None = 2,
                  num_replicas: int = 1, rank: int = 0, unlabeled_includes_labeled: bool = False,
-                 corruption_pool: str = "split", train_split: str = "train"):
+                 corruption_pool: str = "split", train_split: str = "train", label_free: bool = False,
+                 meta_views: Mapping[str, str | ViewRecipe] | None = None, meta_batch_size: int | None = None,
+                 epoch: str = "unlabeled"):
         view_config = view_config or ViewConfig()
         if seed is not None and seed != view_config.seed:
             from dataclasses import replace
@@ -465,11 +468,35 @@ class SemiSupervisedLoaders:
         self.num_replicas, self.rank = int(num_replicas), int(rank)
         self.num_workers, self.pin_memory = int(num_workers), pin_memory
         self.persistent_workers, self.prefetch_factor = persistent_workers, prefetch_factor
+        if epoch not in ("unlabeled", "longest"):
+            raise LoaderError(f"epoch must be 'unlabeled' or 'longest', got {epoch!r}")
+        self.epoch_definition = epoch
         train = self.source.split(train_split)
         if len(train) == 0:
             raise LoaderError(f"the {train_split!r} split is empty")
-        labels = self.source.labels(train_split)
-        mask = _labeled_mask(train, metadata)
+        if label_free:
+            # Pretraining: no label is read; one stream over every train row.
+            if not unlabeled_views:
+                raise LoaderError("label_free needs unlabeled_views (the views of the single stream)")
+            labeled_views, meta_views, unlabeled_includes_labeled = None, None, True
+            mask = np.zeros(len(train), dtype=bool)
+        else:
+            labels = self.source.labels(train_split)
+            mask = _labeled_mask(train, metadata)
+        self.label_free = label_free
+        if not label_free:
+            self._check_labels(labels, mask, metadata)
+        self.labeled_rows = np.flatnonzero(mask)
+        self.unlabeled_rows = np.arange(len(train)) if unlabeled_includes_labeled else np.flatnonzero(~mask)
+        self.num_labeled, self.num_unlabeled = len(self.labeled_rows), len(self.unlabeled_rows)
+        self.labeled_batch_size = int(batch_size)
+        self.unlabeled_batch_size = int(mu * batch_size) if not label_free else int(batch_size)
+        self.meta_batch_size = int(meta_batch_size or batch_size) if meta_views else 0
+        self._build(train_split, labeled_views, unlabeled_views, meta_views, corruption_pool, labeled_num_workers,
+                    num_workers, mu, num_replicas, rank, batch_size)
+
+    @staticmethod
+    def _check_labels(labels, mask, metadata) -> None:
         if metadata.task == "classification":
             check_labeled_split(labels, mask, num_classes=len(metadata.label_names or []) or None)
         elif not mask.any():
@@ -482,12 +509,11 @@ class SemiSupervisedLoaders:
                 f"{int(label_missing.sum())} labelled train rows (e.g. row {int(labeled_rows[label_missing][0])}) "
                 f"have no label in column {metadata.label_column!r}; fix the data or the labeled column"
             )
-        self.labeled_rows = labeled_rows
-        self.unlabeled_rows = np.arange(len(train)) if unlabeled_includes_labeled else np.flatnonzero(~mask)
-        self.num_labeled, self.num_unlabeled = len(self.labeled_rows), len(self.unlabeled_rows)
-        self.labeled_batch_size = int(batch_size)
-        self.unlabeled_batch_size = int(mu * batch_size)
 
+    def _build(self, train_split, labeled_views, unlabeled_views, meta_views, corruption_pool, labeled_num_workers,
+               num_workers, mu, num_replicas, rank, batch_size) -> None:
+        view_config = self.config
+        pin_memory, persistent_workers, prefetch_factor = self.pin_memory, self.persistent_workers, self.prefetch_factor
         tab = self.source.tabular(train_split)
         split_pool = TabularPool.from_arrays(tab) if tab is not None else None
 
@@ -496,25 +522,11 @@ class SemiSupervisedLoaders:
                 return None
             return split_pool if corruption_pool == "split" else TabularPool.from_arrays(tab, rows)
 
-        self.labeled_sampler = ShardedBatchSampler(
-            self.num_labeled, self.labeled_batch_size, seed=view_config.seed, stream="labeled",
-            num_replicas=num_replicas, rank=rank)
-        if self.labeled_sampler.batches_per_pass == 0:
-            raise LoaderError(
-                f"labelled batch size {batch_size} x {num_replicas} process(es) exceeds the {self.num_labeled} "
-                "labelled rows, so drop_last leaves no batch; lower the batch size or label more rows"
-            )
-        self.labeled_dataset = self.source.dataset(train_split, labeled_views, self.labeled_rows, kind="labeled",
-                                                   stream="labeled", pool=pool_for(self.labeled_rows))
-        # Workers in proportion to the rows each stream loads per step (1 : mu), at least one.
-        lw = labeled_num_workers
-        if lw is None:
-            if num_workers == 0 or not unlabeled_views:
-                lw = num_workers
-            else:
-                lw = max(1, math.ceil(num_workers / (1 + mu)))
-        self.labeled_loader = _loader(self.labeled_dataset, self.labeled_sampler, lw, pin_memory,
-                                      persistent_workers, prefetch_factor)
+        self.labeled_sampler = self.labeled_dataset = self.labeled_loader = None
+        self.meta_sampler = self.meta_loader = None
+        if labeled_views:
+            self._build_labeled(train_split, labeled_views, unlabeled_views, meta_views, pool_for, labeled_num_workers,
+                                num_workers, mu, num_replicas, rank, batch_size)
 
         self.unlabeled_sampler = self.unlabeled_dataset = self.unlabeled_loader = None
         if unlabeled_views:
@@ -539,16 +551,54 @@ class SemiSupervisedLoaders:
             self.unlabeled_loader = _loader(self.unlabeled_dataset, self.unlabeled_sampler, num_workers,
                                             pin_memory, persistent_workers, prefetch_factor)
 
+    def _build_labeled(self, train_split, labeled_views, unlabeled_views, meta_views, pool_for, labeled_num_workers,
+                       num_workers, mu, num_replicas, rank, batch_size) -> None:
+        view_config = self.config
+        self.labeled_sampler = ShardedBatchSampler(
+            self.num_labeled, self.labeled_batch_size, seed=view_config.seed, stream="labeled",
+            num_replicas=num_replicas, rank=rank)
+        if self.labeled_sampler.batches_per_pass == 0:
+            raise LoaderError(
+                f"labelled batch size {batch_size} x {num_replicas} process(es) exceeds the {self.num_labeled} "
+                "labelled rows, so drop_last leaves no batch; lower the batch size or label more rows"
+            )
+        self.labeled_dataset = self.source.dataset(train_split, labeled_views, self.labeled_rows, kind="labeled",
+                                                   stream="labeled", pool=pool_for(self.labeled_rows))
+        # Workers in proportion to the rows each stream loads per step (1 : mu), at least one.
+        lw = labeled_num_workers
+        if lw is None:
+            if num_workers == 0 or not unlabeled_views:
+                lw = num_workers
+            else:
+                lw = max(1, math.ceil(num_workers / (1 + mu)))
+        self.labeled_loader = _loader(self.labeled_dataset, self.labeled_sampler, lw, self.pin_memory,
+                                      self.persistent_workers, self.prefetch_factor)
+        if meta_views:
+            # an independently shuffled labelled stream (its own permutation seed: stream "meta")
+            self.meta_sampler = ShardedBatchSampler(
+                self.num_labeled, self.meta_batch_size, seed=view_config.seed, stream="meta",
+                num_replicas=num_replicas, rank=rank)
+            if self.meta_sampler.batches_per_pass == 0:
+                raise LoaderError(
+                    f"meta batch size {self.meta_batch_size} x {num_replicas} process(es) exceeds the "
+                    f"{self.num_labeled} labelled rows; lower the batch size or label more rows")
+            meta_dataset = self.source.dataset(train_split, meta_views, self.labeled_rows, kind="labeled",
+                                               stream="meta", pool=pool_for(self.labeled_rows))
+            self.meta_loader = _loader(meta_dataset, self.meta_sampler, lw, self.pin_memory,
+                                       self.persistent_workers, self.prefetch_factor)
+
     # ------------------------------------------------------------------ iteration
     @property
     def steps_per_epoch(self) -> int:
         """Optimisation steps per epoch: one pass over the unlabelled pool (else the labelled rows)."""
-        sampler = self.unlabeled_sampler if self.unlabeled_sampler is not None else self.labeled_sampler
-        return sampler.batches_per_pass
+        passes = [s.batches_per_pass for s in (self.unlabeled_sampler, self.labeled_sampler) if s is not None]
+        if self.epoch_definition == "longest":
+            return max(passes)
+        return passes[0]
 
     @property
     def labeled_batches_per_pass(self) -> int:
-        return self.labeled_sampler.batches_per_pass
+        return self.labeled_sampler.batches_per_pass if self.labeled_sampler is not None else 0
 
     def epoch_of(self, step: int) -> int:
         return int(step) // self.steps_per_epoch
@@ -561,14 +611,19 @@ class SemiSupervisedLoaders:
         """
         if start_step < 0:
             raise LoaderError(f"start_step must be >= 0, got {start_step}")
-        self.labeled_sampler.start_step = int(start_step)
-        labeled_iter = iter(self.labeled_loader)
-        unlabeled_iter = None
-        if self.unlabeled_loader is not None:
-            self.unlabeled_sampler.start_step = int(start_step)
-            unlabeled_iter = iter(self.unlabeled_loader)
+        def start(sampler, loader):
+            if loader is None:
+                return None
+            sampler.start_step = int(start_step)
+            return iter(loader)
+
+        labeled_iter = start(self.labeled_sampler, self.labeled_loader)
+        meta_iter = start(self.meta_sampler, self.meta_loader)
+        unlabeled_iter = start(self.unlabeled_sampler, self.unlabeled_loader)
         while True:
-            labeled = next(labeled_iter)
+            labeled = next(labeled_iter) if labeled_iter is not None else None
+            if meta_iter is not None:
+                labeled["meta"] = next(meta_iter)
             unlabeled = next(unlabeled_iter) if unlabeled_iter is not None else None
             yield labeled, unlabeled
 

@@ -47,12 +47,10 @@ def main(argv=None) -> int:
     import torch
     from accelerate.utils import send_to_device, set_seed
 
-    from modeling_stil.methods.base import TrainState, get_method_class
+    from modeling_stil.methods.base import TrainState
     from modeling_stil.training.arguments import parse_run_arguments
-    from modeling_stil.training.trainer import (
-        _to_channels_last, apply_labeled_split, build_loaders, build_model, build_optimizer, labeled_indices_for,
-        make_accelerator, prepare_dataset,
-    )
+    from modeling_stil.training.job import assemble
+    from modeling_stil.training.trainer import _to_channels_last, build_optimizer, make_accelerator
 
     argv_run = [
         "--method", args.method, "--model", args.model_config, "--per_device_train_batch_size", str(args.batch),
@@ -67,12 +65,8 @@ def main(argv=None) -> int:
     run = parse_run_arguments(argv_run)
     accelerator = make_accelerator(run)
     set_seed(0)
-    source, dataset_dict, metadata, schema = prepare_dataset(run, accelerator)
-    labeled = labeled_indices_for(run, dataset_dict, metadata)
-    model = build_model(run, schema, metadata)
-    method = get_method_class(args.method)(model, run.method)
-    dataset_dict = apply_labeled_split(dataset_dict, metadata, labeled)
-    stream, _ = build_loaders(run, method, model.config, dataset_dict, metadata, schema, accelerator)
+    job = assemble(run, accelerator)  # the same data, model, method (+ setup) and loaders as train.py
+    method, stream, metadata = job["method"], job["train_stream"], job["metadata"]
     if args.channels_last:
         method.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(method, run.training, accelerator.device.type)
@@ -85,11 +79,11 @@ def main(argv=None) -> int:
         torch.cuda.reset_peak_memory_stats()
     iterator = iter(stream.iterate(0))
     data_times, step_times, samples = [], [], 0
-    params = [p for p in method.parameters() if p.requires_grad]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     for step in range(args.warmup + args.steps):
         t0 = time.perf_counter()
         labeled_batch, unlabeled_batch = next(iterator)
-        labeled_batch = send_to_device(labeled_batch, accelerator.device, non_blocking=True)
+        labeled_batch = send_to_device(labeled_batch, accelerator.device, non_blocking=True) if labeled_batch is not None else None
         unlabeled_batch = send_to_device(unlabeled_batch, accelerator.device, non_blocking=True) if unlabeled_batch is not None else None
         if args.channels_last:
             labeled_batch, unlabeled_batch = _to_channels_last(labeled_batch), _to_channels_last(unlabeled_batch)
@@ -108,7 +102,7 @@ def main(argv=None) -> int:
         if step >= args.warmup:
             data_times.append(t1 - t0)
             step_times.append(t2 - t0)
-            samples += int(labeled_batch["labels"].shape[0]) + (int(unlabeled_batch["index"].shape[0]) if unlabeled_batch else 0)
+            samples += (int(labeled_batch["index"].shape[0]) if labeled_batch else 0) + (int(unlabeled_batch["index"].shape[0]) if unlabeled_batch else 0)
     total = sum(step_times)
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result = {

@@ -33,6 +33,8 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
+MODEL_INPUT_KEYS = ("pixel_values", "categorical_values", "continuous_values", "missing_mask")
+
 TASK_CLASSIFICATION = "classification"
 TASK_REGRESSION = "regression"
 TASK_LANDMARKS = "landmarks"
@@ -211,10 +213,14 @@ class SSLMethod(nn.Module):
         Keys ending in ``logits`` are scored with the task metrics (``image_logits`` -> ``image/accuracy``);
         any other key holds per-sample values that are averaged (e.g. ``loss``). ``model`` is the
         eval model or a reloaded export."""
-        view = next(value for key, value in batch.items() if key in self.eval_views)
-        from .common import model_inputs
+        return {"logits": model(**self.eval_inputs(batch))["logits"]}
 
-        return {"logits": model(**model_inputs(view)).logits}
+    def eval_inputs(self, batch: dict, view_key: str | None = None) -> dict[str, torch.Tensor]:
+        """Model inputs of an eval batch: its ``view_key`` view (default: the first of ``eval_views``
+        present), or the batch itself when the inputs are at the top level."""
+        keys = [view_key] if view_key is not None else list(self.eval_views)
+        view = next((batch[key] for key in keys if key in batch), batch)
+        return {key: value for key, value in view.items() if key in MODEL_INPUT_KEYS}
 
     def compute_eval_metrics(self, outputs: dict[str, torch.Tensor], references: torch.Tensor,
                              score: Callable[[torch.Tensor, torch.Tensor], dict[str, float]]) -> dict[str, float]:

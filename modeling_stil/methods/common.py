@@ -31,7 +31,7 @@ from .base import TrainState
 
 # Keys a geometric view puts next to the model inputs (targets moved with the image); they are
 # for the method's losses, never for ``model(**inputs)``.
-NON_MODEL_KEYS = ("labels", "translation", "masked_fields")  # view extras the model does not take
+NON_MODEL_KEYS = ("labels", "monitor_labels", "translation", "masked_fields")  # view extras the model does not take
 
 
 # ---------------------------------------------------------------------------------------- plumbing

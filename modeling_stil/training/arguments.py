@@ -63,6 +63,25 @@ class DataArguments:
     mu: int = _help("unlabelled batch size = mu * labelled batch size", default=7)
     dataloader_num_workers: int = _help("DataLoader worker processes per loader", default=0)
     max_eval_samples: int | None = _help("evaluate on at most this many rows of validation/test", default=None)
+    unlabeled_includes_labeled: bool | None = _help(
+        "the unlabelled stream iterates over all train rows, labelled ones too (None: the method's default)", default=None
+    )
+    corruption_pool: Literal["split", "stream"] | None = _help(
+        "tabular corruption draws replacement values from the whole train split or from the stream's own rows "
+        "(None: the method's default)", default=None
+    )
+    augmentation_rate: float | None = _help(
+        "probability that the joint ('hard') image+tabular augmentation is applied (None: the method's / view preset's)",
+        default=None,
+    )
+    epoch_definition: Literal["unlabeled", "longest"] | None = _help(
+        "one epoch = one pass over the unlabelled stream, or over the longer of the two streams (None: the method's)",
+        default=None,
+    )
+    standardize_targets: bool = _help(
+        "regression/landmarks: train on targets standardised with the labelled rows' mean/std (stored in the "
+        "model config; predictions come back in original units)", default=False
+    )
 
 
 @dataclass
@@ -70,6 +89,10 @@ class ModelArguments:
     model: str = _help("preset name (modeling_stil.presets), local folder or Hub id", default=DEFAULT_MODEL)
     model_overrides: dict | None = _help(
         "config overrides passed to create_model, e.g. --model_overrides '{hidden_size: 32}'", default=None
+    )
+    init_from: str | None = _help(
+        "initialise matching encoders (and method state saved next to them) from a pretrained run or export: "
+        "a tip_pretrain run folder, a converted original TIP/STiL checkpoint, or any stil export", default=None
     )
 
 
@@ -93,9 +116,14 @@ class TrainingArguments:
     nesterov: bool = _help("sgd nesterov", default=True)
     adam_beta1: float = _help("adam/adamw beta1", default=0.9)
     adam_beta2: float = _help("adam/adamw beta2", default=0.999)
-    lr_scheduler: Literal["cosine", "linear", "constant", "fixmatch_cosine"] = _help(
-        "decay after warm-up: cosine to 0, linear to 0, constant, or FixMatch's cos(7*pi*t/16)", default="cosine"
+    lr_scheduler: Literal["cosine", "linear", "constant", "fixmatch_cosine", "multistep"] = _help(
+        "decay after warm-up: cosine to 0, linear to 0, constant, FixMatch's cos(7*pi*t/16), or multistep "
+        "(times lr_gamma at each of lr_milestones)", default="cosine"
     )
+    lr_milestones: list[float] = _help(
+        "multistep: when to decay, as fractions of max_steps (< 1) or step numbers (>= 1)", default_factory=list
+    )
+    lr_gamma: float = _help("multistep: decay factor at each milestone", default=0.1)
     lr_scheduler_interval: Literal["step", "epoch"] = _help("update the learning rate every step or every epoch", default="step")
     warmup: float = _help("linear warm-up: a fraction of max_steps if < 1, else a number of steps", default=0.05)
     mixed_precision: Literal["no", "fp16", "bf16"] | None = _help(
@@ -128,6 +156,10 @@ class TrainingArguments:
     disable_tqdm: bool = _help("no progress bar", default=False)
     plots: bool = _help("write PNG plots into the run folder at every evaluation", default=True)
     export: bool = _help("export the selected model (save_pretrained + processor + card) and reload it", default=True)
+    sync_batchnorm: bool = _help(
+        "SyncBatchNorm across processes (CUDA only). Default: each process keeps its own BN statistics and they "
+        "are averaged before every evaluation and checkpoint", default=False
+    )
     find_unused_parameters: bool = _help(
         "DDP find_unused_parameters: true by default because presets carry heads some methods never use "
         "(projection heads); set false for speed when every parameter gets a gradient", default=True
@@ -393,6 +425,10 @@ def validate(run: RunArguments) -> None:
         problems.append("learning_rate must be > 0")
     if t.warmup < 0:
         problems.append("warmup must be >= 0")
+    if t.lr_scheduler == "multistep" and not t.lr_milestones:
+        problems.append("lr_scheduler multistep needs lr_milestones (fractions of max_steps or step numbers)")
+    if d.augmentation_rate is not None and not 0 <= d.augmentation_rate <= 1:
+        problems.append("augmentation_rate must be in [0, 1]")
     if d.mu < 1:
         problems.append("mu must be >= 1")
     if d.labeled_fraction is not None and d.labeled_per_class is not None:

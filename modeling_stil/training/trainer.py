@@ -6,13 +6,12 @@ methods must not know about: optimizer and schedule, Accelerate preparation, aut
 accumulation and clipping, evaluation with best-on-validation selection, checkpoints and exact
 resume, trackers/JSONL/progress bar/plots, the non-finite-loss guard and the export.
 
-`train.py` assembles the components from a recipe (`build_and_train`).
+`job.py` assembles the components from a recipe (`build_and_train`, `fit`); `export.py` writes and
+re-checks the export.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -23,12 +22,16 @@ from typing import Any, Callable, Iterable, Protocol
 import torch
 from torch import nn
 
-from ..methods.base import TASK_CLASSIFICATION, TASK_LANDMARKS, TASK_REGRESSION, SSLMethod, TrainState
+from ..methods.base import TASK_CLASSIFICATION, TASK_LANDMARKS, SSLMethod, TrainState
 from . import checkpointing as ckpt
-from .logging import JsonlLogger, LogAccumulator, format_postfix, resolve_trackers, tracker_config
+from .logging import JsonlLogger, LogAccumulator, format_postfix, resolve_trackers
 
 MODEL_INPUT_KEYS = ("pixel_values", "categorical_values", "continuous_values", "missing_mask")
 LOWER_IS_BETTER = {"nme", "rmse", "mse", "mae", "loss", "failure_rate", "error"}
+
+
+class JobError(ValueError):
+    """The method, model, data and settings do not fit together; the message names the fix."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -51,14 +54,21 @@ def default_best_metric(task: str, num_labels: int) -> tuple[str, bool]:
     return "rmse", False
 
 
-def build_optimizer(params_module: SSLMethod, args, device_type: str) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for name, param in params_module.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def build_optimizer(method: SSLMethod, args, device_type: str) -> torch.optim.Optimizer:
+    """The optimizer over ``method.parameter_groups()``: each group is split into decayed and not
+    decayed (biases, norm weights: ``ndim <= 1``) parameters; a group's own lr / weight_decay win."""
+    names = {id(p): n for n, p in method.named_parameters()}
+    groups = []
+    for group in method.parameter_groups():
+        params = [p for p in group["params"] if p.requires_grad]
+        options = {k: v for k, v in group.items() if k != "params"}
+        decay_value = options.pop("weight_decay", args.weight_decay)
+        decay = [p for p in params if not (p.ndim <= 1 or names.get(id(p), "").endswith(".bias"))]
+        no_decay = [p for p in params if p.ndim <= 1 or names.get(id(p), "").endswith(".bias")]
+        groups += [{"params": decay, "weight_decay": decay_value, **options}, {"params": no_decay, "weight_decay": 0.0, **options}]
     groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise JobError(f"method {method.name!r} has no trainable parameters")
     if args.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=args.learning_rate, momentum=args.momentum, nesterov=args.nesterov and args.momentum > 0)
     betas = (args.adam_beta1, args.adam_beta2)
@@ -69,8 +79,12 @@ def build_optimizer(params_module: SSLMethod, args, device_type: str) -> torch.o
     return torch.optim.Adam(groups, lr=args.learning_rate, betas=betas, fused=device_type == "cuda")
 
 
-def lr_lambda_factory(kind: str, max_steps: int, warmup_steps: int, interval: str, steps_per_epoch: int) -> Callable[[int], float]:
-    """Multiplier of the peak learning rate after ``step`` optimisation steps."""
+def lr_lambda_factory(kind: str, max_steps: int, warmup_steps: int, interval: str, steps_per_epoch: int,
+                      milestones: Iterable[float] = (), gamma: float = 0.1) -> Callable[[int], float]:
+    """Multiplier of the peak learning rate after ``step`` optimisation steps.
+
+    ``multistep``: times ``gamma`` at each milestone (a fraction of max_steps if < 1, else a step)."""
+    steps = sorted(int(round(m * max_steps)) if m < 1 else int(m) for m in milestones)
 
     def factor(step: int) -> float:
         if interval == "epoch":
@@ -84,6 +98,8 @@ def lr_lambda_factory(kind: str, max_steps: int, warmup_steps: int, interval: st
             return math.cos(7.0 * math.pi * progress / 16.0)
         if kind == "linear":
             return 1.0 - progress
+        if kind == "multistep":
+            return gamma ** sum(step >= m for m in steps)
         return 1.0
 
     return factor
@@ -121,37 +137,8 @@ def _batch_size(batch: dict | None) -> int:
     return 0
 
 
-def library_versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    versions = {}
-    for name in ("stil", "torch", "accelerate", "transformers", "huggingface_hub", "datasets", "timm", "numpy"):
-        try:
-            versions[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    import platform
-
-    versions["python"] = platform.python_version()
-    return versions
-
-
-def git_commit(path: str | os.PathLike = ".") -> str | None:
-    import subprocess
-
-    try:
-        out = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        if out.returncode == 0:
-            dirty = subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)
-            return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return None
-
-
-# ----------------------------------------------------------------------------------------- trainer
 class Trainer:
-    """Accelerate loop. ``evaluate_fn(model, split) -> metrics`` is built from ``eval_loaders``."""
+    """The Accelerate loop for every method (see the module docstring)."""
 
     def __init__(
         self,
@@ -166,6 +153,7 @@ class Trainer:
         compute_metrics: Callable[..., dict[str, float]],
         accelerator=None,
         run_info: dict[str, Any] | None = None,
+        target_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         self.args = args
         self.targs = args.training
@@ -178,6 +166,7 @@ class Trainer:
         acc = self.accelerator
         self.progress = ckpt.TrainerProgress(fingerprint=fingerprint)
         self.train_stream = train_stream
+        check_method_options(method, self.targs)
 
         gas = self.targs.gradient_accumulation_steps
         self.steps_per_epoch = max(1, train_stream.steps_per_epoch // gas)
@@ -187,23 +176,25 @@ class Trainer:
             self.max_steps = max(1, math.ceil(self.targs.num_train_epochs * train_stream.steps_per_epoch / gas))
         self.eval_steps = self.targs.eval_steps or self.steps_per_epoch
         self.save_steps = self.targs.save_steps
-        metric, greater = default_best_metric(task, num_labels)
-        self.best_metric_name = self.targs.metric_for_best_model or metric
-        if self.targs.greater_is_better is not None:
-            self.greater_is_better = self.targs.greater_is_better
-        else:
-            self.greater_is_better = self.best_metric_name.split("/")[-1] not in LOWER_IS_BETTER and (self.targs.metric_for_best_model is not None or greater)
+        self.best_metric_name, self.greater_is_better = selection_rule(method, self.targs, task, num_labels)
+        # regression targets standardised on the labelled rows: (mean, std) on the device, or None
+        self.target_stats = None if target_stats is None else tuple(t.to(acc.device) for t in target_stats)
 
         if self.targs.channels_last:
             method.to(memory_format=torch.channels_last)
+        if self.targs.sync_batchnorm and acc.num_processes > 1:
+            method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
         optimizer = build_optimizer(method, self.targs, acc.device.type)
         warmup = self.targs.warmup
         warmup_steps = int(round(warmup * self.max_steps)) if warmup < 1 else int(warmup)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
-            lr_lambda_factory(self.targs.lr_scheduler, self.max_steps, warmup_steps, self.targs.lr_scheduler_interval, self.steps_per_epoch),
+            lr_lambda_factory(self.targs.lr_scheduler, self.max_steps, warmup_steps, self.targs.lr_scheduler_interval,
+                              self.steps_per_epoch, self.targs.lr_milestones, self.targs.lr_gamma),
         )
         self.method, self.optimizer, self.scheduler = acc.prepare(method, optimizer, scheduler)
+        # clipping sees exactly what the optimizer updates
+        self.clip_parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
         acc.register_for_checkpointing(self.progress)
         self.eval_loaders = {}
         for split, loader in eval_loaders.items():
@@ -217,6 +208,7 @@ class Trainer:
             num_processes=acc.num_processes,
             task=task,
             num_labels=num_labels,
+            learning_rate=float(self.scheduler.get_last_lr()[0]),
             gather=self._gather,
             reduce_sum=self._reduce_sum,
         )
@@ -284,35 +276,80 @@ class Trainer:
         raise NonFiniteLossError(message)
 
     # ------------------------------------------------------------------ evaluation
+    def sync_batchnorm_statistics(self) -> None:
+        """Average BatchNorm running statistics over processes (timm's ``distribute_bn``).
+
+        DDP does not broadcast buffers here (``broadcast_buffers=False``: methods keep their banks
+        consistent themselves), so each process's BN statistics follow its own shard. Averaging them
+        before every evaluation and checkpoint makes evaluation, the checkpoint and the export one model."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return
+        buffers = [
+            buffer
+            for module in self.unwrapped.modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, nn.SyncBatchNorm)
+            for buffer in (module.running_mean, module.running_var)
+            if buffer is not None
+        ]
+        if not buffers:
+            return
+        flat = torch.cat([b.detach().float().reshape(-1) for b in buffers])
+        flat = acc.reduce(flat, reduction="mean")
+        offset = 0
+        for buffer in buffers:
+            n = buffer.numel()
+            buffer.copy_(flat[offset : offset + n].view_as(buffer).to(buffer.dtype))
+            offset += n
+
+    def _destandardize(self, predictions: torch.Tensor) -> torch.Tensor:
+        if self.target_stats is None:
+            return predictions
+        mean, std = self.target_stats
+        return predictions * std + mean
+
     @torch.no_grad()
     def evaluate(self, split: str = "validation", model: nn.Module | None = None) -> dict[str, float]:
+        """Metrics of ``model`` (default: the method's eval model) on a split, through the method's
+        ``evaluation_step`` / ``compute_eval_metrics`` (per-head metrics, losses, ...)."""
+        self.sync_batchnorm_statistics()
         loader = self.eval_loaders[split]
-        model = model if model is not None else self.unwrapped.eval_model()
+        method = self.unwrapped
+        model = model if model is not None else method.eval_model()
         was_training = model.training
         model.eval()
-        predictions, references = [], []
+        outputs: dict[str, list[torch.Tensor]] = {}
+        references = []
         acc = self.accelerator
         with torch.random.fork_rng(devices=[acc.device] if acc.device.type == "cuda" else []):
             for batch in loader:
                 batch = _move(batch, acc.device)
-                inputs, labels = split_eval_batch(batch)
                 if self.targs.channels_last:
-                    inputs = _to_channels_last(inputs)
+                    batch = _to_channels_last(batch)
                 with acc.autocast():
-                    outputs = model(**inputs)
-                logits = outputs["logits"] if isinstance(outputs, dict) or hasattr(outputs, "keys") else outputs[0]
-                logits, labels = acc.gather_for_metrics((logits.float().contiguous(), labels.contiguous()))
-                predictions.append(logits.cpu())
-                references.append(labels.cpu())
+                    step_outputs = method.evaluation_step(model, batch)
+                names = sorted(step_outputs)
+                gathered = acc.gather_for_metrics(tuple(step_outputs[k].float().contiguous() for k in names) + (batch["labels"].contiguous(),))
+                for name, value in zip(names, gathered[:-1]):
+                    if name.endswith("logits") and self.task != TASK_CLASSIFICATION:
+                        value = self._destandardize(value)
+                    outputs.setdefault(name, []).append(value.cpu())
+                references.append(gathered[-1].cpu())
         model.train(was_training)
-        predictions_t = torch.cat(predictions) if predictions else torch.empty(0)
+        stacked = {k: torch.cat(v) for k, v in outputs.items()}
         references_t = torch.cat(references) if references else torch.empty(0)
-        metrics = self.compute_metrics(self.task, predictions_t, references_t, self.num_labels)
+
+        def score(predictions: torch.Tensor, refs: torch.Tensor) -> dict[str, float]:
+            return self.compute_metrics(self.task, predictions, refs, self.num_labels)
+
+        metrics = method.compute_eval_metrics(stacked, references_t, score)
         metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)}
         metrics["num_samples"] = int(references_t.shape[0])
         return metrics
 
     def _is_better(self, value: float) -> bool:
+        if self.best_metric_name == "last":
+            return True
         best = self.progress.best_metric
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return False
@@ -323,6 +360,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
         self._check_nonfinite()  # never keep a checkpoint with NaN weights as "good"
+        self.sync_batchnorm_statistics()  # every process continues from the state that is saved
         path = ckpt.save_checkpoint(
             self.accelerator,
             self.output_dir,
@@ -345,6 +383,44 @@ class Trainer:
         return write_plots(self.jsonl.history(), self.output_dir / "plots", title=self.targs.method)
 
     # ------------------------------------------------------------------ the loop
+    def _prepare_batch(self, batch: dict | None) -> dict | None:
+        if batch is None:
+            return None
+        batch = _move(batch, self.accelerator.device)
+        if self.targs.channels_last:
+            batch = _to_channels_last(batch)
+        if self.target_stats is not None:
+            batch = _standardize_targets(batch, *self.target_stats)
+        return batch
+
+    def _optimisation_step(self, labeled, unlabeled, logs_out: dict) -> torch.Tensor:
+        """One micro-step: ``num_phases`` forward/backward/step rounds with the same optimizer.
+
+        Each phase runs through the DDP-wrapped method (gradients are all-reduced) and gets the
+        clipping, the fp16 scaler and the optimizer step; phase p > 0 sees the weights phase p - 1 set."""
+        acc, targs = self.accelerator, self.targs
+        method = self.method
+        phases = self.unwrapped.num_phases
+        total = None
+        for phase in range(phases):
+            self.train_state.phase = phase
+            with acc.accumulate(method):
+                with acc.autocast():
+                    loss, logs = method(labeled, unlabeled, self.train_state)
+                acc.backward(loss)
+                if acc.sync_gradients and targs.max_grad_norm:
+                    grad_norm = acc.clip_grad_norm_(self.clip_parameters, targs.max_grad_norm)
+                    if isinstance(grad_norm, torch.Tensor):
+                        logs = {**logs, "grad_norm": grad_norm.detach()}
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            if phases > 1:
+                logs = {(k if phase == phases - 1 else f"phase{phase}/{k}"): v for k, v in logs.items()}
+            logs_out.update(logs)
+            total = loss.detach() if total is None else total + loss.detach()
+        self.train_state.phase = 0
+        return total
+
     def train(self) -> dict[str, Any]:
         acc = self.accelerator
         targs = self.targs
@@ -364,44 +440,34 @@ class Trainer:
             bar = tqdm(total=self.max_steps, initial=progress.step, desc=f"{targs.method}", dynamic_ncols=True)
         samples_since_log = 0
         t_log = time.perf_counter()
-        params = [p for p in method.parameters() if p.requires_grad]
         spe_micro = max(1, self.train_stream.steps_per_epoch)
         while progress.step < stop_at:
+            epoch_before = progress.micro_step // spe_micro
+            self.train_state.learning_rate = float(self.scheduler.get_last_lr()[0])
             for _ in range(gas):
                 labeled, unlabeled = next(stream)
-                labeled = _move(labeled, acc.device)
-                unlabeled = _move(unlabeled, acc.device) if unlabeled is not None else None
-                if targs.channels_last:
-                    labeled, unlabeled = _to_channels_last(labeled), _to_channels_last(unlabeled)
+                labeled, unlabeled = self._prepare_batch(labeled), self._prepare_batch(unlabeled)
                 samples_since_log += _batch_size(labeled) + _batch_size(unlabeled)
                 self.train_state.step = progress.step
                 self.train_state.epoch = progress.micro_step // spe_micro
-                with acc.accumulate(method):
-                    with acc.autocast():
-                        loss, logs = method(labeled, unlabeled, self.train_state)
-                    acc.backward(loss)
-                    if acc.sync_gradients and targs.max_grad_norm:
-                        grad_norm = acc.clip_grad_norm_(params, targs.max_grad_norm)
-                        if isinstance(grad_norm, torch.Tensor):
-                            logs = {**logs, "grad_norm": grad_norm.detach()}
-                    self.optimizer.step()
-                    if acc.sync_gradients:
-                        self.scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                logs: dict[str, torch.Tensor] = {}
+                loss = self._optimisation_step(labeled, unlabeled, logs)
                 self._track_nonfinite(loss, logs)
-                self.logs.add({"loss": loss.detach(), **logs})
+                self.logs.add({"loss": loss, **logs})
                 progress.micro_step += 1
                 self.step_counter += 1
-                if acc.sync_gradients:
-                    self.train_state.step = progress.step + 1
-                    self.unwrapped.after_optimizer_step(self.train_state)
-                if progress.micro_step % spe_micro == 0:
-                    self.train_state.epoch = progress.micro_step // spe_micro - 1
-                    epoch_logs = self.unwrapped.on_epoch_end(self.train_state) or {}
-                    if epoch_logs:
-                        self.logs.add(epoch_logs)
+            # the optimizer stepped (sync): schedule, then the method's hooks, never inside the window
+            self.scheduler.step()
+            self.train_state.step = progress.step + 1
+            self.unwrapped.after_optimizer_step(self.train_state)
+            epoch_after = progress.micro_step // spe_micro
+            for finished in range(epoch_before, epoch_after):
+                self.train_state.epoch = finished
+                epoch_logs = self.unwrapped.on_epoch_end(self.train_state) or {}
+                if epoch_logs:
+                    self.logs.add(epoch_logs)
             progress.step += 1
-            progress.epoch = progress.micro_step // spe_micro
+            progress.epoch = epoch_after
             if bar is not None:
                 bar.update(1)
             last = progress.step >= stop_at
@@ -421,11 +487,14 @@ class Trainer:
                 self._check_nonfinite()
                 metrics = self.evaluate("validation")
                 self._log("validation", metrics)
-                value = metrics.get(self.best_metric_name.split("/")[-1])
-                if value is None:
-                    raise KeyError(
-                        f"metric_for_best_model={self.best_metric_name!r} is not among the validation metrics {sorted(metrics)}"
-                    )
+                if self.best_metric_name == "last":
+                    value = float(progress.step)
+                else:
+                    value = metrics.get(self.best_metric_name)
+                    if value is None:
+                        raise KeyError(
+                            f"metric_for_best_model={self.best_metric_name!r} is not among the validation metrics {sorted(metrics)}"
+                        )
                 if self._is_better(value):
                     improved = True
                     progress.best_metric = float(value)
@@ -488,6 +557,54 @@ class Trainer:
         return {k[cut:]: v for k, v in full.items() if k.startswith(prefix + ".")}
 
 
+def selection_rule(method: SSLMethod, targs, task: str, num_labels: int) -> tuple[str, bool]:
+    """(validation metric, greater_is_better) selecting the best model; ("last", True) keeps the last
+    step. Precedence: --metric_for_best_model, then the method's ``selection``, then the task default."""
+    if targs.metric_for_best_model:
+        name = targs.metric_for_best_model
+        if name == "last":
+            return "last", True
+        greater = targs.greater_is_better
+        if greater is None:
+            greater = name.split("/")[-1] not in LOWER_IS_BETTER
+        return name, greater
+    if method.selection == "last":
+        return "last", True
+    if method.selection is not None:
+        name, greater = method.selection
+        return name, greater if targs.greater_is_better is None else targs.greater_is_better
+    name, greater = default_best_metric(task, num_labels)
+    return name, greater if targs.greater_is_better is None else targs.greater_is_better
+
+
+def check_method_options(method: SSLMethod, targs) -> None:
+    """Refuse the combinations the loop cannot run correctly, before anything is prepared."""
+    if method.num_phases > 1:
+        if targs.gradient_accumulation_steps > 1:
+            raise JobError(
+                f"method {method.name!r} takes {method.num_phases} optimisation steps per iteration (meta-learning), "
+                "which gradient accumulation would mix; use gradient_accumulation_steps 1 and a larger batch"
+            )
+        if targs.torch_compile:
+            raise JobError(
+                f"method {method.name!r} differentiates through an optimisation step (double backward), which "
+                "torch.compile does not support; drop --torch_compile"
+            )
+
+
+def _standardize_targets(batch: dict, mean: torch.Tensor, std: torch.Tensor) -> dict:
+    """Regression: ``labels`` / ``monitor_labels`` (top level and inside views) -> (y - mean) / std."""
+    out = {}
+    for key, value in batch.items():
+        if key in ("labels", "monitor_labels") and isinstance(value, torch.Tensor) and value.is_floating_point():
+            out[key] = (value - mean) / std
+        elif isinstance(value, dict):
+            out[key] = _standardize_targets(value, mean, std)
+        else:
+            out[key] = value
+    return out
+
+
 def _move(batch, device):
     from accelerate.utils import send_to_device
 
@@ -517,328 +634,12 @@ def make_accelerator(args):
             project_dir=targs.output_dir, logging_dir=str(Path(targs.output_dir) / "logs"), automatic_checkpoint_naming=False
         ),
         step_scheduler_with_optimizer=False,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=targs.find_unused_parameters)],
+        # broadcast_buffers=False: banks, queues and teachers are the method's to keep consistent (through
+        # state.gather / reduce_sum); BN statistics are averaged before evaluation and checkpoints.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=targs.find_unused_parameters,
+                                                       broadcast_buffers=False)],
         **kwargs,
     )
     return accelerator
 
 
-# ========================================================================================= assembly
-def stil_cache_dir() -> Path:
-    return Path(os.environ.get("STIL_CACHE", Path.home() / ".cache" / "stil"))
-
-
-def synthetic_dataset_path(data_args) -> Path:
-    root = Path(data_args.dataset_cache_dir) if data_args.dataset_cache_dir else stil_cache_dir() / "datasets"
-    fraction = data_args.labeled_fraction if data_args.labeled_fraction is not None else 0.1
-    name = f"synthetic-{data_args.synthetic_task}-n{data_args.synthetic_num_samples}-s{data_args.synthetic_image_size}-l{fraction:g}"
-    return root / name
-
-
-def prepare_dataset(args, accelerator) -> tuple[str, Any, Any, Any]:
-    """Resolve the dataset argument: build the embedded synthetic dataset when none is given.
-
-    Returns ``(source, DatasetDict, DatasetMetadata, TabularSchema | None)``."""
-    from data_utils.io import load_dataset
-
-    data = args.data
-    source = data.dataset
-    if source is None:
-        from data_utils.synthetic import make_synthetic_dataset
-
-        path = synthetic_dataset_path(data)
-        with accelerator.main_process_first():
-            if accelerator.is_main_process and not path.exists():
-                accelerator.print(f"building the synthetic {data.synthetic_task} dataset into {path}")
-                make_synthetic_dataset(
-                    data.synthetic_task, path, num_samples=data.synthetic_num_samples,
-                    image_size=data.synthetic_image_size,
-                    labeled_fraction=data.labeled_fraction if data.labeled_fraction is not None else 0.1,
-                )
-        source = str(path)
-    dataset_dict, metadata, schema = load_dataset(source)
-    return source, dataset_dict, metadata, schema
-
-
-def labeled_indices_for(args, dataset_dict, metadata) -> list[int]:
-    """Training rows that keep their label: re-drawn when asked, else the dataset's own split."""
-    import numpy as np
-    from data_utils.splits import check_labeled_split, select_labeled
-
-    train = dataset_dict["train"]
-    data = args.data
-    redraw = data.dataset is not None and (data.labeled_fraction is not None or data.labeled_per_class is not None)
-    labels = np.asarray(train[metadata.label_column]) if metadata.task == "classification" else None
-    if redraw:
-        if metadata.task != "classification":
-            n = len(train)
-            if data.labeled_per_class is not None:
-                raise ValueError("labeled_per_class needs a classification dataset; use labeled_fraction")
-            rng = np.random.default_rng(args.training.seed)
-            indices = np.sort(rng.choice(n, size=max(1, int(round(data.labeled_fraction * n))), replace=False))
-        else:
-            indices = select_labeled(labels, fraction=data.labeled_fraction, per_class=data.labeled_per_class, seed=args.training.seed)
-    elif metadata.labeled_column in train.column_names:
-        indices = np.flatnonzero(np.asarray(train[metadata.labeled_column], dtype=bool))
-    elif metadata.labeled_indices is not None:
-        indices = np.asarray(metadata.labeled_indices)
-    else:
-        indices = np.arange(len(train))  # fully labelled dataset
-    if labels is not None:
-        mask = np.zeros(len(train), dtype=bool)
-        mask[indices] = True
-        check_labeled_split(labels, mask, num_classes=metadata.num_labels)
-    return [int(i) for i in indices]
-
-
-def dataset_fingerprint(source: str, dataset_dict, metadata, schema, labeled: list[int]) -> dict[str, Any]:
-    return {
-        "source": str(Path(source).resolve()) if Path(source).exists() else source,
-        "task": metadata.task,
-        "num_labels": metadata.num_labels,
-        "split_sizes": {k: len(v) for k, v in dataset_dict.items()},
-        "labeled": ckpt.digest(labeled),
-        "num_labeled": len(labeled),
-        "schema": ckpt.digest(schema.to_dict()) if schema is not None else None,
-    }
-
-
-def apply_labeled_split(dataset_dict, metadata, labeled: list[int]):
-    """Write the chosen labelled rows into the train split's labeled column (what the loaders read)."""
-    import numpy as np
-
-    train = dataset_dict["train"]
-    mask = np.zeros(len(train), dtype=bool)
-    mask[np.asarray(labeled, dtype=np.int64)] = True
-    column = metadata.labeled_column
-    if column in train.column_names:
-        if np.array_equal(np.asarray(train[column], dtype=bool), mask):
-            return dataset_dict
-        train = train.remove_columns(column)
-    dataset_dict = dataset_dict.copy() if hasattr(dataset_dict, "copy") else dict(dataset_dict)
-    dataset_dict["train"] = train.add_column(column, mask.tolist())
-    return dataset_dict
-
-
-def build_loaders(args, method, model_config, dataset_dict, metadata, schema, accelerator):
-    """Training stream (labelled + unlabelled, exact resume) and eval loaders (data_utils.loaders)."""
-    from data_utils.loaders import build_train_loaders
-    from data_utils.views import ViewConfig
-
-    view_config = ViewConfig.from_model_config(model_config, preset=args.data.view_preset, seed=args.training.seed)
-    data = args.data
-    train_stream = build_train_loaders(
-        dataset_dict, metadata, schema,
-        labeled_views=dict(method.labeled_views),
-        unlabeled_views=dict(method.unlabeled_views) if method.unlabeled_views is not None else None,
-        view_config=view_config,
-        batch_size=args.training.per_device_train_batch_size,
-        mu=data.mu,
-        seed=args.training.seed,
-        num_workers=data.dataloader_num_workers,
-        pin_memory=accelerator.device.type == "cuda",
-        num_replicas=accelerator.num_processes,
-        rank=accelerator.process_index,
-    )
-    eval_loaders = {}
-    for split in ("validation", "test"):
-        if split not in dataset_dict:
-            continue
-        if data.max_eval_samples is not None and len(dataset_dict[split]) > data.max_eval_samples:
-            dataset_dict = dataset_dict.copy()
-            dataset_dict[split] = dataset_dict[split].select(range(data.max_eval_samples))
-        from data_utils.loaders import build_eval_loader
-
-        eval_loaders[split] = build_eval_loader(
-            dataset_dict, metadata, schema, split, args.training.per_device_eval_batch_size, view_config,
-            num_workers=data.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda",
-        )
-    if "validation" not in eval_loaders:
-        raise ValueError("the dataset has no validation split: best-model selection needs one")
-    return train_stream, eval_loaders
-
-
-def build_model(args, schema, metadata):
-    from modeling_stil.presets import create_model
-
-    overrides = dict(args.model.model_overrides or {})
-    model = create_model(args.model.model, schema=schema, metadata=metadata, **overrides)
-    model = model.float()
-    check = getattr(model, "check_data_compatibility", None)
-    if check is not None:
-        check(schema, metadata)
-    return model
-
-
-def write_run_files(args, output_dir: Path, info: dict[str, Any]) -> None:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    args.save_yaml(output_dir / "run_config.yaml")
-    tmp = output_dir / ".run_info.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2, default=str))
-    os.replace(tmp, output_dir / "run_info.json")
-
-
-def check_output_dir(targs) -> None:
-    from . import checkpointing
-
-    out = Path(targs.output_dir)
-    if targs.resume_from_checkpoint or targs.overwrite_output_dir or not out.exists():
-        return
-    if checkpointing.list_checkpoints(checkpointing.checkpoints_root(out)) or (out / "config.json").exists():
-        raise FileExistsError(
-            f"output_dir {out} already holds a run; pass --resume_from_checkpoint latest to continue it, "
-            "--overwrite_output_dir to start again there, or choose another --output_dir"
-        )
-
-
-def build_and_train(args) -> dict[str, Any]:
-    """The whole job: data, model, method, loop, selection, test, export (+ reload check, upload)."""
-    import shutil
-
-    from accelerate.utils import set_seed
-
-    from ..methods.base import get_method_class
-    from .metrics import compute_metrics
-
-    targs = args.training
-    check_output_dir(targs)
-    accelerator = make_accelerator(args)
-    output_dir = Path(targs.output_dir)
-    if targs.overwrite_output_dir and not targs.resume_from_checkpoint and accelerator.is_main_process and output_dir.exists():
-        shutil.rmtree(output_dir)
-    accelerator.wait_for_everyone()
-    set_seed(targs.seed)
-
-    source, dataset_dict, metadata, schema = prepare_dataset(args, accelerator)
-    labeled = labeled_indices_for(args, dataset_dict, metadata)
-    method_cls = get_method_class(targs.method)
-    method_cls.check_task(metadata.task)
-    set_seed(targs.seed)
-    model = build_model(args, schema, metadata)
-    method = method_cls(model, args.method)
-    dataset_dict = apply_labeled_split(dataset_dict, metadata, labeled)
-    train_stream, eval_loaders = build_loaders(args, method, model.config, dataset_dict, metadata, schema, accelerator)
-
-    fingerprint = ckpt.make_fingerprint(targs.method, model.config.to_dict(), dataset_fingerprint(source, dataset_dict, metadata, schema, labeled))
-    info = {
-        "seed": targs.seed,
-        "dataset": source,
-        "task": metadata.task,
-        "num_labels": metadata.num_labels,
-        "labeled_indices": labeled,
-        "split_sizes": {k: len(v) for k, v in dataset_dict.items()},
-        "num_processes": accelerator.num_processes,
-        "mixed_precision": accelerator.mixed_precision,
-        "device": str(accelerator.device),
-        "versions": library_versions(),
-        "git_commit": git_commit(Path(__file__).resolve().parents[2]),
-        "fingerprint": fingerprint,
-    }
-    if accelerator.is_main_process:
-        write_run_files(args, output_dir, info)
-    if accelerator.trackers or resolve_trackers(targs.report_to):
-        accelerator.init_trackers(targs.run_name or output_dir.name, config=tracker_config(args.flat_dict()))
-
-    trainer = Trainer(
-        args, method, train_stream, eval_loaders, task=metadata.task, num_labels=metadata.num_labels,
-        fingerprint=fingerprint, compute_metrics=compute_metrics, accelerator=accelerator, run_info=info,
-    )
-    started = time.perf_counter()
-    results = trainer.train()
-    results["train_seconds"] = round(time.perf_counter() - started, 2)
-    if not results["finished"]:
-        accelerator.print(f"stopped at step {results['stopped_at_step']} (stop_after_steps); resume with --resume_from_checkpoint latest")
-        accelerator.end_training()
-        return results
-
-    best_step = trainer.load_best()
-    validation = trainer.evaluate("validation")
-    results["best_step"] = best_step
-    results["validation"] = validation
-    results["metric_for_best_model"] = trainer.best_metric_name
-    if "test" in eval_loaders:
-        results["test"] = trainer.test("test")
-    if accelerator.is_main_process:
-        trainer.write_plots()
-        accelerator.print(json.dumps({"best_step": best_step, "validation": validation, "test": results.get("test")}))
-
-    if targs.export:
-        export_run(trainer, args, metadata, source, results)
-    accelerator.end_training()
-    if targs.push_to_hub and accelerator.is_main_process:
-        from .hub import push_folder
-
-        commit = push_folder(output_dir, targs.hub_model_id, token=targs.hub_token, private=targs.hub_private,
-                             commit_message=f"stil {targs.method} run (seed {targs.seed})")
-        results["hub_commit"] = str(getattr(commit, "commit_url", commit))
-    return results
-
-
-def export_run(trainer: Trainer, args, metadata, source: str, results: dict[str, Any]) -> Path:
-    """save_pretrained (safetensors) + processor + eval_results.json + model card, then reload and
-    re-evaluate the export with ``AutoModel.from_pretrained`` to prove it is self-sufficient."""
-    from transformers import AutoModel
-
-    from ..processing_stil import StilProcessor
-    from .model_card import build_model_card, write_eval_results
-
-    acc = trainer.accelerator
-    targs = args.training
-    out = Path(targs.output_dir)
-    state_dict = trainer.export_state_dict()  # every process (collective under FSDP)
-    eval_model = trainer.unwrapped.eval_model()
-    if acc.is_main_process:
-        eval_model.save_pretrained(out, state_dict={k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, is_main_process=True)
-        StilProcessor.from_model_config(eval_model.config, image_column=metadata.image_column).save_pretrained(out)
-        labeled_description = f"{results.get('num_labeled', trainer.run_info.get('num_labeled', '?'))} labelled training rows"
-        n_labeled = len(trainer.run_info.get("labeled_indices", []))
-        n_train = trainer.run_info.get("split_sizes", {}).get("train")
-        if n_train:
-            labeled_description = f"{n_labeled}/{n_train} training rows labelled ({100.0 * n_labeled / n_train:.1f}%)"
-        plots = [f"plots/{name}" for name in ("losses.png", "validation.png", "learning_rate.png", "pseudo_labels.png") if (out / "plots" / name).is_file()]
-        dataset_name = Path(source).name if Path(source).exists() else source
-        unlabeled_batch = None
-        if trainer.unwrapped.unlabeled_views is not None:
-            unlabeled_batch = args.data.mu * targs.per_device_train_batch_size * acc.num_processes
-        card = build_model_card(
-            model_name=targs.hub_model_id or out.name,
-            model_type=eval_model.config.model_type,
-            method=targs.method,
-            task=metadata.task,
-            dataset=dataset_name,
-            labeled_description=labeled_description,
-            test_metrics=results.get("test", {}),
-            validation_metrics=results.get("validation"),
-            recipe=args.flat_dict(),
-            versions=trainer.run_info.get("versions", library_versions()),
-            selection=f"best {trainer.best_metric_name} ({'higher' if trainer.greater_is_better else 'lower'} is better) at step {results.get('best_step')}",
-            steps=trainer.progress.step,
-            best_step=results.get("best_step"),
-            global_batch=targs.per_device_train_batch_size * acc.num_processes * targs.gradient_accumulation_steps,
-            unlabeled_batch=unlabeled_batch,
-            num_processes=acc.num_processes,
-            plots=plots,
-            repo_or_path=targs.hub_model_id or str(out),
-            git_commit=trainer.run_info.get("git_commit"),
-            mixed_precision=str(acc.mixed_precision),
-            modalities=(["image"] if metadata.image_column else []) + (["tabular"] if eval_model.config.to_dict().get("tabular_schema") else []),
-        )
-        card.save(str(out / "README.md"))
-    acc.wait_for_everyone()
-
-    reloaded = AutoModel.from_pretrained(str(out), dtype=torch.float32).to(acc.device)
-    check_split = "test" if "test" in trainer.eval_loaders else "validation"
-    reloaded_metrics = trainer.evaluate(check_split, model=reloaded)
-    expected = results.get(check_split) or results.get("validation", {})
-    mismatched = {k: (expected.get(k), v) for k, v in reloaded_metrics.items() if k in expected and not math.isclose(v, expected[k], rel_tol=1e-4, abs_tol=1e-5)}
-    if mismatched:
-        raise RuntimeError(f"the exported model in {out} does not reproduce the {check_split} metrics after reloading: {mismatched}")
-    results["reload_check"] = {"split": check_split, "metrics": reloaded_metrics, "matches": True}
-    if acc.is_main_process:
-        write_eval_results(out / "eval_results.json", {
-            "model": str(out), "dataset": source, "method": targs.method, "best_step": results.get("best_step"),
-            "metric_for_best_model": trainer.best_metric_name, "validation": results.get("validation"),
-            "test": results.get("test"), "reload_check": results["reload_check"],
-        })
-        acc.print(f"exported to {out} and reloaded with AutoModel.from_pretrained: {check_split} metrics match")
-    return out

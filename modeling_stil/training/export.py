@@ -1,0 +1,83 @@
+"""The export: ``save_pretrained`` (safetensors) + processor + model card + eval_results.json, then a
+reload with ``AutoModel.from_pretrained`` that must reproduce the reported metrics."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .job import library_versions
+from .trainer import Trainer
+
+def export_run(trainer: Trainer, args, metadata, source: str, results: dict[str, Any]) -> Path:
+    """save_pretrained (safetensors) + processor + eval_results.json + model card, then reload and
+    re-evaluate the export with ``AutoModel.from_pretrained`` to prove it is self-sufficient."""
+    from transformers import AutoModel
+
+    from ..processing_stil import StilProcessor
+    from .model_card import build_model_card, write_eval_results
+
+    acc = trainer.accelerator
+    targs = args.training
+    out = Path(targs.output_dir)
+    state_dict = trainer.export_state_dict()  # every process (collective under FSDP)
+    eval_model = trainer.unwrapped.eval_model()
+    if acc.is_main_process:
+        eval_model.save_pretrained(out, state_dict={k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, is_main_process=True)
+        StilProcessor.from_model_config(eval_model.config, image_column=metadata.image_column).save_pretrained(out)
+        labeled_description = f"{results.get('num_labeled', trainer.run_info.get('num_labeled', '?'))} labelled training rows"
+        n_labeled = len(trainer.run_info.get("labeled_indices", []))
+        n_train = trainer.run_info.get("split_sizes", {}).get("train")
+        if n_train:
+            labeled_description = f"{n_labeled}/{n_train} training rows labelled ({100.0 * n_labeled / n_train:.1f}%)"
+        plots = [f"plots/{name}" for name in ("losses.png", "validation.png", "learning_rate.png", "pseudo_labels.png") if (out / "plots" / name).is_file()]
+        dataset_name = Path(source).name if Path(source).exists() else source
+        unlabeled_batch = None
+        if trainer.unwrapped.unlabeled_views is not None:
+            unlabeled_batch = args.data.mu * targs.per_device_train_batch_size * acc.num_processes
+        card = build_model_card(
+            model_name=targs.hub_model_id or out.name,
+            model_type=eval_model.config.model_type,
+            method=targs.method,
+            task=metadata.task,
+            dataset=dataset_name,
+            labeled_description=labeled_description,
+            test_metrics=results.get("test", {}),
+            validation_metrics=results.get("validation"),
+            recipe=args.flat_dict(),
+            versions=trainer.run_info.get("versions", library_versions()),
+            selection=f"best {trainer.best_metric_name} ({'higher' if trainer.greater_is_better else 'lower'} is better) at step {results.get('best_step')}",
+            steps=trainer.progress.step,
+            best_step=results.get("best_step"),
+            global_batch=targs.per_device_train_batch_size * acc.num_processes * targs.gradient_accumulation_steps,
+            unlabeled_batch=unlabeled_batch,
+            num_processes=acc.num_processes,
+            plots=plots,
+            repo_or_path=targs.hub_model_id or str(out),
+            git_commit=trainer.run_info.get("git_commit"),
+            mixed_precision=str(acc.mixed_precision),
+            modalities=(["image"] if metadata.image_column else []) + (["tabular"] if eval_model.config.to_dict().get("tabular_schema") else []),
+        )
+        card.save(str(out / "README.md"))
+    acc.wait_for_everyone()
+
+    reloaded = AutoModel.from_pretrained(str(out), dtype=torch.float32).to(acc.device)
+    check_split = "test" if "test" in trainer.eval_loaders else "validation"
+    reloaded_metrics = trainer.evaluate(check_split, model=reloaded)
+    expected = results.get(check_split) or results.get("validation", {})
+    mismatched = {k: (expected.get(k), v) for k, v in reloaded_metrics.items() if k in expected and not math.isclose(v, expected[k], rel_tol=1e-4, abs_tol=1e-5)}
+    if mismatched:
+        raise RuntimeError(f"the exported model in {out} does not reproduce the {check_split} metrics after reloading: {mismatched}")
+    results["reload_check"] = {"split": check_split, "metrics": reloaded_metrics, "matches": True}
+    if acc.is_main_process:
+        write_eval_results(out / "eval_results.json", {
+            "model": str(out), "dataset": source, "method": targs.method, "best_step": results.get("best_step"),
+            "metric_for_best_model": trainer.best_metric_name, "validation": results.get("validation"),
+            "test": results.get("test"), "reload_check": results["reload_check"],
+        })
+        acc.print(f"exported to {out} and reloaded with AutoModel.from_pretrained: {check_split} metrics match")
+    return out
+

@@ -1,0 +1,458 @@
+"""Job assembly: from parsed run arguments to a trained, selected, tested and exported model.
+
+``build_and_train(args)`` is what ``train.py`` runs; ``fit(recipe_or_dict, **overrides)`` is the same
+path for notebooks. Pieces: the dataset (or the embedded synthetic one), the labelled split, the model
+(preset that fits the data, ``--init_from`` encoders), the method (``setup`` with the data sizes), the
+loaders, then `Trainer` (trainer.py) and `export_run` (export.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpointing as ckpt
+from .logging import resolve_trackers, tracker_config
+from .trainer import JobError, Trainer, make_accelerator
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    versions = {}
+    for name in ("stil", "torch", "accelerate", "transformers", "huggingface_hub", "datasets", "timm", "numpy"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    import platform
+
+    versions["python"] = platform.python_version()
+    return versions
+
+
+def git_commit(path: str | os.PathLike = ".") -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if out.returncode == 0:
+            dirty = subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)
+            return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return None
+
+
+# ----------------------------------------------------------------------------------------- trainer
+def stil_cache_dir() -> Path:
+    return Path(os.environ.get("STIL_CACHE", Path.home() / ".cache" / "stil"))
+
+
+def synthetic_dataset_path(data_args) -> Path:
+    root = Path(data_args.dataset_cache_dir) if data_args.dataset_cache_dir else stil_cache_dir() / "datasets"
+    fraction = data_args.labeled_fraction if data_args.labeled_fraction is not None else 0.1
+    name = f"synthetic-{data_args.synthetic_task}-n{data_args.synthetic_num_samples}-s{data_args.synthetic_image_size}-l{fraction:g}"
+    return root / name
+
+
+def prepare_dataset(args, accelerator) -> tuple[str, Any, Any, Any]:
+    """Resolve the dataset argument: build the embedded synthetic dataset when none is given.
+
+    Returns ``(source, DatasetDict, DatasetMetadata, TabularSchema | None)``."""
+    from data_utils.io import load_dataset
+
+    data = args.data
+    source = data.dataset
+    if source is None:
+        from data_utils.synthetic import make_synthetic_dataset
+
+        path = synthetic_dataset_path(data)
+        with accelerator.main_process_first():
+            if accelerator.is_main_process and not path.exists():
+                accelerator.print(f"building the synthetic {data.synthetic_task} dataset into {path}")
+                make_synthetic_dataset(
+                    data.synthetic_task, path, num_samples=data.synthetic_num_samples,
+                    image_size=data.synthetic_image_size,
+                    labeled_fraction=data.labeled_fraction if data.labeled_fraction is not None else 0.1,
+                )
+        source = str(path)
+    dataset_dict, metadata, schema = load_dataset(source)
+    return source, dataset_dict, metadata, schema
+
+
+def labeled_indices_for(args, dataset_dict, metadata) -> list[int]:
+    """Training rows that keep their label: re-drawn when asked, else the dataset's own split."""
+    import numpy as np
+    from data_utils.splits import check_labeled_split, select_labeled
+
+    train = dataset_dict["train"]
+    data = args.data
+    redraw = data.dataset is not None and (data.labeled_fraction is not None or data.labeled_per_class is not None)
+    labels = np.asarray(train[metadata.label_column]) if metadata.task == "classification" else None
+    if redraw:
+        if metadata.task != "classification":
+            n = len(train)
+            if data.labeled_per_class is not None:
+                raise ValueError("labeled_per_class needs a classification dataset; use labeled_fraction")
+            rng = np.random.default_rng(args.training.seed)
+            indices = np.sort(rng.choice(n, size=max(1, int(round(data.labeled_fraction * n))), replace=False))
+        else:
+            indices = select_labeled(labels, fraction=data.labeled_fraction, per_class=data.labeled_per_class, seed=args.training.seed)
+    elif metadata.labeled_column in train.column_names:
+        indices = np.flatnonzero(np.asarray(train[metadata.labeled_column], dtype=bool))
+    elif metadata.labeled_indices is not None:
+        indices = np.asarray(metadata.labeled_indices)
+    else:
+        indices = np.arange(len(train))  # fully labelled dataset
+    if labels is not None:
+        mask = np.zeros(len(train), dtype=bool)
+        mask[indices] = True
+        check_labeled_split(labels, mask, num_classes=metadata.num_labels)
+    return [int(i) for i in indices]
+
+
+def dataset_fingerprint(source: str, dataset_dict, metadata, schema, labeled: list[int]) -> dict[str, Any]:
+    return {
+        "source": str(Path(source).resolve()) if Path(source).exists() else source,
+        "task": metadata.task,
+        "num_labels": metadata.num_labels,
+        "split_sizes": {k: len(v) for k, v in dataset_dict.items()},
+        "labeled": ckpt.digest(labeled),
+        "num_labeled": len(labeled),
+        "schema": ckpt.digest(schema.to_dict()) if schema is not None else None,
+    }
+
+
+def apply_labeled_split(dataset_dict, metadata, labeled: list[int]):
+    """Write the chosen labelled rows into the train split's labeled column (what the loaders read)."""
+    import numpy as np
+
+    train = dataset_dict["train"]
+    mask = np.zeros(len(train), dtype=bool)
+    mask[np.asarray(labeled, dtype=np.int64)] = True
+    column = metadata.labeled_column
+    if column in train.column_names:
+        if np.array_equal(np.asarray(train[column], dtype=bool), mask):
+            return dataset_dict
+        train = train.remove_columns(column)
+    dataset_dict = dataset_dict.copy() if hasattr(dataset_dict, "copy") else dict(dataset_dict)
+    dataset_dict["train"] = train.add_column(column, mask.tolist())
+    return dataset_dict
+
+
+def stream_options(args, method) -> dict[str, Any]:
+    """The method's stream defaults, overridden by the recipe's data arguments where set."""
+    options = dict(type(method).stream_defaults)
+    data = args.data
+    for key, value in (
+        ("unlabeled_includes_labeled", data.unlabeled_includes_labeled),
+        ("corruption_pool", data.corruption_pool),
+        ("augmentation_rate", data.augmentation_rate),
+        ("epoch", data.epoch_definition),
+    ):
+        if value is not None:
+            options[key] = value
+    return options
+
+
+def build_loaders(args, method, model_config, dataset_dict, metadata, schema, accelerator):
+    """Training stream (labelled + unlabelled (+ meta), exact resume) and eval loaders (data_utils.loaders)."""
+    from dataclasses import replace
+
+    from data_utils.loaders import build_eval_loader, build_train_loaders
+    from data_utils.views import ViewConfig
+
+    options = stream_options(args, method)
+    view_config = ViewConfig.from_model_config(model_config, preset=args.data.view_preset, seed=args.training.seed)
+    if options["augmentation_rate"] is not None:
+        view_config = replace(view_config, augmentation_rate=float(options["augmentation_rate"]))
+    data = args.data
+    train_stream = build_train_loaders(
+        dataset_dict, metadata, schema,
+        labeled_views=dict(method.labeled_views) if method.labeled_views is not None else None,
+        unlabeled_views=dict(method.unlabeled_views) if method.unlabeled_views is not None else None,
+        meta_views=dict(method.meta_views) if method.meta_views is not None else None,
+        label_free=method.label_free,
+        view_config=view_config,
+        batch_size=args.training.per_device_train_batch_size,
+        mu=data.mu,
+        seed=args.training.seed,
+        num_workers=data.dataloader_num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+        num_replicas=accelerator.num_processes,
+        rank=accelerator.process_index,
+        unlabeled_includes_labeled=bool(options["unlabeled_includes_labeled"]),
+        corruption_pool=options["corruption_pool"],
+        epoch=options["epoch"],
+    )
+    eval_loaders = {}
+    for split in ("validation", "test"):
+        if split not in dataset_dict:
+            continue
+        if data.max_eval_samples is not None and len(dataset_dict[split]) > data.max_eval_samples:
+            dataset_dict = dataset_dict.copy()
+            dataset_dict[split] = dataset_dict[split].select(range(data.max_eval_samples))
+        eval_loaders[split] = build_eval_loader(
+            dataset_dict, metadata, schema, split, args.training.per_device_eval_batch_size, view_config,
+            views=dict(method.eval_views), num_workers=data.dataloader_num_workers,
+            pin_memory=accelerator.device.type == "cuda",
+        )
+    if "validation" not in eval_loaders:
+        raise ValueError("the dataset has no validation split: best-model selection needs one")
+    return train_stream, eval_loaders
+
+
+def data_info(args, train_stream, dataset_dict, metadata, accelerator, target_stats):
+    """What the method learns in ``setup`` (sizes before prepare)."""
+    from ..methods.base import DataInfo
+
+    targs = args.training
+    gas = targs.gradient_accumulation_steps
+    steps_per_epoch = max(1, train_stream.steps_per_epoch // gas)
+    max_steps = targs.max_steps if targs.max_steps > 0 else max(1, math.ceil(targs.num_train_epochs * steps_per_epoch))
+    mean, std = (None, None) if target_stats is None else (target_stats[0].tolist(), target_stats[1].tolist())
+    return DataInfo(
+        num_labeled=train_stream.num_labeled,
+        num_unlabeled=train_stream.num_unlabeled,
+        num_train=len(dataset_dict["train"]),
+        split_sizes={k: len(v) for k, v in dataset_dict.items()},
+        labeled_batch_size=train_stream.labeled_batch_size if train_stream.labeled_sampler is not None else 0,
+        unlabeled_batch_size=train_stream.unlabeled_batch_size if train_stream.unlabeled_sampler is not None else 0,
+        meta_batch_size=train_stream.meta_batch_size,
+        num_processes=accelerator.num_processes,
+        gradient_accumulation_steps=gas,
+        mixed_precision=str(accelerator.mixed_precision),
+        task=metadata.task,
+        num_labels=metadata.num_labels,
+        steps_per_epoch=steps_per_epoch,
+        max_steps=max_steps,
+        unlabeled_includes_labeled=bool(len(train_stream.unlabeled_rows) == len(dataset_dict["train"])),
+        target_mean=mean,
+        target_std=std,
+    )
+
+
+def labeled_target_stats(dataset_dict, metadata, labeled: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-target mean and unbiased std over the labelled train rows (the AFLW protocol)."""
+    import numpy as np
+
+    values = np.asarray(dataset_dict["train"].select(labeled)[metadata.label_column], dtype=np.float64)
+    values = values.reshape(len(labeled), -1)
+    if len(labeled) < 2:
+        raise JobError("standardize_targets needs at least 2 labelled rows")
+    mean, std = values.mean(axis=0), values.std(axis=0, ddof=1)
+    std = np.where(std > 0, std, 1.0)
+    return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+
+
+def build_model(args, schema, metadata, method_cls=None):
+    """The model: ``--model`` (a preset, folder or Hub id), checked against the data and the method,
+    then ``--init_from`` encoders (a report of loaded / skipped tensors is printed and returned)."""
+    from modeling_stil.presets import create_model
+
+    overrides = dict(args.model.model_overrides or {})
+    name = args.model.model
+    model = create_model(name, schema=schema, metadata=metadata, **overrides)
+    model = model.float()
+    check = getattr(model, "check_data_compatibility", None)
+    if check is not None:
+        check(schema, metadata)
+    if method_cls is not None:
+        check_modalities(model, method_cls, name)
+    return model
+
+
+def check_modalities(model, method_cls, model_name: str) -> None:
+    """A method that needs both modalities refuses a unimodal model with a one-line fix."""
+    needed = set(method_cls.required_modalities)
+    if not needed:
+        return
+    has = set(getattr(model, "input_modalities", ()) or ())
+    missing = sorted(needed - has)
+    if missing:
+        raise JobError(
+            f"method {method_cls.name!r} needs a model reading {sorted(needed)}, but --model {model_name} reads "
+            f"{sorted(has) or 'nothing'}; choose an image+tabular model (e.g. --model stil-tiny) and an image+tabular dataset"
+        )
+
+
+def write_run_files(args, output_dir: Path, info: dict[str, Any]) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    args.save_yaml(output_dir / "run_config.yaml")
+    tmp = output_dir / ".run_info.json.tmp"
+    tmp.write_text(json.dumps(info, indent=2, default=str))
+    os.replace(tmp, output_dir / "run_info.json")
+
+
+def check_output_dir(targs) -> None:
+    from . import checkpointing
+
+    out = Path(targs.output_dir)
+    if targs.resume_from_checkpoint or targs.overwrite_output_dir or not out.exists():
+        return
+    if checkpointing.list_checkpoints(checkpointing.checkpoints_root(out)) or (out / "config.json").exists():
+        raise FileExistsError(
+            f"output_dir {out} already holds a run; pass --resume_from_checkpoint latest to continue it, "
+            "--overwrite_output_dir to start again there, or choose another --output_dir"
+        )
+
+
+def assemble(args, accelerator):
+    """Dataset, labelled split, model (+ ``--init_from``), method (+ ``setup``) and loaders.
+
+    Returns a dict with every piece the loop and the export need."""
+    from accelerate.utils import set_seed
+
+    from ..methods.base import get_method_class
+
+    targs = args.training
+    source, dataset_dict, metadata, schema = prepare_dataset(args, accelerator)
+    method_cls = get_method_class(targs.method)
+    method_cls.check_task(metadata.task)
+    labeled = [] if method_cls.label_free else labeled_indices_for(args, dataset_dict, metadata)
+    set_seed(targs.seed)
+    model = build_model(args, schema, metadata, method_cls)
+    init_report = None
+    if args.model.init_from:
+        from ..pretrained_init import init_from_pretrained
+
+        init_report = init_from_pretrained(model, args.model.init_from)
+        accelerator.print(
+            f"--init_from {args.model.init_from}: loaded {len(init_report['loaded'])} tensors, skipped "
+            f"{len(init_report['skipped'])}, {len(init_report['not_initialised'])} of this model's tensors keep their initialisation"
+        )
+    target_stats = None
+    if args.data.standardize_targets:
+        if metadata.task == "classification":
+            raise JobError("standardize_targets is for regression and landmark data; drop it for classification")
+        target_stats = labeled_target_stats(dataset_dict, metadata, labeled)
+        model.config.target_mean = target_stats[0].tolist()  # travels with the export (original units)
+        model.config.target_std = target_stats[1].tolist()
+    method = method_cls(model, args.method)  # copies teachers from the initialised model
+    if not method_cls.label_free:
+        dataset_dict = apply_labeled_split(dataset_dict, metadata, labeled)
+    train_stream, eval_loaders = build_loaders(args, method, model.config, dataset_dict, metadata, schema, accelerator)
+    method.setup(data_info(args, train_stream, dataset_dict, metadata, accelerator, target_stats))
+    if args.model.init_from:
+        method_report = method.init_from_pretrained(args.model.init_from)
+        init_report["method_state"] = method_report
+        if method_report.get("loaded"):
+            accelerator.print(f"--init_from: restored {len(method_report['loaded'])} tensors of {targs.method}'s own state")
+    return {
+        "source": source, "dataset_dict": dataset_dict, "metadata": metadata, "schema": schema, "labeled": labeled,
+        "model": model, "method": method, "train_stream": train_stream, "eval_loaders": eval_loaders,
+        "target_stats": target_stats, "init_report": init_report,
+    }
+
+
+def build_and_train(args) -> dict[str, Any]:
+    """The whole job: data, model, method, loop, selection, test, export (+ reload check, upload)."""
+    import shutil
+
+    from accelerate.utils import set_seed
+
+    from .export import export_run
+    from .metrics import compute_metrics
+
+    targs = args.training
+    check_output_dir(targs)
+    accelerator = make_accelerator(args)
+    output_dir = Path(targs.output_dir)
+    if targs.overwrite_output_dir and not targs.resume_from_checkpoint and accelerator.is_main_process and output_dir.exists():
+        shutil.rmtree(output_dir)
+    accelerator.wait_for_everyone()
+    set_seed(targs.seed)
+
+    job = assemble(args, accelerator)
+    source, dataset_dict, metadata, schema = job["source"], job["dataset_dict"], job["metadata"], job["schema"]
+    model, method, labeled = job["model"], job["method"], job["labeled"]
+    fingerprint = ckpt.make_fingerprint(targs.method, model.config.to_dict(), dataset_fingerprint(source, dataset_dict, metadata, schema, labeled))
+    info = {
+        "seed": targs.seed,
+        "dataset": source,
+        "task": metadata.task,
+        "num_labels": metadata.num_labels,
+        "labeled_indices": labeled,
+        "split_sizes": {k: len(v) for k, v in dataset_dict.items()},
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        "device": str(accelerator.device),
+        "versions": library_versions(),
+        "git_commit": git_commit(Path(__file__).resolve().parents[2]),
+        "fingerprint": fingerprint,
+        "init_from": args.model.init_from,
+        "init_report": job["init_report"],
+    }
+    if accelerator.is_main_process:
+        write_run_files(args, output_dir, info)
+    if accelerator.trackers or resolve_trackers(targs.report_to):
+        accelerator.init_trackers(targs.run_name or output_dir.name, config=tracker_config(args.flat_dict()))
+
+    trainer = Trainer(
+        args, method, job["train_stream"], job["eval_loaders"], task=metadata.task, num_labels=metadata.num_labels,
+        fingerprint=fingerprint, compute_metrics=compute_metrics, accelerator=accelerator, run_info=info,
+        target_stats=job["target_stats"],
+    )
+    started = time.perf_counter()
+    results = trainer.train()
+    results["train_seconds"] = round(time.perf_counter() - started, 2)
+    if not results["finished"]:
+        accelerator.print(f"stopped at step {results['stopped_at_step']} (stop_after_steps); resume with --resume_from_checkpoint latest")
+        accelerator.end_training()
+        return results
+
+    best_step = trainer.load_best()
+    validation = trainer.evaluate("validation")
+    results["best_step"] = best_step
+    results["validation"] = validation
+    results["metric_for_best_model"] = trainer.best_metric_name
+    if "test" in job["eval_loaders"]:
+        results["test"] = trainer.test("test")
+    if accelerator.is_main_process:
+        trainer.write_plots()
+        accelerator.print(json.dumps({"best_step": best_step, "validation": validation, "test": results.get("test")}))
+
+    if targs.export:
+        export_run(trainer, args, metadata, source, results)
+    accelerator.end_training()
+    if targs.push_to_hub and accelerator.is_main_process:
+        from .hub import push_folder
+
+        commit = push_folder(output_dir, targs.hub_model_id, token=targs.hub_token, private=targs.hub_private,
+                             commit_message=f"stil {targs.method} run (seed {targs.seed})")
+        results["hub_commit"] = str(getattr(commit, "commit_url", commit))
+    return results
+
+
+def fit(recipe: str | os.PathLike | dict | None = None, **overrides) -> dict[str, Any]:
+    """Train from Python (notebooks) through the same path as ``train.py``.
+
+    ``recipe``: a recipe YAML path, a dict of recipe keys, or None (the defaults); ``overrides`` are
+    recipe keys too. Returns the results dict (best step, validation and test metrics, reload check)::
+
+        from modeling_stil.training import fit
+        results = fit("recipes/fixmatch_synthetic_multimodal.yaml", max_steps=50, output_dir="runs/nb")
+    """
+    from .arguments import parse_run_arguments
+
+    argv: list[str] = []
+    values: dict[str, Any] = {}
+    if isinstance(recipe, dict):
+        values.update(recipe)
+    elif recipe is not None:
+        argv.append(str(recipe))
+    values.update(overrides)
+    args = parse_run_arguments(argv + [item for key, value in values.items() for item in (f"--{key}", _cli_value(value))])
+    return build_and_train(args)
+
+
+def _cli_value(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return str(value)
