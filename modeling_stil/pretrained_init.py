@@ -84,9 +84,10 @@ def init_from_pretrained(model: nn.Module, source: str | Path) -> dict[str, list
             f"{_field_names(config)[:6]}...) than this data ({len(ours)} fields: {_field_names(own_config)[:6]}...); "
             "pretrain on this dataset (method tip_pretrain) or use a matching dataset"
         )
-    if same_family and config.get("num_labels", own_config.get("num_labels")) != own_config.get("num_labels"):
+    theirs_classes, ours_classes = len(config.get("id2label") or {}), len(own_config.get("id2label") or {})
+    if same_family and theirs_classes != ours_classes:
         raise InitFromError(
-            f"--init_from {source} has {config.get('num_labels')} classes but this data has {own_config.get('num_labels')}; "
+            f"--init_from {source} has {theirs_classes} classes but this model has {ours_classes}; "
             "initialise from a model of the same class count, or from a pretraining (tip_pretrain) run"
         )
 

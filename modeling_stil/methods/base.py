@@ -258,8 +258,22 @@ def register_method(cls: type[SSLMethod]) -> type[SSLMethod]:
 
 
 def get_method_class(name: str) -> type[SSLMethod]:
+    """A registered method by name, or a user's method given as ``package.module:ClassName`` (the
+    module is imported, which registers it; the class must subclass `SSLMethod`)."""
     from . import _import_all  # noqa: F401  (registers every built-in method)
 
+    if ":" in name and name not in METHODS:
+        import importlib
+
+        module_name, _, class_name = name.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError) as error:
+            raise KeyError(f"cannot load method {name!r} ({error}); give package.module:ClassName importable from PYTHONPATH") from None
+        if not (isinstance(cls, type) and issubclass(cls, SSLMethod)):
+            raise KeyError(f"{name!r} is not an SSLMethod subclass")
+        METHODS.setdefault(name, cls)
+        return cls
     if name not in METHODS:
         raise KeyError(f"unknown method {name!r}; available: {sorted(METHODS)}")
     return METHODS[name]
