@@ -61,3 +61,40 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         history = [json.loads(l) for l in (tmp_path / run / "logs" / "metrics.jsonl").read_text().splitlines()]
         train = [r for r in history if r["split"] == "train"]
         assert train and all(r["grad_norm"] > 0 for r in train)
+
+
+def _toy_bank_argv(out: Path, cache: Path, batch: int) -> list[str]:
+    # multimodal-concat-tiny: a timm test_resnet image encoder with BatchNorm, so each rank's running statistics differ until averaged
+    return [
+        str(ROOT / "train.py"), "--method", "tests.toy_methods:BankMethod", "--output_dir", str(out),
+        "--dataset_cache_dir", str(cache), "--synthetic_num_samples", "400", "--labeled_fraction", "0.5",
+        "--model", "multimodal-concat-tiny", "--mu", "2", "--max_steps", "4", "--eval_steps", "2",
+        "--per_device_train_batch_size", str(batch), "--per_device_eval_batch_size", "50", "--report_to", "none",
+        "--disable_tqdm", "true", "--seed", "5",
+    ]
+
+
+def test_two_processes_with_batchnorm_report_the_exported_model_and_keep_method_state(tmp_path):
+    """The issue's failing path: BN statistics differed per rank, so the reported metrics mixed two models.
+    Now they are averaged before evaluation and checkpoints: the run's test metrics equal the reloaded
+    export's (export_run checks it), and the method's own state (a bank written through state.gather,
+    per-class sums through state.reduce_sum) equals the one-process run on the same global batch."""
+    from safetensors.torch import load_file
+
+    cache = tmp_path / "cache"
+    single = _launch(_toy_bank_argv(tmp_path / "one", cache, 8), 1, tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = _launch(_toy_bank_argv(tmp_path / "two", cache, 4), 2, tmp_path)
+    assert double.returncode == 0, double.stderr[-3000:]
+    results = json.loads((tmp_path / "two" / "eval_results.json").read_text())
+    assert results["reload_check"]["matches"]
+    assert results["reload_check"]["metrics"]["accuracy"] == results["test"]["accuracy"]
+
+    a = load_file(tmp_path / "one" / "checkpoints" / "checkpoint-4" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "checkpoints" / "checkpoint-4" / "model.safetensors")
+    assert torch.count_nonzero(a["bank"]) > 0
+    torch.testing.assert_close(a["bank"], b["bank"])
+    torch.testing.assert_close(a["class_sums"], b["class_sums"])
+    # the BN running statistics in the checkpoint are one model's: every rank saved/evaluated the average
+    bn = [k for k in b if k.endswith("running_mean")]
+    assert bn, "the test needs a BatchNorm model"
