@@ -302,8 +302,36 @@ class Stil(SSLMethod):
         lam = self.args.lambda_0
         return lam * F.cross_entropy(logits, target) + (1 - lam) * F.cross_entropy(logits.T, target)
 
+    @staticmethod
+    def routes(case1, case2i, case2t, case3, r):
+        """Which unlabelled rows train each head (§3.6b): (multimodal, image, tabular)."""
+        return case1, case1 | case2t | (case3 & r), case1 | case2i | (case3 & ~r)
+
+    @staticmethod
+    def pgls(p, p_tilde, features_u, prototypes, rho: float, temperature: float, threshold: float):
+        """PGLS (§3.5): (p_bar, p_hat, mask, q) with q = softmax(h P^T / tau)."""
+        q = (features_u @ prototypes.T / temperature).softmax(dim=1)
+        p_bar = rho * p + (1 - rho) * q
+        p_hat = rho * p_tilde + (1 - rho) * q
+        mask = (p_hat.max(dim=1).values >= threshold).to(p_bar.dtype)
+        return p_bar, p_hat, mask, q
+
+    @torch.no_grad()
+    def accumulate_prototypes(self, features: torch.Tensor, y_hat: torch.Tensor, num_labeled: int, state: TrainState) -> None:
+        """§3.8: confident rows (max y_hat >= th1) add their (teacher) feature to their argmax class;
+        the first ``num_labeled`` rows count 1/R. Summed over processes with ``state.reduce_sum``."""
+        confident = (y_hat.max(dim=1).values >= self.args.th1).to(features.dtype)
+        onehot = F.one_hot(y_hat.argmax(dim=1), y_hat.shape[1]).to(features.dtype) * confident[:, None]
+        onehot[:num_labeled] = onehot[:num_labeled] / self.repeat_ratio
+        sums = state.reduce_sum(onehot.T @ features)
+        counts = state.reduce_sum(onehot.sum(dim=0)[:, None])
+        self.prototypes_sum += sums.to(self.prototypes_sum.dtype)
+        self.prototypes_count_sum += counts.to(self.prototypes_count_sum.dtype)
+
     # ------------------------------------------------------------------ the step
-    def training_step(self, labeled: dict, unlabeled: dict | None, state: TrainState):
+    def compute_terms(self, labeled: dict, unlabeled: dict, state: TrainState):
+        """-> (terms, logs): every loss term as a live tensor (tests take gradients of each) and the
+        detached logs. Also updates the teacher (once per step) and the prototype sums."""
         if unlabeled is None:
             raise ValueError("stil needs an unlabelled batch")
         a = self.args
@@ -331,39 +359,30 @@ class Stil(SSLMethod):
 
         # (a) supervised CE of the three heads on labelled rows
         zm, zi, zt = _f32(out.logits), _f32(out.image_logits), _f32(out.tabular_logits)
-        ce_m = F.cross_entropy(zm[:n_l], y)
-        ce_i = F.cross_entropy(zi[:n_l], y)
-        ce_t = F.cross_entropy(zt[:n_l], y)
-        loss_ce = ce_m + ce_i + ce_t
-
+        terms = {
+            "sup_loss_multimodal": F.cross_entropy(zm[:n_l], y),
+            "sup_loss_image": F.cross_entropy(zi[:n_l], y),
+            "sup_loss_tabular": F.cross_entropy(zt[:n_l], y),
+        }
         # (c) DCC: contrastive consistency of the shared features; (d) CLUB on pre-interaction specific
-        loss_cc = self._contrastive(h_i, h_t)
-        bound_i, est_i = self._club(self.CLUB_imaging, out.image_specific_pre, out.image_shared)
-        bound_t, est_t = self._club(self.CLUB_tabular, out.tabular_specific_pre, out.tabular_shared)
-        loss_ds = bound_i + est_i + bound_t + est_t
+        terms["loss_cc"] = self._contrastive(h_i, h_t)
+        terms["club_bound_image"], terms["club_estimator_image"] = self._club(self.CLUB_imaging, out.image_specific_pre, out.image_shared)
+        terms["club_bound_tabular"], terms["club_estimator_tabular"] = self._club(self.CLUB_tabular, out.tabular_specific_pre, out.tabular_shared)
 
         # CGPL + PGLS on the unlabelled rows (teacher, no gradient)
         with torch.no_grad():
             p, case1, case2i, case2t, case3 = self.cgpl(zm_T[n_l:], zi_T[n_l:], zt_T[n_l:])
             prototypes = self.prototypes.to(hT_m.dtype)
-            q = (hT_m[n_l:] @ prototypes.T / a.temperature).softmax(dim=1)
             p_tilde = zm_T[n_l:].softmax(dim=1)
             if self.DA is not None:
                 p_tilde = self.DA(p_tilde, state).to(p_tilde.dtype)
-            rho = a.rate_pseudo
-            p_bar = rho * p + (1 - rho) * q
-            p_hat = rho * p_tilde + (1 - rho) * q
-            mask = (p_hat.max(dim=1).values >= a.th1).to(p_bar.dtype)
-            r = self._coin_flips(n_u, p_bar.device)
-            route_m = case1
-            route_i = case1 | case2t | (case3 & r)
-            route_t = case1 | case2i | (case3 & ~r)
+            p_bar, p_hat, mask, _ = self.pgls(p, p_tilde, hT_m[n_l:], prototypes, a.rate_pseudo, a.temperature, a.th1)
+            route_m, route_i, route_t = self.routes(case1, case2i, case2t, case3, self._coin_flips(n_u, p_bar.device))
 
         # (b) unlabelled CE, each head's routed rows, normalised by B_u
-        u_m = (mask * route_m * soft_ce(zm[n_l:], p_bar)).mean()
-        u_i = (mask * route_i * soft_ce(zi[n_l:], p_bar)).mean()
-        u_t = (mask * route_t * soft_ce(zt[n_l:], p_bar)).mean()
-        loss_uce = u_m + u_i + u_t
+        terms["unsup_loss_multimodal"] = (mask * route_m * soft_ce(zm[n_l:], p_bar)).mean()
+        terms["unsup_loss_image"] = (mask * route_i * soft_ce(zi[n_l:], p_bar)).mean()
+        terms["unsup_loss_tabular"] = (mask * route_t * soft_ce(zt[n_l:], p_bar)).mean()
 
         # (e) prototype loss on student features against the detached prototypes
         with torch.no_grad():
@@ -371,47 +390,31 @@ class Stil(SSLMethod):
             confident = y_hat.max(dim=1).values >= a.th1
             hard = y_hat.argmax(dim=1)
         probs_pt = (h_m @ prototypes.T / a.temperature).softmax(dim=1)
-        loss_pt = (confident * -torch.log(probs_pt.gather(1, hard[:, None]).squeeze(1) + 1e-7)).mean()
+        terms["loss_pt"] = (confident * -torch.log(probs_pt.gather(1, hard[:, None]).squeeze(1) + 1e-7)).mean()
 
-        loss = a.alpha * loss_ce + a.beta * loss_cc + a.gamma * loss_ds
-        if active:
-            loss = loss + a.rate_pt * loss_pt + a.rate_uce * loss_uce
+        # prototype sums from teacher features, all rows of the step (§3.8)
+        self.accumulate_prototypes(hT_m, y_hat, n_l, state)
 
-        # prototype sums from teacher features (labelled rows down-weighted by R), all processes (§3.8)
-        with torch.no_grad():
-            onehot = F.one_hot(hard, p_bar.shape[1]).to(hT_m.dtype) * confident[:, None].to(hT_m.dtype)
-            weight = torch.ones(n_l + n_u, 1, dtype=hT_m.dtype, device=hT_m.device)
-            weight[:n_l] = 1.0 / self.repeat_ratio
-            onehot = onehot * weight
-            sums = state.reduce_sum(onehot.T @ hT_m)
-            counts = state.reduce_sum(onehot.sum(dim=0)[:, None])
-            self.prototypes_sum += sums.to(self.prototypes_sum.dtype)
-            self.prototypes_count_sum += counts.to(self.prototypes_count_sum.dtype)
-
-        logs = {
-            "loss": loss.detach(),
-            "sup_loss": loss_ce.detach(),
-            "sup_loss_multimodal": ce_m.detach(),
-            "sup_loss_image": ce_i.detach(),
-            "sup_loss_tabular": ce_t.detach(),
-            "loss_cc": loss_cc.detach(),
-            "club_bound_image": bound_i.detach(),
-            "club_estimator_image": est_i.detach(),
-            "club_bound_tabular": bound_t.detach(),
-            "club_estimator_tabular": est_t.detach(),
-            "loss_ds": loss_ds.detach(),
-            "loss_pt": loss_pt.detach(),
-            "unsup_loss": loss_uce.detach(),
-            "unsup_loss_multimodal": u_m.detach(),
-            "unsup_loss_image": u_i.detach(),
-            "unsup_loss_tabular": u_t.detach(),
-            "unsup_active": torch.tensor(float(active)),
-            "cgpl_case1": case1.float().mean(),
-            "cgpl_case2_image": case2i.float().mean(),
-            "cgpl_case2_tabular": case2t.float().mean(),
-            "cgpl_case3": case3.float().mean(),
-        }
+        logs = {k: v.detach() for k, v in terms.items()}
+        logs["sup_loss"] = logs["sup_loss_multimodal"] + logs["sup_loss_image"] + logs["sup_loss_tabular"]
+        logs["loss_ds"] = sum(logs[f"club_{part}_{mod}"] for part in ("bound", "estimator") for mod in ("image", "tabular"))
+        logs["unsup_loss"] = logs["unsup_loss_multimodal"] + logs["unsup_loss_image"] + logs["unsup_loss_tabular"]
+        logs["unsup_active"] = torch.tensor(float(active))
+        for name, case in (("cgpl_case1", case1), ("cgpl_case2_image", case2i), ("cgpl_case2_tabular", case2t), ("cgpl_case3", case3)):
+            logs[name] = case.float().mean()
         logs.update(pseudo_label_logs(p_bar.argmax(dim=1), mask, unlabeled.get("monitor_labels")))
+        return terms, logs
+
+    def training_step(self, labeled: dict, unlabeled: dict | None, state: TrainState):
+        a = self.args
+        terms, logs = self.compute_terms(labeled, unlabeled, state)
+        loss_ce = terms["sup_loss_multimodal"] + terms["sup_loss_image"] + terms["sup_loss_tabular"]
+        loss_ds = terms["club_bound_image"] + terms["club_estimator_image"] + terms["club_bound_tabular"] + terms["club_estimator_tabular"]
+        loss = a.alpha * loss_ce + a.beta * terms["loss_cc"] + a.gamma * loss_ds
+        if state.epoch > a.start_epoch:  # L_pt and L_uce switch on after start_epoch (§3.7)
+            loss_uce = terms["unsup_loss_multimodal"] + terms["unsup_loss_image"] + terms["unsup_loss_tabular"]
+            loss = loss + a.rate_pt * terms["loss_pt"] + a.rate_uce * loss_uce
+        logs["loss"] = loss.detach()
         return loss, logs
 
     # ------------------------------------------------------------------ hooks
