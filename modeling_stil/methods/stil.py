@@ -81,7 +81,7 @@ class StilArguments(MethodArguments):
     temperature: float = 0.1  # tau of L_cc, the prototype scores q and L_pt
     lambda_0: float = 0.5  # weight of the image->table direction of L_cc
     use_ema: bool = True  # EMA teacher; False: the student's own (detached) outputs are the teacher's
-    eman: bool = True  # EMAN: BN running statistics are averaged too (EMATeacher mode "state")
+    eman: bool = True  # EMAN: BN running statistics are averaged too (EMATeacher "state"); False: "parameters" (buffers copied)
     ema_momentum: float = 0.996  # teacher momentum m [0.4]
     distribution_alignment: bool = False  # the original's DA (256-batch queue on p_tilde); off in both configs
     projection_dim: int = 128  # P: width of the three projection heads and of the prototypes
