@@ -5,6 +5,7 @@ import importlib
 BUILTIN_METHOD_MODULES = [
     "supervised",
     "fixmatch",
+    "stil",
 ]
 
 for _module in BUILTIN_METHOD_MODULES:
