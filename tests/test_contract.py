@@ -262,6 +262,7 @@ def _method_cases():
 
 
 MODEL_FOR = {"multimodal": "multimodal-concat-tiny", "image": "image-tiny", "landmarks": "tcdcnn"}
+MODEL_FOR_METHOD = {"stil": "stil-tiny", "tip_pretrain": "tip-tiny"}
 # landmark runs need views that keep targets on the pixels
 TASK_ARGS = {"landmarks": ("--labeled_view", "translate")}
 
@@ -274,7 +275,7 @@ def test_monitor_labels_never_reach_any_loss(tmp_path, cache, name, task):
     from modeling_stil.training.trainer import make_accelerator
 
     cls = get_method_class(name)
-    model = getattr(cls, "test_model", None) or MODEL_FOR[task]
+    model = MODEL_FOR_METHOD.get(name) or MODEL_FOR[task]
     extra = TASK_ARGS.get(task, ()) if name == "supervised" else ()
     argv = base_argv(tmp_path / "run", cache, "--method", name, "--model", model, *extra, task=task)
     with fresh_accelerate_state():

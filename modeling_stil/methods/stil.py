@@ -430,8 +430,7 @@ class Stil(SSLMethod):
 
     @torch.no_grad()
     def evaluation_step(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
-        view = next(value for key, value in batch.items() if key in self.eval_views)
-        out = model(**model_inputs(view))
+        out = model(**self.eval_inputs(batch))
         return {"logits": out.logits, "image_logits": out.image_logits, "tabular_logits": out.tabular_logits}
 
     def eval_model(self) -> nn.Module:
