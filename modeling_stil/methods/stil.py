@@ -25,7 +25,8 @@ Where our hooks differ from Lightning's (decisions, see docs/methods.md "## stil
 
 * EMA timing: the original updates the teacher after the student forward and before the teacher
   forward of every step (§2.9). We do the same, inside ``training_step``, once per optimisation step
-  (guarded by ``ema_step``, a saved buffer, so gradient accumulation does not update it per micro-batch
+  (guarded by ``ema_step``, a saved buffer mirrored by a host-side int so the check costs no device
+  sync; gradient accumulation therefore does not update it per micro-batch
   and a resumed run continues exactly). ``after_optimizer_step`` therefore does nothing.
 * ``repeat_ratio`` R = max(num_unlabeled // (ratio * num_labeled) - 1, 1) with
   ratio = unlabeled_batch_size / labeled_batch_size (the original's ``unlabelled_ratio`` = 7 is the
@@ -183,6 +184,7 @@ class Stil(SSLMethod):
         self.CLUB_tabular = CLUBMean(d, d, d)
         self.ema = EMATeacher(model, mode="state" if a.eman else "parameters") if a.use_ema else None
         self.register_buffer("ema_step", torch.tensor(-1, dtype=torch.long))  # last step the teacher was updated
+        self._ema_step_host: int | None = None  # the same on the host (None: read the buffer once)
         self.repeat_ratio = int(a.repeat_ratio or 1)
         self.DA = None
         num_labels = int(getattr(bare.config, "num_labels", 0) or 0)
@@ -348,9 +350,12 @@ class Stil(SSLMethod):
         # after this forward), then an eval-mode forward on the same tensors (§2.9, §3.3)
         with torch.no_grad():
             if self.ema is not None:
-                if int(self.ema_step) != state.step:
+                if self._ema_step_host is None:  # first step of this process (fresh or resumed): one read
+                    self._ema_step_host = int(self.ema_step)
+                if self._ema_step_host != state.step:
                     self.ema.update(self.model, a.ema_momentum)
                     self.ema_step.fill_(state.step)
+                    self._ema_step_host = state.step
                 t_out = self.ema(**inputs)
             else:
                 t_out = out

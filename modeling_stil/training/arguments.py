@@ -126,6 +126,10 @@ class TrainingArguments:
     lr_gamma: float = _help("multistep: decay factor at each milestone", default=0.1)
     lr_scheduler_interval: Literal["step", "epoch"] = _help("update the learning rate every step or every epoch", default="step")
     warmup: float = _help("linear warm-up: a fraction of max_steps if < 1, else a number of steps", default=0.05)
+    warmup_epochs: float | None = _help(
+        "linear warm-up in epochs (overrides warmup; the originals' 'warmup_epochs: 10' with an epoch-wise schedule)",
+        default=None,
+    )
     mixed_precision: Literal["no", "fp16", "bf16"] | None = _help(
         "autocast precision; None: the accelerate config / launcher decides", default=None
     )

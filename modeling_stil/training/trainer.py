@@ -187,6 +187,8 @@ class Trainer:
         optimizer = build_optimizer(method, self.targs, acc.device.type)
         warmup = self.targs.warmup
         warmup_steps = int(round(warmup * self.max_steps)) if warmup < 1 else int(warmup)
+        if self.targs.warmup_epochs is not None:
+            warmup_steps = int(round(self.targs.warmup_epochs * self.steps_per_epoch))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
             lr_lambda_factory(self.targs.lr_scheduler, self.max_steps, warmup_steps, self.targs.lr_scheduler_interval,
