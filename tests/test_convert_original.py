@@ -515,3 +515,32 @@ def test_cli_refuses_and_converts(stil_ckpt, tmp_path, capsys):
     model = StilModel.from_pretrained(tmp_path / "cli")
     assert model.config.field_lengths == LENGTHS and model.config.num_labels == C
     assert (tmp_path / "cli" / METHOD_STATE_FILENAME).is_file()
+
+
+def test_converted_stil_checkpoint_continues_with_init_from(stil_ckpt, tmp_path):
+    """The --init_from path of a run: a freshly built STiL model and method receive the converted
+    student (every tensor, same family), EMA teacher, projectors, CLUB estimators and prototypes."""
+    from modeling_stil.methods.base import DataInfo
+    from modeling_stil.methods.stil import Stil, StilArguments
+    from modeling_stil.pretrained_init import init_from_pretrained
+
+    path, lengths_file, state = stil_ckpt
+    convert_stil_checkpoint(path, str(lengths_file), tmp_path / "out", num_classes=C, weights="student",
+                            interaction_num_heads=INTER_HEADS, **TINY_OVERRIDES)
+    torch.manual_seed(0)
+    fresh = StilModel(StilModel.from_pretrained(tmp_path / "out").config)  # what build_model makes: random weights
+    report = init_from_pretrained(fresh, tmp_path / "out")
+    assert not report["not_initialised"]
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, state["model." + key]), key
+
+    method = Stil(fresh, StilArguments(projection_dim=8, unimodal_projector="linear"))
+    method.setup(DataInfo(num_labeled=10, num_unlabeled=70, labeled_batch_size=2, unlabeled_batch_size=14, num_labels=C))
+    restored = method.init_from_pretrained(str(tmp_path / "out"))
+    assert restored["loaded"]
+    own = method.state_dict()
+    for key, value in state.items():
+        if key.startswith("ema."):
+            assert torch.equal(own["ema.module." + key[4:]], value), key
+        elif key.startswith(("projector_", "CLUB_")) or key in ("prototypes", "prototypes_sum", "prototypes_count_sum"):
+            assert torch.equal(own[key].to(value.dtype), value), key

@@ -334,7 +334,10 @@ def assemble(args, accelerator):
         target_stats = labeled_target_stats(dataset_dict, metadata, labeled)
         model.config.target_mean = target_stats[0].tolist()  # travels with the export (original units)
         model.config.target_std = target_stats[1].tolist()
-    method = method_cls(model, args.method)  # copies teachers from the initialised model
+    try:
+        method = method_cls(model, args.method)  # copies teachers from the initialised model
+    except ValueError as error:  # the method refuses this model (heads, modalities): a one-line error
+        raise JobError(str(error)) from None
     if not method_cls.label_free:
         dataset_dict = apply_labeled_split(dataset_dict, metadata, labeled)
     train_stream, eval_loaders = build_loaders(args, method, model.config, dataset_dict, metadata, schema, accelerator)
