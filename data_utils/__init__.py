@@ -1,10 +1,10 @@
 """Data layer: schema, dataset IO, builders, semi-supervised splits, views and loaders."""
 
-from .io import DatasetMetadata, load_dataset, save_dataset
+from .io import DatasetError, DatasetMetadata, load_dataset, save_dataset
 from .schema import SchemaError, TabularField, TabularSchema
 from .splits import SplitError, check_labeled_split, select_labeled
 
 __all__ = [
-    "DatasetMetadata", "load_dataset", "save_dataset", "SchemaError", "TabularField", "TabularSchema",
+    "DatasetError", "DatasetMetadata", "load_dataset", "save_dataset", "SchemaError", "TabularField", "TabularSchema",
     "SplitError", "check_labeled_split", "select_labeled",
 ]

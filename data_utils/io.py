@@ -103,39 +103,131 @@ def save_dataset(
     return Path(output_dir)
 
 
+class DatasetError(ValueError, FileNotFoundError):
+    """A dataset argument that cannot be loaded: no such folder or Hub dataset, a folder that is not a
+    stil dataset, or an unreadable file in one. The message names the path and what a dataset must
+    look like. Also a ``FileNotFoundError`` so callers that catch that (train.py, scripts/evaluate.py)
+    print the one line instead of a traceback."""
+
+
+DATASET_LAYOUT = (
+    "a dataset is either a local folder written by scripts/prepare_dataset.py, scripts/make_synthetic.py "
+    f"or a data_utils builder (scripts/build_*.py) -- a DatasetDict.save_to_disk folder (dataset_dict.json "
+    f"and one folder per split) plus {METADATA_FILENAME} (and {SCHEMA_FILENAME} for tabular data) -- "
+    "or a Hub dataset id 'owner/name' whose repository holds such a DatasetDict and its metadata files"
+)
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """'owner/name' or 'name' as the Hub spells repository ids (no local-path syntax)."""
+    import re
+
+    if name.startswith((".", "/", "~")) or "\\" in name or name.endswith("/"):
+        return False
+    parts = name.split("/")
+    return 1 <= len(parts) <= 2 and all(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}", p) for p in parts) and ".." not in name
+
+
+def _folder_contents(path: Path, limit: int = 6) -> str:
+    try:
+        names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    except OSError:
+        return "unreadable"
+    if not names:
+        return "empty"
+    return "holds " + ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _read_json(file: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise DatasetError(f"cannot read the {what} {file}: {error}; {DATASET_LAYOUT}") from error
+    if not isinstance(data, dict):
+        raise DatasetError(f"the {what} {file} does not hold a JSON object; {DATASET_LAYOUT}")
+    return data
+
+
+def _local_dataset(path: Path):
+    import datasets
+
+    if not path.is_dir():
+        kind = "a file" if path.is_file() else "not a folder"
+        hint = (
+            "; to train on a table, turn it into a dataset with scripts/prepare_dataset.py --table"
+            if path.suffix.lower() in (".csv", ".parquet", ".tsv", ".json", ".jsonl") else ""
+        )
+        raise DatasetError(f"dataset {str(path)!r} is {kind}, not a dataset folder{hint}; {DATASET_LAYOUT}")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise DatasetError(f"dataset folder {path} is not readable (permissions); {DATASET_LAYOUT}")
+    if not (path / METADATA_FILENAME).is_file():
+        saved = (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+        what = "a datasets save_to_disk folder without stil metadata" if saved else f"{_folder_contents(path)}"
+        raise DatasetError(
+            f"{path} is not a stil dataset (no {METADATA_FILENAME}; the folder is {what}); {DATASET_LAYOUT}"
+        )
+    metadata_dict = _read_json(path / METADATA_FILENAME, "dataset metadata")
+    try:
+        dataset_dict = datasets.load_from_disk(str(path))
+    except (OSError, ValueError, KeyError) as error:
+        raise DatasetError(
+            f"cannot read the dataset splits in {path} ({type(error).__name__}: {error}); {DATASET_LAYOUT}"
+        ) from error
+    return dataset_dict, path, metadata_dict
+
+
+def _hub_dataset(name: str, revision: str | None):
+    import datasets
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
+
+    if not _looks_like_hub_id(name):
+        raise DatasetError(f"dataset {name!r} not found: no such folder, and not a Hub dataset id; {DATASET_LAYOUT}")
+    try:
+        root = Path(
+            snapshot_download(name, repo_type="dataset", revision=revision, allow_patterns=[METADATA_FILENAME, SCHEMA_FILENAME])
+        )
+    except LocalEntryNotFoundError as error:
+        raise DatasetError(
+            f"dataset {name!r} is neither a local folder nor a reachable Hub dataset (offline, or not in the "
+            f"Hub cache: {type(error).__name__}); {DATASET_LAYOUT}"
+        ) from error
+    except (HFValidationError, HfHubHTTPError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DatasetError(f"dataset {name!r} is not a local folder and the Hub refused it ({first}); {DATASET_LAYOUT}") from error
+    metadata_file = root / METADATA_FILENAME
+    metadata_dict = _read_json(metadata_file, "dataset metadata") if metadata_file.is_file() else {}
+    try:
+        dataset_dict = datasets.load_dataset(name, revision=revision)
+    except (OSError, ValueError) as error:
+        raise DatasetError(f"cannot load the Hub dataset {name!r} ({type(error).__name__}: {error}); {DATASET_LAYOUT}") from error
+    return dataset_dict, root, metadata_dict
+
+
 def load_dataset(path_or_repo: str | os.PathLike, revision: str | None = None):
     """Load a stil dataset from a local folder or a Hub dataset repository.
 
-    Returns ``(DatasetDict, DatasetMetadata, TabularSchema | None)``.
+    Returns ``(DatasetDict, DatasetMetadata, TabularSchema | None)``. Raises `DatasetError` (one line
+    naming the path and what a dataset must look like) for a missing path, a folder that is not a
+    stil dataset, or an unreadable file.
     """
-    import datasets
-
-    path = Path(path_or_repo)
+    path = Path(path_or_repo).expanduser()
     if path.exists():
-        if not (path / METADATA_FILENAME).is_file():
-            raise FileNotFoundError(
-                f"{path} is not a stil dataset (no {METADATA_FILENAME}); create one with "
-                "scripts/prepare_dataset.py or scripts/make_synthetic.py"
-            )
-        dataset_dict = datasets.load_from_disk(str(path))
-        root = path
+        dataset_dict, root, metadata_dict = _local_dataset(path)
     else:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
+        dataset_dict, root, metadata_dict = _hub_dataset(str(path_or_repo), revision)
+    try:
+        metadata = DatasetMetadata.from_dict(metadata_dict)
+    except (TypeError, ValueError) as error:
+        raise DatasetError(f"invalid dataset metadata {root / METADATA_FILENAME}: {error}; {DATASET_LAYOUT}") from error
+    schema = None
+    if (root / SCHEMA_FILENAME).is_file():
+        from .schema import SchemaError
 
         try:
-            root = Path(
-                snapshot_download(
-                    str(path_or_repo), repo_type="dataset", revision=revision,
-                    allow_patterns=[METADATA_FILENAME, SCHEMA_FILENAME],
-                )
-            )
-        except LocalEntryNotFoundError as error:
-            raise FileNotFoundError(
-                f"{path_or_repo!r} is neither a local folder nor a reachable Hub dataset (offline?): {error}"
-            ) from error
-        dataset_dict = datasets.load_dataset(str(path_or_repo), revision=revision)
-    metadata_file = root / METADATA_FILENAME
-    metadata = DatasetMetadata.from_dict(json.loads(metadata_file.read_text())) if metadata_file.is_file() else DatasetMetadata()
-    schema = TabularSchema.load(root) if (root / SCHEMA_FILENAME).is_file() else None
+            schema = TabularSchema.load(root)
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+            if isinstance(error, SchemaError):
+                raise
+            raise DatasetError(f"cannot read the tabular schema {root / SCHEMA_FILENAME}: {error}; {DATASET_LAYOUT}") from error
     return dataset_dict, metadata, schema

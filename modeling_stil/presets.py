@@ -12,6 +12,12 @@
   ``model.check_data_compatibility(schema, metadata)``;
 * an unknown name raises listing the available presets and the close matches.
 
+The model follows the data: ``default_preset_for(schema, metadata, required_modalities=..., task=...)``
+names the preset to use when none is given (image+tabular -> ``multimodal-concat-tiny``, image-only ->
+``image-tiny``, tabular-only -> ``tabular-tiny``, landmarks -> ``tcdcnn``), and
+``check_preset_fits(name, schema, metadata, required_modalities)`` raises a one-line ValueError that
+names the presets which DO fit (``use --model image-tiny or --model ...``).
+
 Presets reproducing the papers (``stil-dvm``, ``tip-dvm``, ``multimodal-concat``, ``mmatch``,
 ``image-resnet50``...) use the originals' pixel scaling (images in [0, 1], mean 0 / std 1) and 128 px;
 ``wrn-28-2`` uses CIFAR-10 statistics at 32 px; ``tcdcnn`` 60 px grayscale in [0, 1]. ``*-tiny``
@@ -54,10 +60,27 @@ class Preset:
     def uses_images(self) -> bool:
         return self.family != "tabular"
 
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(m for m, used in (("image", self.uses_images), ("tabular", self.uses_tabular)) if used)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """Dataset tasks (DatasetMetadata.task) the family's network is built for."""
+        return FAMILY_TASKS.get(self.family, ("classification", "regression", "landmarks"))
+
 
 def _baseline(name, family, config_class, model_class, defaults, description, module="baselines"):
     return Preset(name, family, f"configuration_{module}", config_class, f"modeling_{module}", model_class, defaults, description)
 
+
+# families restricted to some tasks (the others handle classification, regression and landmarks)
+FAMILY_TASKS = {
+    "stil": ("classification",),
+    "tip": ("classification",),
+    "wrn": ("classification",),
+    "tcdcnn": ("landmarks", "regression"),
+}
 
 _IMG = ("ImageClassifierConfig", "StilImageClassifier")
 _TAB = ("TabularClassifierConfig", "StilTabularClassifier")
@@ -197,4 +220,133 @@ def create_model(name_or_path, *, schema=None, metadata=None, **overrides):
     return model
 
 
-__all__ = ["PRESETS", "ALIASES", "Preset", "create_model", "list_presets", "preset_config"]
+# --------------------------------------------------------------------------------- model follows data
+# The preset `default_preset_for` picks per kind of data, in order of preference; tiny presets first, as
+# for the CLI default (multimodal-concat-tiny). Any other preset that fits comes after these.
+_DEFAULTS = {
+    ("image", "tabular"): ("multimodal-concat-tiny", "mmatch-tiny", "multimodal-tip-tiny", "stil-tiny"),
+    ("image",): ("image-tiny", "wrn-tiny"),
+    ("tabular",): ("tabular-tiny",),
+}
+_LANDMARK_DEFAULTS = ("tcdcnn", "image-tiny")
+MODALITIES = ("image", "tabular")
+
+
+def _as_dict(metadata) -> dict[str, Any]:
+    if metadata is None:
+        return {}
+    return dict(metadata) if isinstance(metadata, Mapping) else metadata.to_dict()
+
+
+def data_modalities(schema, metadata) -> tuple[str, ...]:
+    """The modalities a dataset holds: ``image`` (an image column) and/or ``tabular`` (a schema)."""
+    meta = _as_dict(metadata)
+    has_images = meta.get("image_column", "image") is not None if meta else False
+    return tuple(m for m, held in (("image", has_images), ("tabular", schema is not None)) if held)
+
+
+def _describe(modalities: tuple[str, ...], task: str) -> str:
+    kind = {("image", "tabular"): "image+tabular", ("image",): "image-only", ("tabular",): "tabular-only"}
+    return f"{kind.get(tuple(modalities), 'no image and no tabular')} {task} data"
+
+
+def _check_modalities(required_modalities) -> tuple[str, ...]:
+    required = tuple(required_modalities or ())
+    unknown = [m for m in required if m not in MODALITIES]
+    if unknown:
+        raise ValueError(f"unknown modalities {unknown}: required_modalities may name {MODALITIES}")
+    return required
+
+
+def preset_misfit(name: str, schema=None, metadata=None, required_modalities=(), task: str | None = None) -> list[str]:
+    """Why preset ``name`` does not fit the data (empty: it fits). Builds only the config."""
+    from .configuration_common import data_differences  # noqa: PLC0415
+
+    preset = _resolve(name)
+    meta = _as_dict(metadata)
+    task = task or meta.get("task", "classification")
+    reasons = []
+    missing = [m for m in _check_modalities(required_modalities) if m not in preset.modalities]
+    if missing:
+        reasons.append(f"the method needs {' and '.join(missing)} input, which {preset.name} does not read")
+    if task not in preset.tasks:
+        reasons.append(f"{preset.name} is built for {'/'.join(preset.tasks)}, not {task}")
+    held = data_modalities(schema, meta)
+    if preset.uses_tabular and "tabular" not in held:
+        reasons.append(f"{preset.name} reads tabular fields but the data has no tabular schema")
+    if preset.uses_images and meta and "image" not in held:
+        reasons.append(f"{preset.name} needs images but the data has no image column")
+    if reasons:
+        return reasons
+    if meta and meta.get("task", task) != task:
+        meta = dict(meta, task=task)
+    try:
+        config = preset_config(name, schema=schema, metadata=meta or None)
+    except (ValueError, TypeError, KeyError) as error:
+        return [f"{preset.name} cannot be built for this data ({error})"]
+    return data_differences(config, schema, meta or None)
+
+
+def fitting_presets(schema=None, metadata=None, *, required_modalities=(), task: str | None = None) -> list[str]:
+    """Every preset that fits the data, the preferred (`default_preset_for`) first."""
+    meta = _as_dict(metadata)
+    task = task or meta.get("task", "classification")
+    held = data_modalities(schema, meta)
+    preferred = list(_LANDMARK_DEFAULTS if task in ("landmarks", "regression") and held == ("image",) else ())
+    preferred += list(_DEFAULTS.get(held, ()))
+    # presets that read every modality the data holds come before those that ignore one
+    rest = sorted(PRESETS, key=lambda n: (set(PRESETS[n].modalities) != set(held), not n.endswith("-tiny")))
+    order = list(dict.fromkeys(preferred + rest))
+    return [n for n in order if not preset_misfit(n, schema, meta, required_modalities, task)]
+
+
+def default_preset_for(schema=None, metadata=None, *, required_modalities=(), task: str | None = None) -> str:
+    """The preset to use for this data when none is named.
+
+    ``schema``: TabularSchema/dict or None (no tabular data); ``metadata``: DatasetMetadata/dict (task,
+    image column, labels); ``required_modalities``: what the method needs, e.g. ``("image", "tabular")``;
+    ``task``: overrides ``metadata.task``. image+tabular -> ``multimodal-concat-tiny``, image-only ->
+    ``image-tiny``, tabular-only -> ``tabular-tiny``, landmarks (grayscale) -> ``tcdcnn``. Raises
+    ValueError when no preset fits (e.g. the method needs tabular input and the data has none)."""
+    meta = _as_dict(metadata)
+    task = task or meta.get("task", "classification")
+    required = _check_modalities(required_modalities)
+    held = data_modalities(schema, meta)
+    lacking = [m for m in required if m not in held]
+    if lacking:
+        raise ValueError(
+            f"the method needs {' and '.join(required)} input but the dataset is {_describe(held, task)} "
+            f"(no {' and no '.join(lacking)}); use a dataset with {' and '.join(lacking)} or a method that does not need it"
+        )
+    found = fitting_presets(schema, meta, required_modalities=required, task=task)
+    if not found:
+        raise ValueError(f"no preset fits {_describe(held, task)}; presets: {', '.join(sorted(PRESETS))}")
+    return found[0]
+
+
+def check_preset_fits(name: str, schema=None, metadata=None, required_modalities=()) -> None:
+    """Raise a one-line ValueError when preset ``name`` does not fit the data (or the method's
+    ``required_modalities``), naming the presets that do as CLI flags. A name that is not a preset (a
+    saved folder, a Hub id) is left to ``model.check_data_compatibility``."""
+    if str(name) not in PRESETS and str(name) not in ALIASES:
+        return
+    reasons = preset_misfit(str(name), schema, metadata, required_modalities)
+    if not reasons:
+        return
+    meta = _as_dict(metadata)
+    task = meta.get("task", "classification")
+    held = data_modalities(schema, meta)
+    lacking = [m for m in required_modalities if m not in held]
+    if lacking:
+        advice = f"and this dataset has no {' and no '.join(lacking)} input: use a dataset with it or another method"
+    else:
+        fits = fitting_presets(schema, meta, required_modalities=required_modalities)
+        advice = "use " + " or ".join(f"--model {n}" for n in fits[:4]) if fits else f"no preset fits {_describe(held, task)}"
+    reason = "; ".join(r.replace("\n", " ") for r in reasons)
+    raise ValueError(f"model {name!r} does not fit this {_describe(held, task)}: {reason}; {advice}")
+
+
+__all__ = [
+    "PRESETS", "ALIASES", "Preset", "create_model", "list_presets", "preset_config", "default_preset_for",
+    "check_preset_fits", "fitting_presets", "preset_misfit", "data_modalities",
+]

@@ -1,15 +1,24 @@
 """Checkpoints: atomic ``accelerator.save_state`` folders, rotation (last K + best), compatibility.
 
 Layout: ``<output_dir>/checkpoints/checkpoint-<step>/`` holds what ``save_state`` writes (the method
-module = model + teachers/banks/buffers, optimizer, scheduler, every rank's RNG states, the
-registered `TrainerProgress`) plus ``trainer_state.json`` (human-readable copy of the progress and
-the run fingerprint). A checkpoint is first written to ``.checkpoint-<step>.partial`` and renamed
-into place only when every rank has finished, so a crash never leaves a half checkpoint that
-``--resume_from_checkpoint latest`` would pick up.
+module = model + teachers/banks/buffers as ``model.safetensors``, optimizer and scheduler state dicts,
+every rank's RNG states) plus ``trainer_state.json``: the `TrainerProgress` (loop position, best
+checkpoint, run fingerprint) as JSON. A checkpoint is first written to ``.checkpoint-<step>.partial``
+and renamed into place only when every rank has finished, so a crash never leaves a half checkpoint
+that ``--resume_from_checkpoint latest`` would pick up.
+
+Loading is safe (`load_checkpoint`): no file is unpickled with ``weights_only=False``, so a
+checkpoint folder from elsewhere cannot run code. Weights come from safetensors; optimizer,
+scheduler and RNG states through ``torch.load(weights_only=True)`` (tensors, numbers, strings,
+numpy arrays only); the progress from ``trainer_state.json``. Accelerate also writes the registered
+progress as ``custom_checkpoint_0.pkl`` (so a plain ``accelerator.load_state`` still works); stil
+never reads it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -21,6 +30,7 @@ from typing import Any
 
 CHECKPOINTS_DIRNAME = "checkpoints"
 STATE_FILENAME = "trainer_state.json"
+RNG_STATE_PATTERN = "random_states_{}.pkl"  # accelerate's name; a torch.save zip read with weights_only=True
 _PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -139,7 +149,9 @@ def check_compatible(path: str | os.PathLike, fingerprint: dict[str, Any]) -> di
 
 
 def save_checkpoint(accelerator, output_dir: str | os.PathLike, progress: TrainerProgress, extra: dict[str, Any] | None = None) -> Path:
-    """Atomically write ``checkpoints/checkpoint-<step>`` with ``accelerator.save_state``.
+    """Atomically write ``checkpoints/checkpoint-<step>`` with ``accelerator.save_state`` (model as
+    safetensors) plus ``trainer_state.json`` (``progress`` and ``extra`` as JSON); read it back with
+    `load_checkpoint`.
 
     Must be called on every process (each rank writes its RNG state)."""
     root = checkpoints_root(output_dir)
@@ -153,8 +165,8 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, progress: Traine
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = progress.state_dict()
-        state.update(extra or {})
+        state = dict(extra or {})
+        state.update(progress.state_dict())  # the progress is what load_checkpoint restores: it wins
         (partial / STATE_FILENAME).write_text(json.dumps(state, indent=2, default=str))
         if final.exists():  # same step saved twice (e.g. best + periodic): keep the newer
             trash = root / f".checkpoint-{progress.step}.old"
@@ -166,6 +178,72 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, progress: Traine
             partial.rename(final)
     accelerator.wait_for_everyone()
     return final
+
+
+def _safe_load(file: str | os.PathLike, **kwargs):
+    """``torch.load(weights_only=True)`` with accelerate's allow-list (numpy arrays/dtypes for RNG states)."""
+    from accelerate.utils import load
+
+    kwargs["weights_only"] = True
+    return load(file, **kwargs)
+
+
+@contextlib.contextmanager
+def _safe_custom_states(progress: TrainerProgress | None):
+    """During ``accelerator.load_state``: skip the pickled `TrainerProgress` (restored from JSON) and
+    read any other registered object with ``weights_only=True`` (accelerate uses ``weights_only=False``)."""
+    import accelerate.accelerator as accelerator_module
+
+    if not hasattr(accelerator_module, "load_custom_state"):
+        raise RuntimeError(
+            "this accelerate version loads registered objects differently; stil cannot guarantee a "
+            "checkpoint is read without unpickling code (pin accelerate to the version in pyproject.toml)"
+        )
+    real = accelerator_module.load_custom_state
+
+    def load_custom_state(obj, path, index=0):
+        if obj is progress:
+            return
+        obj.load_state_dict(_safe_load(Path(path) / f"custom_checkpoint_{index}.pkl", map_location="cpu"))
+
+    accelerator_module.load_custom_state = load_custom_state
+    try:
+        yield
+    finally:
+        accelerator_module.load_custom_state = real
+
+
+def load_checkpoint(accelerator, path: str | os.PathLike, progress: TrainerProgress) -> None:
+    """Restore a `save_checkpoint` folder into the prepared objects, the RNGs and ``progress``
+    without unpickling anything that could run code (see the module docstring).
+
+    Must be called on every process. Raises `IncompatibleCheckpointError` when the folder is not a
+    checkpoint or a file holds more than tensors/numbers (e.g. a pickled object)."""
+    import pickle
+
+    path = Path(path)
+    if not (path / STATE_FILENAME).is_file():
+        raise IncompatibleCheckpointError(f"{path} is not a stil checkpoint (no {STATE_FILENAME})")
+    state = read_checkpoint_state(path)
+    rng_file = path / RNG_STATE_PATTERN.format(accelerator.process_index)
+    try:
+        # accelerate skips RNG states it cannot read with only a log line: an exact resume needs them
+        _safe_load(rng_file)
+    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError) as error:
+        raise IncompatibleCheckpointError(
+            f"cannot restore the random states from {rng_file} with weights_only=True ({type(error).__name__}: "
+            f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}); an exact resume needs them"
+        ) from error
+    try:
+        with _safe_custom_states(progress):
+            accelerator.load_state(str(path), load_kwargs={"weights_only": True})
+    except pickle.UnpicklingError as error:
+        raise IncompatibleCheckpointError(
+            f"{path} holds a file that is not plain tensors/numbers (refused by torch.load(weights_only=True)): "
+            f"{str(error).strip().splitlines()[0]}"
+        ) from error
+    known = {f.name for f in dataclasses.fields(TrainerProgress)}
+    progress.load_state_dict({k: v for k, v in state.items() if k in known})
 
 
 def rotate_checkpoints(output_dir: str | os.PathLike, keep_last: int | None, protect: set[str] | None = None) -> list[Path]:
