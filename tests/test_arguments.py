@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_no_arguments_is_the_default_job():
     run = parse_run_arguments([])
     assert run.training.method == "supervised"
-    assert run.model.model == "multimodal-concat-tiny"
+    assert run.model.model is None  # the model follows the data and the method (multimodal-concat-tiny here)
     assert run.data.dataset is None and run.data.synthetic_task == "multimodal"
     assert type(run.method).__name__ == "SupervisedArguments"
     assert run.training.report_to == ["tensorboard"]

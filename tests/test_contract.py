@@ -417,3 +417,26 @@ def test_fit_runs_the_train_py_path_from_python(tmp_path, cache):
                       per_device_train_batch_size=4, max_steps=3, eval_steps=3, report_to="none", disable_tqdm=True)
     assert results["finished"] and results["reload_check"]["matches"]
     assert math.isfinite(results["test"]["accuracy"])
+
+
+def test_the_model_follows_the_data_and_the_method(tmp_path, cache):
+    """No --model: image-only data gets an image preset (it used to stop with a tabular-schema error),
+    STiL gets its own network, and a preset that does not fit names the ones that do."""
+    out = tmp_path / "img"
+    assert run_train(base_argv(out, cache, "--method", "supervised", "--max_steps", "1", "--eval_steps", "1",
+                               task="image")) == 0
+    assert json.loads((out / "config.json").read_text())["model_type"] != "stil"
+    import yaml
+
+    assert yaml.safe_load((out / "run_config.yaml").read_text())["model"] == "image-tiny"
+    out = tmp_path / "stil"
+    assert run_train(base_argv(out, cache, "--method", "stil", "--max_steps", "1", "--eval_steps", "1")) == 0
+    assert json.loads((out / "config.json").read_text())["model_type"] == "stil"
+
+
+def test_a_preset_that_does_not_fit_names_the_fitting_ones(tmp_path, cache, capsys):
+    code = run_train(base_argv(tmp_path / "x", cache, "--method", "supervised", "--model", "multimodal-concat-tiny",
+                               task="image"))
+    assert code == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train.py")]
+    assert len(err) == 1 and "--model image-tiny" in err[0]

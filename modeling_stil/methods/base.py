@@ -145,6 +145,8 @@ class SSLMethod(nn.Module):
     supported_tasks: ClassVar[tuple[str, ...]] = (TASK_CLASSIFICATION,)
     # model families the method needs (checked before training): e.g. ("image", "tabular")
     required_modalities: ClassVar[tuple[str, ...]] = ()
+    # preset used when the recipe names no model and it fits the data (e.g. "stil-tiny")
+    preferred_model: ClassVar[str | None] = None
     # optimisation steps per iteration with the same optimizer; >1 for meta-learning (L2I)
     num_phases: ClassVar[int] = 1
     # view the evaluation loaders produce: {view key: recipe}; evaluation_step reads it

@@ -162,6 +162,7 @@ class Stil(SSLMethod):
         "epoch": "unlabeled",  # Lightning max_size_cycle: one pass over the unlabelled loader
     }
     required_modalities = ("image", "tabular")
+    preferred_model = "stil-tiny"  # without --model (synthetic data); real data: stil-dvm / stil-cardiac
 
     def __init__(self, model, args: StilArguments | None = None):
         super().__init__(model, args)

@@ -25,7 +25,7 @@ from typing import Any, Literal, Sequence
 import yaml
 
 DEFAULT_METHOD = "supervised"
-DEFAULT_MODEL = "multimodal-concat-tiny"
+DEFAULT_MODEL = None  # the model follows the data and the method (job.choose_model)
 DEFAULT_SYNTHETIC_TASK = "multimodal"
 
 
@@ -86,7 +86,11 @@ class DataArguments:
 
 @dataclass
 class ModelArguments:
-    model: str = _help("preset name (modeling_stil.presets), local folder or Hub id", default=DEFAULT_MODEL)
+    model: str | None = _help(
+        "preset name (modeling_stil.presets), local folder or Hub id. None: a preset that fits the data and the "
+        "method (the method's preferred model, else image / tabular / image+tabular / landmarks by the data)",
+        default=None,
+    )
     model_overrides: dict | None = _help(
         "config overrides passed to create_model, e.g. --model_overrides '{hidden_size: 32}'", default=None
     )

@@ -257,7 +257,7 @@ def build_model(args, schema, metadata, method_cls=None):
     from modeling_stil.presets import create_model
 
     overrides = dict(args.model.model_overrides or {})
-    name = args.model.model
+    name = choose_model(args, schema, metadata, method_cls)
     model = create_model(name, schema=schema, metadata=metadata, **overrides)
     model = model.float()
     check = getattr(model, "check_data_compatibility", None)
@@ -266,6 +266,29 @@ def build_model(args, schema, metadata, method_cls=None):
     if method_cls is not None:
         check_modalities(model, method_cls, name)
     return model
+
+
+def choose_model(args, schema, metadata, method_cls=None) -> str:
+    """``--model``, checked against the data; without it, the method's preferred preset when it fits
+    the data, else a preset that fits the data and the method's modalities (modeling_stil.presets)."""
+    from modeling_stil.presets import check_preset_fits, default_preset_for, preset_misfit
+
+    required = tuple(method_cls.required_modalities) if method_cls is not None else ()
+    name = args.model.model
+    try:
+        if name is None:
+            preferred = getattr(method_cls, "preferred_model", None)
+            if preferred and not preset_misfit(preferred, schema, metadata, required):
+                name = preferred
+            else:
+                name = default_preset_for(schema, metadata, required_modalities=required)
+            args.model.model = name  # recorded in run_config.yaml as what was really used
+        else:
+            check_preset_fits(name, schema, metadata, required_modalities=required)
+    except ValueError as error:
+        method = f"method {method_cls.name!r}: " if method_cls is not None else ""
+        raise JobError(f"{method}{error}") from None
+    return name
 
 
 def check_modalities(model, method_cls, model_name: str) -> None:

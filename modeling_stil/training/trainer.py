@@ -242,7 +242,7 @@ class Trainer:
         path = ckpt.resolve_checkpoint(spec, self.output_dir)
         ckpt.check_compatible(path, self.progress.fingerprint)
         fingerprint = dict(self.progress.fingerprint)
-        self.accelerator.load_state(str(path))
+        ckpt.load_checkpoint(self.accelerator, path, self.progress)
         self.progress.fingerprint = fingerprint
         self.last_checkpoint = path
         self.jsonl.truncate_after(self.progress.step)
@@ -532,7 +532,7 @@ class Trainer:
             raise FileNotFoundError(f"best checkpoint {path} is missing")
         if self.progress.best_step != self.progress.step:
             snapshot = self.progress.state_dict()
-            self.accelerator.load_state(str(path))
+            ckpt.load_checkpoint(self.accelerator, path, self.progress)
             self.progress.load_state_dict(snapshot)
         return self.progress.best_step
 
