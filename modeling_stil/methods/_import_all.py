@@ -6,6 +6,7 @@ BUILTIN_METHOD_MODULES = [
     "supervised",
     "fixmatch",
     "stil",
+    "tip_pretrain",
 ]
 
 for _module in BUILTIN_METHOD_MODULES:

@@ -440,9 +440,13 @@ def build_and_train(args) -> dict[str, Any]:
     results["metric_for_best_model"] = trainer.best_metric_name
     if "test" in job["eval_loaders"]:
         results["test"] = trainer.test("test")
+    if hasattr(method, "probe_features"):
+        results["probe"] = representation_probe(args, job, trainer)
+        trainer._log("probe", results["probe"])
     if accelerator.is_main_process:
         trainer.write_plots()
-        accelerator.print(json.dumps({"best_step": best_step, "validation": validation, "test": results.get("test")}))
+        accelerator.print(json.dumps({"best_step": best_step, "validation": validation, "test": results.get("test"),
+                                      **({"probe": results["probe"]} if "probe" in results else {})}))
 
     if targs.export:
         export_run(trainer, args, metadata, source, results)
@@ -454,6 +458,51 @@ def build_and_train(args) -> dict[str, Any]:
                              commit_message=f"stil {targs.method} run (seed {targs.seed})")
         results["hub_commit"] = str(getattr(commit, "commit_url", commit))
     return results
+
+
+def representation_probe(args, job: dict, trainer: Trainer) -> dict[str, float]:
+    """For pretraining methods (``probe_features``): a linear probe on the selected encoders, fitted on
+    the labelled train rows and scored on the test split (validation if none), so a user sees whether
+    the representation is useful before starting STiL from it."""
+    from data_utils.loaders import build_eval_loader
+    from data_utils.views import ViewConfig
+
+    metadata, dataset_dict = job["metadata"], job["dataset_dict"]
+    if metadata.task != "classification" or metadata.label_column not in dataset_dict["train"].column_names:
+        return {}
+    labeled = labeled_indices_for(args, dataset_dict, metadata)
+    method, acc = trainer.unwrapped, trainer.accelerator
+    model = method.eval_model()
+    view_config = ViewConfig.from_model_config(model.config, preset=args.data.view_preset, seed=args.training.seed)
+    probe_data = dataset_dict.copy()
+    probe_data["probe"] = dataset_dict["train"].select(labeled)
+    held_out = "test" if "test" in dataset_dict else "validation"
+
+    def features(split):
+        loader = build_eval_loader(probe_data, metadata, job["schema"], split, args.training.per_device_eval_batch_size,
+                                   view_config, views=dict(method.eval_views))
+        xs, ys = [], []
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            for batch in loader:
+                batch = _move_to(batch, acc.device)
+                xs.append(method.probe_features(model, batch).float().cpu())
+                ys.append(batch["labels"].cpu())
+        model.train(was_training)
+        return torch.cat(xs).numpy(), torch.cat(ys).numpy()
+
+    from .probe import linear_probe_accuracy
+
+    x_train, y_train = features("probe")
+    x_eval, y_eval = features(held_out)
+    return {**linear_probe_accuracy(x_train, y_train, x_eval, y_eval), "probe_split": held_out}
+
+
+def _move_to(batch, device):
+    from accelerate.utils import send_to_device
+
+    return send_to_device(batch, device)
 
 
 def fit(recipe: str | os.PathLike | dict | None = None, **overrides) -> dict[str, Any]:
