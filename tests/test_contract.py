@@ -255,7 +255,7 @@ def _method_cases():
             kind = {"multimodal": "classification", "image": "classification", "landmarks": "landmarks"}[task]
             if kind not in cls.supported_tasks:
                 continue
-            if task == "image" and "tabular" in cls.required_modalities:
+            if task in ("image", "landmarks") and "tabular" in cls.required_modalities:
                 continue
             cases.append((name, task))
     return cases
