@@ -149,3 +149,18 @@ def test_every_field_has_help():
     for cls in (DataArguments, ModelArguments, TrainingArguments):
         for f in dataclasses.fields(cls):
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
+
+
+def test_every_recipe_parses_and_names_a_real_method_and_model():
+    from modeling_stil.presets import list_presets
+
+    presets = set(list_presets())
+    for recipe in sorted((ROOT / "recipes").glob("*.yaml")):
+        run = parse_run_arguments([str(recipe)])
+        assert run.model.model is None or run.model.model in presets, recipe.name
+        if run.model.init_from:  # STiL starts from the TIP run its recipe names
+            assert run.training.method == "stil", recipe.name
+    names = {p.stem for p in (ROOT / "recipes").glob("*.yaml")}
+    for dataset in ("dvm_1pct", "dvm_10pct", "ukbb_cad_1pct", "ukbb_cad_10pct", "ukbb_infarction_1pct", "ukbb_infarction_10pct"):
+        assert f"stil_{dataset}" in names
+    assert {"tip_dvm", "tip_ukbb", "tip_synthetic", "stil_synthetic"} <= names
