@@ -98,3 +98,19 @@ def test_two_processes_with_batchnorm_report_the_exported_model_and_keep_method_
     # the BN running statistics in the checkpoint are one model's: every rank saved/evaluated the average
     bn = [k for k in b if k.endswith("running_mean")]
     assert bn, "the test needs a BatchNorm model"
+
+
+@pytest.mark.parametrize("method, extra", [("stil", ["--mu", "2", "--start_epoch", "-1", "--th1", "0.0"]), ("tip_pretrain", [])])
+def test_stil_and_tip_train_on_two_processes(tmp_path, method, extra):
+    """accelerate launch --num_processes 2 --cpu: STiL (prototype sums reduced across processes,
+    teacher, three heads) and TIP (label-free stream) finish, and the reported test metrics are the
+    reloaded export's."""
+    argv = [str(ROOT / "train.py"), "--method", method, "--output_dir", str(tmp_path / "run"),
+            "--dataset_cache_dir", str(tmp_path / "cache"), "--synthetic_num_samples", "300", "--labeled_fraction", "0.2",
+            "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "32", "--max_steps", "3",
+            "--eval_steps", "3", "--report_to", "none", "--disable_tqdm", "true", *extra]
+    done = _launch(argv, 2, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "eval_results.json").read_text())
+    assert results["reload_check"]["matches"]
+    assert json.loads((tmp_path / "run" / "run_info.json").read_text())["num_processes"] == 2
