@@ -82,8 +82,118 @@ def prepare_dataset(args, accelerator) -> tuple[str, Any, Any, Any]:
                     labeled_fraction=data.labeled_fraction if data.labeled_fraction is not None else 0.1,
                 )
         source = str(path)
-    dataset_dict, metadata, schema = load_dataset(source)
+    dataset_dict, metadata, schema = load_dataset_or_explain(source, synthetic=data.dataset is None)
+    dataset_dict = check_images(dataset_dict, metadata, data.bad_images, accelerator)
     return source, dataset_dict, metadata, schema
+
+
+def load_dataset_or_explain(source: str, synthetic: bool = False):
+    """``data_utils.io.load_dataset`` with a one-line error naming the unreadable split/file and how
+    to rebuild it, instead of a pyarrow traceback."""
+    from data_utils.io import load_dataset
+
+    try:
+        return load_dataset(source)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # pyarrow.lib.ArrowInvalid / ArrowIOError, OSError, a damaged JSON file
+        import pyarrow as pa
+
+        if not isinstance(error, (pa.ArrowException, OSError, ValueError)):
+            raise
+        bad = unreadable_dataset_files(source)
+        where = ", ".join(bad[:5]) if bad else "one of its files"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        fix = (f"delete {source} and run again: the synthetic dataset is rebuilt" if synthetic else
+               "rebuild it with the script that made it (scripts/prepare_dataset.py, scripts/build_*.py, "
+               "scripts/make_synthetic.py) or copy it again from its origin")
+        raise JobError(f"dataset {source} is damaged: cannot read {where} ({type(error).__name__}: {reason}); {fix}") from None
+
+
+def unreadable_dataset_files(source: str) -> list[str]:
+    """Files of a ``save_to_disk`` folder that do not parse (arrow streams, JSON), as 'split/file' paths."""
+    import pyarrow as pa
+
+    root = Path(source)
+    if not root.is_dir():
+        return []
+    bad = []
+    for path in sorted(root.rglob("*")):
+        if not path.is_file():
+            continue
+        try:
+            if path.suffix == ".arrow":
+                with pa.memory_map(str(path)) as handle:
+                    pa.ipc.open_stream(handle).read_all()
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+        except Exception:  # noqa: BLE001 -- any failure means this file is the damaged one
+            bad.append(str(path.relative_to(root)))
+    return bad
+
+
+def check_images(dataset_dict, metadata, mode: str, accelerator=None):
+    """Decode every stored image once before training (``--bad_images``): 'error' refuses the run
+    listing the unreadable rows (split, row, reason); 'skip' drops them with a warning.
+
+    Returns the dataset dict (without the bad rows in 'skip' mode)."""
+    import io as _io
+
+    import numpy as np
+    from PIL import Image
+
+    column = getattr(metadata, "image_column", None)
+    if column is None:
+        return dataset_dict
+    problems: dict[str, list[tuple[int, str]]] = {}
+    for split, ds in dataset_dict.items():
+        if column not in ds.column_names:
+            continue
+        raw = ds.select_columns([column])
+        feature = raw.features[column]
+        if hasattr(feature, "decode"):
+            import datasets
+
+            raw = raw.cast_column(column, datasets.Image(decode=False))
+        for row, value in enumerate(raw[column]):
+            try:
+                if value is None:
+                    raise ValueError("no image")
+                if isinstance(value, dict):
+                    data, path = value.get("bytes"), value.get("path")
+                    handle = Image.open(_io.BytesIO(data)) if data is not None else Image.open(path)
+                elif isinstance(value, (bytes, bytearray)):
+                    handle = Image.open(_io.BytesIO(value))
+                elif isinstance(value, str):
+                    handle = Image.open(value)
+                else:
+                    handle = value
+                with handle:
+                    handle.load()
+            except Exception as error:  # noqa: BLE001 -- PIL raises many types for a damaged image
+                reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                problems.setdefault(split, []).append((row, f"{type(error).__name__}: {reason}"))
+    if not problems:
+        return dataset_dict
+    total = sum(len(v) for v in problems.values())
+    listing = "; ".join(f"{split} row {row}: {reason}" for split, rows in problems.items() for row, reason in rows[:5])
+    if mode != "skip":
+        raise JobError(
+            f"{total} stored image(s) cannot be decoded ({listing}{' ...' if total > 5 else ''}); repair or rebuild the "
+            "dataset, or pass --bad_images skip to drop those rows"
+        )
+    dataset_dict = dataset_dict.copy() if hasattr(dataset_dict, "copy") else dict(dataset_dict)
+    for split, rows in problems.items():
+        ds = dataset_dict[split]
+        if split == "train" and metadata.labeled_column not in ds.column_names and metadata.labeled_indices is not None:
+            mask = np.zeros(len(ds), dtype=bool)
+            mask[np.asarray(metadata.labeled_indices, dtype=np.int64)] = True
+            ds = ds.add_column(metadata.labeled_column, mask.tolist())  # positions change below
+        bad = {row for row, _ in rows}
+        dataset_dict[split] = ds.select([i for i in range(len(ds)) if i not in bad])
+    message = f"warning: --bad_images skip: dropped {total} row(s) whose image cannot be decoded ({listing})"
+    (accelerator.print if accelerator is not None else print)(message)
+    return dataset_dict
 
 
 def labeled_indices_for(args, dataset_dict, metadata) -> list[int]:
@@ -256,16 +366,58 @@ def build_model(args, schema, metadata, method_cls=None):
     then ``--init_from`` encoders (a report of loaded / skipped tensors is printed and returned)."""
     from modeling_stil.presets import create_model
 
+    from modeling_stil.configuration_common import DataCompatibilityError
+
     overrides = dict(args.model.model_overrides or {})
     name = args.model.model
-    model = create_model(name, schema=schema, metadata=metadata, **overrides)
+    try:
+        model = create_model(name, schema=schema, metadata=metadata, **overrides)
+    except DataCompatibilityError:
+        raise
+    except (ValueError, KeyError, TypeError) as error:  # unknown preset, bad override: one line, no traceback
+        text = error.args[0] if error.args else str(error)
+        raise JobError(f"--model {name}: {text}") from None
     model = model.float()
     check = getattr(model, "check_data_compatibility", None)
     if check is not None:
         check(schema, metadata)
+    check_data_modalities(model, name, schema, metadata)
     if method_cls is not None:
         check_modalities(model, method_cls, name)
+        check_prediction_head(model, method_cls, name)
     return model
+
+
+def check_data_modalities(model, model_name: str, schema, metadata) -> None:
+    """The model's inputs must exist in the data, also when the data states no schema at all
+    (image-only data has none: a tabular model would otherwise fail inside its encoder at step 0)."""
+    reads = set(getattr(model, "input_modalities", ()) or ())
+    has = set()
+    if getattr(metadata, "image_column", "image") is not None:
+        has.add("image")
+    if schema is not None:
+        has.add("tabular")
+    missing = sorted(reads - has)
+    if missing and reads:
+        kind = "+".join(sorted(has)) or "no"
+        suggestion = {"image": "an image model (e.g. --model image-tiny)", "tabular": "a tabular model (e.g. --model tabular-tiny)",
+                      "image+tabular": "an image+tabular model (e.g. --model multimodal-concat-tiny)"}.get(kind, "a matching model")
+        raise JobError(
+            f"--model {model_name} reads {'+'.join(sorted(reads))} inputs but the dataset has {kind}-only data "
+            f"(no {' and no '.join(missing)} input); choose {suggestion} or an image+tabular dataset"
+        )
+
+
+def check_prediction_head(model, method_cls, model_name: str) -> None:
+    """A method that trains on labels needs a model with a prediction head (``logits``); pretraining
+    networks (TipModel: ``_needs_labels = False``) have none."""
+    if method_cls.label_free or getattr(model, "_needs_labels", True):
+        return
+    raise JobError(
+        f"--model {model_name} is a pretraining network without a prediction head (its outputs have no logits), "
+        f"but method {method_cls.name!r} trains on labels; choose a classifier (e.g. --model multimodal-tip-tiny or "
+        f"stil-tiny), or pretrain with a label-free method and start a classifier from it with --init_from"
+    )
 
 
 def check_modalities(model, method_cls, model_name: str) -> None:
