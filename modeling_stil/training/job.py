@@ -227,9 +227,34 @@ def labeled_indices_for(args, dataset_dict, metadata) -> list[int]:
     return [int(i) for i in indices]
 
 
+def dataset_content_digest(source: str) -> str:
+    """A digest of a dataset folder's content, not its path: a moved or copied dataset has the same one.
+
+    Each data/metadata file contributes its path inside the folder, its size and a hash of its first
+    and last MiB (cheap on large datasets; a rebuilt or edited dataset differs). A Hub id is its own name."""
+    import hashlib
+
+    root = Path(source)
+    if not root.is_dir():
+        return str(source)
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        name = path.name
+        if not path.is_file() or name.startswith((".", "cache-")) or path.suffix not in (".arrow", ".json", ".parquet"):
+            continue
+        size = path.stat().st_size
+        h.update(f"{path.relative_to(root).as_posix()}\0{size}\0".encode())
+        with path.open("rb") as handle:
+            h.update(handle.read(1 << 20))
+            if size > 2 << 20:
+                handle.seek(size - (1 << 20))
+                h.update(handle.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
 def dataset_fingerprint(source: str, dataset_dict, metadata, schema, labeled: list[int]) -> dict[str, Any]:
     return {
-        "source": str(Path(source).resolve()) if Path(source).exists() else source,
+        "content": dataset_content_digest(source),
         "task": metadata.task,
         "num_labels": metadata.num_labels,
         "split_sizes": {k: len(v) for k, v in dataset_dict.items()},
@@ -442,17 +467,147 @@ def write_run_files(args, output_dir: Path, info: dict[str, Any]) -> None:
     os.replace(tmp, output_dir / "run_info.json")
 
 
+# What a run writes into its output_dir (and --overwrite_output_dir may remove): nothing else is touched.
+RUN_DIRS = ("checkpoints", "logs", "plots")
+RUN_FILES = ("run_config.yaml", "run_info.json", "config.json", "generation_config.json", "model.safetensors",
+             "model.safetensors.index.json", "processor_config.json", "eval_results.json", "method_state.safetensors")
+
+
+def _is_run_output(path: Path) -> bool:
+    name = path.name
+    if path.is_dir():
+        return name in RUN_DIRS
+    if name in RUN_FILES or name.endswith(".tmp") or (name.startswith("model-") and name.endswith(".safetensors")):
+        return True
+    if name.endswith(".py"):  # the export's custom-code copies (auto_map): files of modeling_stil
+        return (Path(__file__).resolve().parents[1] / name).is_file()
+    if name == "README.md":  # the model card, not a user's README
+        head = path.read_text(errors="replace")[:2000]
+        return head.startswith("---") and "stil" in head
+    return False
+
+
+def output_dir_contents(out: Path) -> tuple[list[Path], list[Path]]:
+    """(entries a run writes, foreign entries) at the top of ``out``."""
+    if not out.is_dir():
+        return [], []
+    entries = sorted(out.iterdir())
+    ours = [p for p in entries if _is_run_output(p)]
+    return ours, [p for p in entries if p not in ours]
+
+
+def clean_output_dir(out: Path) -> list[Path]:
+    """--overwrite_output_dir: remove what a previous run wrote, and only that."""
+    import shutil
+
+    ours, _ = output_dir_contents(out)
+    for path in ours:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return ours
+
+
 def check_output_dir(targs) -> None:
     from . import checkpointing
 
     out = Path(targs.output_dir)
-    if targs.resume_from_checkpoint or targs.overwrite_output_dir or not out.exists():
+    if targs.resume_from_checkpoint or not out.exists():
+        return
+    if targs.overwrite_output_dir:
+        ours, foreign = output_dir_contents(out)
+        if ours and foreign and not targs.allow_foreign_files:
+            raise FileExistsError(
+                f"--overwrite_output_dir would remove the previous run in {out}, which also holds files a run does not "
+                f"write: {', '.join(p.name for p in foreign[:10])}{' ...' if len(foreign) > 10 else ''}; move them, "
+                "choose another --output_dir, or pass --allow_foreign_files true (they are kept; only the run's "
+                "checkpoints, logs, plots, run files and export are removed)"
+            )
         return
     if checkpointing.list_checkpoints(checkpointing.checkpoints_root(out)) or (out / "config.json").exists():
         raise FileExistsError(
             f"output_dir {out} already holds a run; pass --resume_from_checkpoint latest to continue it, "
             "--overwrite_output_dir to start again there, or choose another --output_dir"
         )
+
+
+# Settings a resumed run may change: they are applied from the resume on (with a warning). Every other
+# setting shapes the optimisation (optimizer, schedule, data stream, method) and must stay as it was.
+APPLIED_ON_RESUME = frozenset({
+    "resume_from_checkpoint", "stop_after_steps", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
+    "report_to", "run_name", "disable_tqdm", "plots", "export", "push_to_hub", "hub_model_id", "hub_private",
+    "hub_token", "dataloader_num_workers", "per_device_eval_batch_size", "max_eval_samples", "overwrite_output_dir",
+    "allow_foreign_files", "output_dir", "dataset", "dataset_cache_dir", "bad_images", "torch_compile",
+    "channels_last", "find_unused_parameters", "mixed_precision",
+})
+SCHEDULE_KEYS = ("max_steps", "num_train_epochs")
+
+
+def preflight_resume(args) -> dict[str, Any] | None:
+    """Check a resume before anything is loaded or written (a refused resume leaves the run untouched).
+
+    Compares this run's settings with the run being resumed (its run_config.yaml): settings in
+    `APPLIED_ON_RESUME` may change (returned, and warned about); any other change is refused, since
+    the optimizer, the schedule and the data stream are restored from the checkpoint and would
+    silently ignore it. Raising max_steps is refused with how to continue (a new run ``--init_from``
+    the export): the learning-rate schedule is tied to max_steps and has ended. Also compares the
+    method and the dataset's content (not its path) with the checkpoint's fingerprint."""
+    import yaml
+
+    targs = args.training
+    if not targs.resume_from_checkpoint:
+        return None
+    path = ckpt.resolve_checkpoint(targs.resume_from_checkpoint, targs.output_dir)
+    saved = ckpt.read_checkpoint_state(path)
+    fingerprint = saved.get("fingerprint") or {}
+    problems = []
+    if fingerprint.get("method") not in (None, targs.method):
+        problems.append(f"method: checkpoint {fingerprint.get('method')!r}, this run {targs.method!r}")
+    run_config = path.parent.parent / "run_config.yaml"
+    previous = yaml.safe_load(run_config.read_text()) if run_config.is_file() else None
+    current = args.flat_dict()
+    changed: dict[str, tuple[Any, Any]] = {}
+    if isinstance(previous, dict):
+        for key, value in current.items():
+            if key in previous and previous[key] != value:
+                changed[key] = (previous[key], value)
+    elif targs.max_steps > 0 and saved.get("max_steps") not in (None, targs.max_steps):
+        changed["max_steps"] = (saved.get("max_steps"), targs.max_steps)
+    schedule = {k: v for k, v in changed.items() if k in SCHEDULE_KEYS}
+    refused = {k: v for k, v in changed.items() if k not in APPLIED_ON_RESUME and k not in SCHEDULE_KEYS and k != "method"}
+    applied = {k: v for k, v in changed.items() if k in APPLIED_ON_RESUME and k not in ("resume_from_checkpoint", "overwrite_output_dir")}
+    description = fingerprint.get("dataset_description") or {}
+    source = args.data.dataset or str(synthetic_dataset_path(args.data))
+    if "content" in description and Path(source).exists():
+        content = dataset_content_digest(source)
+        if content != description["content"]:
+            problems.append(f"dataset: {source} has other content than the dataset the checkpoint was trained on "
+                            f"(content digest {content} vs {description['content']})")
+    if refused:
+        problems.append(
+            "settings differ from the run being resumed (the checkpoint restores the optimizer, schedule, data "
+            "stream and method state, so they would be ignored): "
+            + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(refused.items()))
+            + "; resume with the original values, or start a new run (another --output_dir, --init_from "
+            f"{targs.output_dir} to start from its export)"
+        )
+    if schedule:
+        step = (saved.get("step") if isinstance(saved.get("step"), int) else "?")
+        problems.append(
+            "the schedule length changed (" + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(schedule.items()))
+            + f"): the learning-rate schedule is tied to it (the checkpoint is at step {step}; a finished cosine "
+            "schedule would go on at learning rate 0). To train longer, start a new run from this one's export: "
+            f"--init_from {targs.output_dir} --max_steps N --output_dir NEW_DIR"
+        )
+    if problems:
+        raise ckpt.IncompatibleCheckpointError(
+            f"cannot resume from {path}:\n  " + "\n  ".join(problems)
+        )
+    if applied:
+        print("resume: applying changed settings from here on: "
+              + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(applied.items())))
+    return {"checkpoint": str(path), "changed_settings": {k: list(v) for k, v in applied.items()}}
 
 
 def assemble(args, accelerator):
@@ -505,8 +660,6 @@ def assemble(args, accelerator):
 
 def build_and_train(args) -> dict[str, Any]:
     """The whole job: data, model, method, loop, selection, test, export (+ reload check, upload)."""
-    import shutil
-
     from accelerate.utils import set_seed
 
     from .export import export_run
@@ -514,17 +667,20 @@ def build_and_train(args) -> dict[str, Any]:
 
     targs = args.training
     check_output_dir(targs)
+    resume = preflight_resume(args)  # settings, method, dataset content: before anything is built or written
     accelerator = make_accelerator(args)
     output_dir = Path(targs.output_dir)
-    if targs.overwrite_output_dir and not targs.resume_from_checkpoint and accelerator.is_main_process and output_dir.exists():
-        shutil.rmtree(output_dir)
-    accelerator.wait_for_everyone()
     set_seed(targs.seed)
 
     job = assemble(args, accelerator)
     source, dataset_dict, metadata, schema = job["source"], job["dataset_dict"], job["metadata"], job["schema"]
     model, method, labeled = job["model"], job["method"], job["labeled"]
     fingerprint = ckpt.make_fingerprint(targs.method, model.config.to_dict(), dataset_fingerprint(source, dataset_dict, metadata, schema, labeled))
+    if resume is not None:  # the whole fingerprint (architecture, labelled split) before run files are rewritten
+        ckpt.check_compatible(resume["checkpoint"], fingerprint)
+    elif targs.overwrite_output_dir and accelerator.is_main_process and output_dir.exists():
+        clean_output_dir(output_dir)  # only what a run writes; validated by check_output_dir
+    accelerator.wait_for_everyone()
     info = {
         "seed": targs.seed,
         "dataset": source,
@@ -541,6 +697,9 @@ def build_and_train(args) -> dict[str, Any]:
         "init_from": args.model.init_from,
         "init_report": job["init_report"],
     }
+    if resume is not None:
+        info["resumed_from"] = resume["checkpoint"]
+        info["changed_on_resume"] = resume["changed_settings"]
     if accelerator.is_main_process:
         write_run_files(args, output_dir, info)
     if accelerator.trackers or resolve_trackers(targs.report_to):

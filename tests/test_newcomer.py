@@ -1,0 +1,205 @@
+"""A new user's first session (issue: fresh clone, synthetic multimodal data, fixmatch, a few steps):
+help, one-line errors, overwrite_output_dir, refused and changed resumes, moved datasets, predict.py's
+bad rows, the NaN guard's good checkpoint, the model card and Hugging Face conventions."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests._helpers import ROOT, load_script, run_train
+
+
+def argv(out: Path, cache: Path, *extra: str) -> list[str]:
+    """A tiny fixmatch run on the synthetic multimodal data; ``extra`` flags replace defaults."""
+    values = {
+        "output_dir": str(out), "dataset_cache_dir": str(cache), "synthetic_num_samples": "300",
+        "labeled_fraction": "0.2", "mu": "2", "method": "fixmatch", "per_device_train_batch_size": "4",
+        "per_device_eval_batch_size": "64", "max_steps": "4", "eval_steps": "2", "logging_steps": "2",
+        "learning_rate": "0.01", "report_to": "none", "disable_tqdm": "true", "seed": "3",
+    }
+    for flag, value in zip(extra[::2], extra[1::2]):
+        values[flag.lstrip("-")] = value
+    return [item for key, value in values.items() for item in (f"--{key}", value)]
+
+
+def train(args: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = run_train(args)
+    return code, out.getvalue(), err.getvalue()
+
+
+def one_error_line(code: int, stderr: str) -> str:
+    assert code == 1, stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = [l for l in stderr.splitlines() if l.startswith("train.py: error:")]
+    assert len(lines) == 1, stderr[-3000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("newcomer_cache")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, cache):
+    """A finished 4-step fixmatch run (checkpoints at 2 and 4, export)."""
+    out = tmp_path_factory.mktemp("newcomer") / "run"
+    code, _, err = train(argv(out, cache))
+    assert code == 0, err[-3000:]
+    return out
+
+
+def snapshot(folder: Path) -> dict[str, float]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+# ------------------------------------------------------------------------------------------- item 7
+def test_help_goes_to_stdout_with_choices_and_the_method_arguments():
+    code, out, err = train(["--method", "fixmatch", "--help"])
+    assert code == 0 and err == ""
+    assert "--optimizer {adamw,adam,sgd}" in out and "--mixed_precision {no,fp16,bf16} or None" in out
+    assert "training arguments:" in out and "data arguments:" in out
+    assert "method arguments (fixmatch):" in out and "--threshold" in out
+    code, out, _ = train(["-h"])
+    assert code == 0 and "--method fixmatch --help" in out and "fixmatch" in out
+
+
+# ------------------------------------------------------------------------------------------- item 6
+@pytest.mark.parametrize("extra, expected", [
+    (("--model", "image-tny"), "unknown model 'image-tny'"),
+    (("--model", "tip-tiny", "--method", "supervised"), "without a prediction head"),
+    (("--model", "stil-tiny", "--method", "supervised", "--synthetic_task", "image"), "image-only data"),
+])
+def test_model_mistakes_are_one_line_before_any_file(tmp_path, cache, extra, expected):
+    out = tmp_path / "run"
+    line = one_error_line(*train(argv(out, cache, *extra))[::2])
+    assert expected in line
+    assert not out.exists(), sorted(p.name for p in out.iterdir())
+
+
+def _copy_synthetic(cache: Path, target: Path) -> Path:
+    """A copy of the synthetic dataset the tiny runs use (built into the cache when absent)."""
+    from data_utils.synthetic import make_synthetic_dataset
+
+    source = cache / "synthetic-multimodal-n300-s32-l0.2"
+    if not source.exists():
+        make_synthetic_dataset("multimodal", source, num_samples=300, image_size=32, labeled_fraction=0.2)
+    shutil.copytree(source, target)
+    return target
+
+
+def test_undecodable_image_is_named_before_training_or_skipped(tmp_path, cache):
+    import datasets
+
+    from data_utils.io import load_dataset
+
+    data = _copy_synthetic(cache, tmp_path / "ds")
+    dd, metadata, schema = load_dataset(data)
+    train_split = dd["train"].cast_column("image", datasets.Image(decode=False))
+    rows = train_split.to_list()
+    rows[7]["image"] = {"bytes": b"not a png", "path": None}
+    features = train_split.features
+    broken = datasets.Dataset.from_list(rows, features=features).cast_column("image", datasets.Image())
+    dd["train"] = broken
+    from data_utils.io import save_dataset
+
+    bad = tmp_path / "bad"
+    save_dataset(dd, bad, metadata, schema)
+    line = one_error_line(*train(argv(tmp_path / "r1", cache, "--dataset", str(bad)))[::2])
+    assert "train row 7" in line and "--bad_images skip" in line
+    assert not (tmp_path / "r1").exists()
+    code, out, err = train(argv(tmp_path / "r2", cache, "--dataset", str(bad), "--bad_images", "skip", "--max_steps", "2"))
+    assert code == 0, err[-3000:]
+    assert "dropped 1 row(s)" in out + err and "train row 7" in out + err
+
+
+def test_damaged_dataset_file_names_the_file_and_the_fix(tmp_path, cache):
+    data = _copy_synthetic(cache, tmp_path / "ds")
+    arrow = next((data / "validation").glob("*.arrow"))
+    arrow.write_bytes(b"\x00" * 64 + arrow.read_bytes()[64:200])
+    line = one_error_line(*train(argv(tmp_path / "r", cache, "--dataset", str(data)))[::2])
+    assert "validation/" in line and arrow.name in line and "rebuild" in line
+
+
+# ------------------------------------------------------------------------------------------- item 0
+def test_overwrite_removes_only_run_files_and_refuses_with_foreign_files(tmp_path, cache):
+    out = tmp_path / "run"
+    assert train(argv(out, cache, "--max_steps", "2", "--export", "false"))[0] == 0
+    (out / "notes.txt").write_text("mine")
+    line = one_error_line(*train(argv(out, cache, "--max_steps", "2", "--overwrite_output_dir", "true"))[::2])
+    assert "notes.txt" in line and "--allow_foreign_files" in line
+    assert (out / "checkpoints" / "checkpoint-2").is_dir()  # nothing removed on refusal
+    code, _, err = train(argv(out, cache, "--max_steps", "2", "--overwrite_output_dir", "true", "--allow_foreign_files", "true"))
+    assert code == 0, err[-3000:]
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "checkpoints" / "checkpoint-2").is_dir() and (out / "config.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------- items 2, 4, 10
+def test_refused_resume_writes_nothing(finished_run, cache):
+    before = snapshot(finished_run)
+    code, _, err = train(argv(finished_run, cache, "--synthetic_num_samples", "360", "--resume_from_checkpoint", "latest"))
+    line = one_error_line(code, err)
+    assert "cannot resume" in line or "cannot resume" in err
+    assert snapshot(finished_run) == before
+
+
+def test_resume_mismatch_is_reported_before_a_config_error(finished_run, cache, tmp_path):
+    # another (smaller) dataset whose labelled rows are fewer than the batch: the resume mismatch comes first
+    from data_utils.synthetic import make_synthetic_dataset
+
+    small = tmp_path / "small"
+    make_synthetic_dataset("multimodal", small, num_samples=200, image_size=32, labeled_fraction=0.05)
+    code, _, err = train(argv(tmp_path / "x", cache, "--dataset", str(small), "--per_device_train_batch_size", "32"))
+    assert code == 1 and "cannot resume" not in err  # on its own: the config error
+    before = snapshot(finished_run)
+    code, _, err = train(argv(finished_run, cache, "--dataset", str(small), "--per_device_train_batch_size", "32",
+                              "--resume_from_checkpoint", "latest"))
+    one_error_line(code, err)
+    assert "cannot resume" in err and "other content" in err
+    assert snapshot(finished_run) == before
+
+
+def test_changed_hyperparameters_on_resume_are_refused_and_recorded_config_is_what_ran(finished_run, cache):
+    before = snapshot(finished_run)
+    code, _, err = train(argv(finished_run, cache, "--learning_rate", "0.5", "--resume_from_checkpoint", "latest"))
+    one_error_line(code, err)
+    assert "learning_rate: 0.01 -> 0.5" in err and "--init_from" in err
+    code, _, err = train(argv(finished_run, cache, "--max_steps", "8", "--resume_from_checkpoint", "latest"))
+    one_error_line(code, err)
+    assert "max_steps: 4 -> 8" in err and f"--init_from {finished_run}" in err and "learning rate 0" in err
+    assert snapshot(finished_run) == before
+    assert yaml.safe_load((finished_run / "run_config.yaml").read_text())["learning_rate"] == 0.01
+
+
+def test_applied_setting_on_resume_is_warned_and_recorded(tmp_path, cache):
+    out = tmp_path / "run"
+    assert train(argv(out, cache, "--stop_after_steps", "2", "--export", "false"))[0] == 0
+    code, stdout, err = train(argv(out, cache, "--eval_steps", "1", "--export", "false", "--resume_from_checkpoint", "latest"))
+    assert code == 0, err[-3000:]
+    assert "eval_steps: 2 -> 1" in stdout + err
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["changed_on_resume"] == {"eval_steps": [2, 1], "stop_after_steps": [2, None]}
+    assert yaml.safe_load((out / "run_config.yaml").read_text())["eval_steps"] == 1
+
+
+# ------------------------------------------------------------------------------------------- item 3
+def test_moved_dataset_resumes(tmp_path, cache):
+    data = _copy_synthetic(cache, tmp_path / "a" / "ds")
+    out = tmp_path / "run"
+    assert train(argv(out, cache, "--dataset", str(data), "--stop_after_steps", "2", "--export", "false"))[0] == 0
+    moved = tmp_path / "b" / "ds_moved"
+    moved.parent.mkdir()
+    shutil.move(str(data), str(moved))
+    code, _, err = train(argv(out, cache, "--dataset", str(moved), "--export", "false", "--resume_from_checkpoint", "latest"))
+    assert code == 0, err[-3000:]
