@@ -271,3 +271,60 @@ def test_predict_reports_each_bad_row_and_predicts_the_others(tmp_path, saved_to
     good.write_text(table.read_text().splitlines()[0] + "\n" + table.read_text().splitlines()[1] + "\n")
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         assert predict.main(["--model", str(folder), "--table", str(good), "--images-root", str(images)]) == 0
+
+
+# ------------------------------------------------------------------------------------------- item 8
+def test_nan_guard_does_not_name_a_checkpoint_whose_weights_already_exploded(tmp_path, cache):
+    out = tmp_path / "run"
+    code, _, err = train(argv(out, cache, "--learning_rate", "1e9", "--save_steps", "1", "--logging_steps", "1",
+                              "--max_steps", "6"))
+    line = one_error_line(code, err)
+    assert "non-finite loss" in line
+    good = line.split("last good checkpoint:", 1)[1]
+    assert not good.strip().startswith(str(out / "checkpoints" / "checkpoint-1")), line
+    assert "after checkpoint-1" in line and "lower --learning_rate (now 1e+09" in line
+
+
+# ------------------------------------------------------------------------------------------- item 10
+def test_save_total_limit_counts_the_best_when_it_is_among_the_newest(tmp_path):
+    from modeling_stil.training import checkpointing as ckpt
+    from tests.test_trainer import make_trainer
+
+    trainer = make_trainer(tmp_path, max_steps=12, eval_steps=2, save_total_limit=2, metric_for_best_model="last")
+    trainer.train()
+    names = [p.name for p in ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")]
+    assert names == ["checkpoint-10", "checkpoint-12"]
+
+
+def test_metrics_jsonl_writes_null_for_nan_and_plots_show_masked_accuracy_and_total_loss(tmp_path, monkeypatch):
+    import math
+
+    from modeling_stil.training import plots
+    from modeling_stil.training.logging import JsonlLogger
+
+    log = JsonlLogger(tmp_path / "m.jsonl")
+    for step, masked in ((1, math.nan), (2, 0.5), (3, 0.75)):
+        log.log({"step": step, "split": "train", "loss": 1.0 / step, "sup_loss": 1.0 / step, "mask_ratio": 0.1 * step,
+                 "pseudo_label_accuracy": 0.4, "pseudo_label_accuracy_masked": masked})
+    first = json.loads((tmp_path / "m.jsonl").read_text().splitlines()[0])
+    assert first["pseudo_label_accuracy_masked"] is None and '"nan"' not in (tmp_path / "m.jsonl").read_text()
+    figures = {}
+    original = plots._save
+
+    def capture(plt, fig, path):
+        fig.canvas.draw()
+        figures[path.name] = fig
+        renderer = fig.canvas.get_renderer()
+        ax = fig.axes[0]
+        title = ax.title.get_window_extent(renderer)
+        box = fig.bbox
+        assert title.x0 >= box.x0 - 1 and title.x1 <= box.x1 + 1, f"{path.name}: title cut off"
+        return original(plt, fig, path)
+
+    monkeypatch.setattr(plots, "_save", capture)
+    plots.write_plots(log.history(), tmp_path / "plots", title="fixmatch")
+    labels = [line.get_label() for line in figures["pseudo_labels.png"].axes[0].get_lines()]
+    assert any("kept rows" in label for label in labels)
+    lines = {line.get_label(): line for line in figures["losses.png"].axes[0].get_lines()}
+    total, term = lines["loss (total)"], lines["sup_loss"]
+    assert total.get_linewidth() > term.get_linewidth() and total.get_alpha() < 1  # visible around an equal term
