@@ -328,3 +328,91 @@ def test_metrics_jsonl_writes_null_for_nan_and_plots_show_masked_accuracy_and_to
     lines = {line.get_label(): line for line in figures["losses.png"].axes[0].get_lines()}
     total, term = lines["loss (total)"], lines["sup_loss"]
     assert total.get_linewidth() > term.get_linewidth() and total.get_alpha() < 1  # visible around an equal term
+
+
+# ------------------------------------------------------------------------------------------- items 5, 9
+def test_card_after_push_names_the_repo_and_its_snippet_predicts_from_raw_inputs(tmp_path, cache, monkeypatch):
+    import re
+
+    import huggingface_hub
+    import numpy as np
+    from huggingface_hub import ModelCard
+    from PIL import Image
+
+    # a dataset whose raw table named its image column "path" (what prepare_dataset.py records)
+    data = _copy_synthetic(cache, tmp_path / "cars")
+    meta_file = data / "stil_dataset.json"
+    meta = json.loads(meta_file.read_text())
+    meta["source"] = {**(meta.get("source") or {}), "image_column": "path"}
+    meta_file.write_text(json.dumps(meta))
+    sent = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            pass
+
+        def upload_folder(self, *, repo_id, folder_path, **kwargs):
+            sent["card"] = (Path(folder_path) / "README.md").read_text()
+            return "https://huggingface.co/someone/cars/commit/abc"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    out = tmp_path / "run"
+    code, _, err = train(argv(out, cache, "--dataset", str(data), "--max_steps", "2", "--push_to_hub", "true",
+                              "--hub_model_id", "someone/cars", "--hub_token", "secret-token"))
+    assert code == 0, err[-3000:]
+    card = ModelCard(sent["card"])
+    data_ = card.data.to_dict()
+    assert "pipeline_tag" not in data_ and "datasets" not in data_  # no failing pipeline, no local folder as a dataset
+    assert str(out) not in card.text and str(tmp_path) not in card.text
+    assert 'from_pretrained("someone/cars")' in card.text
+    recipe = yaml.safe_load(re.search(r"```yaml\n(.*?)```", card.text, re.S).group(1))
+    assert not any(k.startswith("synthetic_") for k in recipe) and "hub_token" not in recipe and "report_to" not in recipe
+    assert recipe["method"] == "fixmatch" and recipe["max_steps"] == 2
+    assert "secret-token" not in card.text
+    # the processor remembers the raw table's image column
+    assert json.loads((out / "processor_config.json").read_text())["image_column"] == "path"
+    # the snippet runs from raw inputs (an image file and a raw row) against the exported folder
+    snippet = re.search(r"```python\n(.*?)```", card.text, re.S).group(1).replace('"someone/cars"', f'"{out}"')
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "example.jpg")
+    monkeypatch.chdir(tmp_path)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(snippet, "card-snippet", "exec"), {})
+    assert "'label'" in printed.getvalue()
+
+
+def test_synthetic_dataset_folder_is_shared_like_a_mkdir(tmp_path):
+    import os
+
+    from data_utils.permissions import current_umask
+    from data_utils.synthetic import make_synthetic_dataset
+
+    old = os.umask(0o002)
+    try:
+        path = make_synthetic_dataset("image", tmp_path / "ds", num_samples=200, image_size=16)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o775 == 0o777 & ~current_umask()
+        assert all(stat.S_IMODE(p.stat().st_mode) == 0o775 for p in path.rglob("*") if p.is_dir())
+    finally:
+        os.umask(old)
+
+
+def test_resize_is_said_once(tmp_path):
+    import warnings
+
+    import numpy as np
+    from PIL import Image
+
+    from data_utils import loaders
+
+    monkey = io.BytesIO()
+    Image.fromarray(np.zeros((20, 20, 3), dtype=np.uint8)).save(monkey, format="PNG")
+    loaders._RESIZE_NOTICE_GIVEN = False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            loaders.decode_image({"bytes": monkey.getvalue(), "path": None}, 3, 16)
+    notices = [w for w in caught if "resized" in str(w.message)]
+    assert len(notices) == 1 and "20x20" in str(notices[0].message) and "16x16" in str(notices[0].message)
