@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     from data_utils.synthetic import SyntheticConfigError
     from data_utils.views import ViewError
     from modeling_stil.configuration_common import DataCompatibilityError
-    from modeling_stil.training.arguments import ArgumentError, parse_run_arguments
+    from modeling_stil.training.arguments import ArgumentError, HelpRequested, parse_run_arguments
     from modeling_stil.training.checkpointing import IncompatibleCheckpointError
     from modeling_stil.training.hub import HubUploadError
     from modeling_stil.training.logging import TrackerUnavailableError
@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args = parse_run_arguments(argv)
+    except HelpRequested as request:
+        print(request.text)  # help is asked for: stdout, exit status 0
+        return 0
     except ArgumentError as error:
         print(f"train.py: {error}", file=sys.stderr)
         return 2

@@ -164,6 +164,24 @@ class ShardedBatchSampler:
 
 
 # ================================================================================= decoding
+_RESIZE_NOTICE_GIVEN = False
+
+
+def _resize_notice(stored: tuple[int, int], size: int) -> None:
+    """Say once per process that stored images are resized to the model's input size."""
+    global _RESIZE_NOTICE_GIVEN
+    if _RESIZE_NOTICE_GIVEN:
+        return
+    _RESIZE_NOTICE_GIVEN = True
+    import warnings
+
+    warnings.warn(
+        f"stored images of {stored[0]}x{stored[1]} pixels are resized to the model's {size}x{size} input "
+        "(said once; build the dataset at that size, or choose a model with image_size matching the data, to avoid it)",
+        stacklevel=3,
+    )
+
+
 def decode_image(value: Any, num_channels: int, size: int | None) -> tuple[torch.Tensor, tuple[int, int]]:
     """Stored image (``{"bytes", "path"}``, PIL image or path) -> (uint8 (C, H, W), stored (w, h)).
 
@@ -190,6 +208,7 @@ def decode_image(value: Any, num_channels: int, size: int | None) -> tuple[torch
     if image.mode != mode:
         image = image.convert(mode)
     if size is not None and image.size != (size, size):
+        _resize_notice(stored_size, size)
         image = image.resize((size, size), Image.BILINEAR, reducing_gap=3.0)
     array = np.array(image, dtype=np.uint8)  # owns its memory: safe for torch.from_numpy
     tensor = torch.from_numpy(array)

@@ -988,7 +988,9 @@ def make_synthetic_dataset(
     if measure_budget and metadata.task == "classification":
         metadata.source["information_budget"] = information_budget(dataset_dict, metadata, schema, seed=seed)
     metadata.source["generation_seconds"] = round(time.perf_counter() - started, 2)
-    return save_dataset(dataset_dict, output, metadata, schema, overwrite=overwrite)
+    from .permissions import share_like_umask
+
+    return share_like_umask(save_dataset(dataset_dict, output, metadata, schema, overwrite=overwrite))
 
 
 def make_synthetic(task: str, **kwargs):

@@ -376,7 +376,9 @@ def write_dataset(
                         raise cause from None
                     raise
             dataset_dict = datasets.DatasetDict(built)
-            return save_dataset(dataset_dict, output, metadata, schema=schema, overwrite=overwrite)
+            from ..permissions import share_like_umask
+
+            return share_like_umask(save_dataset(dataset_dict, output, metadata, schema=schema, overwrite=overwrite))
     finally:
         if previous:
             datasets.enable_progress_bars()

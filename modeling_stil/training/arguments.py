@@ -33,6 +33,14 @@ class ArgumentError(ValueError):
     """A recipe or command-line problem; the message says which key and what is accepted."""
 
 
+class HelpRequested(Exception):
+    """``--help`` / ``-h``: ``text`` is the help (train.py prints it to stdout and exits 0)."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.text = text
+
+
 def _help(text: str, **kwargs) -> Any:
     return field(metadata={"help": text}, **kwargs)
 
@@ -78,6 +86,11 @@ class DataArguments:
         "one epoch = one pass over the unlabelled stream, or over the longer of the two streams (None: the method's)",
         default=None,
     )
+    bad_images: Literal["error", "skip"] = _help(
+        "every stored image is decoded once before training: 'error' refuses the run listing the unreadable rows "
+        "(split, row, reason); 'skip' drops those rows with a warning that counts and lists them",
+        default="error",
+    )
     standardize_targets: bool = _help(
         "regression/landmarks: train on targets standardised with the labelled rows' mean/std (stored in the "
         "model config; predictions come back in original units)", default=False
@@ -104,7 +117,14 @@ class ModelArguments:
 class TrainingArguments:
     method: str = _help("SSL method name (modeling_stil.methods registry)", default=DEFAULT_METHOD)
     output_dir: str = _help("run folder: checkpoints, logs, plots, export", default="runs/default")
-    overwrite_output_dir: bool = _help("allow a fresh run in a non-empty output_dir", default=False)
+    overwrite_output_dir: bool = _help(
+        "start a fresh run in an output_dir that holds a run: only what a run writes (checkpoints/, logs/, plots/, "
+        "run files, the export) is removed; other files make it refuse unless allow_foreign_files", default=False
+    )
+    allow_foreign_files: bool = _help(
+        "with overwrite_output_dir: go ahead although output_dir holds files a run does not write (they are kept, "
+        "never deleted)", default=False
+    )
     per_device_train_batch_size: int = _help("labelled batch per process", default=32)
     per_device_eval_batch_size: int = _help("eval batch per process", default=128)
     max_steps: int = _help("optimisation steps; -1: use num_train_epochs", default=1000)
@@ -143,7 +163,10 @@ class TrainingArguments:
     logging_steps: int = _help("reduce and log the accumulated training logs every N steps", default=10)
     eval_steps: int | None = _help("evaluate on validation every N steps (None: once per epoch)", default=100)
     save_steps: int | None = _help("checkpoint every N steps (None: at each evaluation)", default=None)
-    save_total_limit: int | None = _help("keep the last K checkpoints (the best is always kept)", default=2)
+    save_total_limit: int | None = _help(
+        "keep at most K checkpoints: the newest K, the best among them; when the best is older it is kept as well "
+        "(K + 1 folders). None: keep all", default=2
+    )
     resume_from_checkpoint: str | None = _help("checkpoint folder, or 'latest' in output_dir/checkpoints", default=None)
     metric_for_best_model: str | None = _help(
         "validation metric that selects the best model (None: accuracy for multiclass, auroc for binary, "
@@ -370,7 +393,7 @@ def parse_run_arguments(argv: Sequence[str] | None = None, recipe_values: dict[s
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a in ("-h", "--help") for a in argv):
-        raise SystemExit(format_help())
+        raise HelpRequested(format_help(_method_for_help(argv)))
     recipe, overrides = parse_cli_overrides(argv)
     values: dict[str, Any] = dict(recipe_values or {})
     if recipe is not None:
@@ -451,13 +474,84 @@ def validate(run: RunArguments) -> None:
         raise ArgumentError("invalid arguments:\n  " + "\n  ".join(problems))
 
 
-def format_help() -> str:
-    lines = ["usage: accelerate launch train.py [RECIPE.yaml] [--key value ...]", ""]
+def _method_for_help(argv: Sequence[str]) -> str | None:
+    """The method named by ``--method X`` / ``--method=X`` or by the recipe, for ``--help``."""
+    rest = [a for a in argv if a not in ("-h", "--help")]
+    try:
+        recipe, overrides = parse_cli_overrides(rest)
+    except ArgumentError:
+        return None
+    if "method" in overrides and overrides["method"] is not True:
+        return str(overrides["method"])
+    if recipe is not None:
+        try:
+            return load_recipe(recipe).get("method")
+        except (ArgumentError, OSError, yaml.YAMLError):
+            return None
+    return None
+
+
+def _choices(tp) -> tuple | None:
+    base, _ = _unwrap_optional(tp)
+    if typing.get_origin(base) is Literal:
+        return typing.get_args(base)
+    return None
+
+
+def _describe_fields(cls) -> list[str]:
+    lines = []
+    for name, f in _fields(cls).items():
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = "required"
+        choices = _choices(f.type)
+        kind = "{" + ",".join(str(c) for c in choices) + "}" if choices else _type_name(_unwrap_optional(f.type)[0])
+        if _unwrap_optional(f.type)[1]:
+            kind += " or None"
+        lines.append(f"  --{name} {kind}  (default: {default!r})")
+        text = f.metadata.get("help", "") if f.metadata else ""
+        if text:
+            lines.append(f"      {text}")
+    return lines
+
+
+GROUP_TITLES = {DataArguments: "data", ModelArguments: "model", TrainingArguments: "training"}
+
+
+def format_help(method: str | None = None) -> str:
+    """Help text: usage, then each argument group with types, choices, defaults; with ``method``, that
+    method's own arguments too (``train.py --method fixmatch --help``)."""
+    from ..methods.base import get_method_class
+
+    lines = [
+        "usage: accelerate launch train.py [RECIPE.yaml] [--key value ...]",
+        "       python train.py [--method NAME] --help   (NAME's own arguments are listed too)",
+        "",
+        "Values: recipe keys and --key value on the command line (later wins); booleans true/false; lists a,b,c.",
+        "",
+    ]
     for cls in ARGUMENT_CLASSES:
-        lines.append(f"{cls.__name__}:")
-        for name, f in _fields(cls).items():
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            lines.append(f"  --{name} ({_type_name(f.type)}, default {default!r}): {f.metadata.get('help', '')}")
+        lines.append(f"{GROUP_TITLES[cls]} arguments:")
+        lines += _describe_fields(cls)
         lines.append("")
-    lines.append("plus the chosen method's arguments (see docs/methods.md).")
+    if method:
+        try:
+            method_cls = get_method_class(method)
+        except KeyError as error:
+            lines.append(f"method {method!r}: {error.args[0]}")
+        else:
+            described = _describe_fields(method_cls.arguments_class)
+            lines.append(f"method arguments ({method}):")
+            lines += described or ["  (none)"]
+            lines.append("")
+    else:
+        from ..methods import _import_all  # noqa: F401  (registers the built-in methods)
+        from ..methods.base import METHODS
+
+        names = ", ".join(sorted(METHODS))
+        lines.append("method arguments: name a method to list them, e.g. `train.py --method fixmatch --help`"
+                     + (f" (methods: {names})" if names else ""))
     return "\n".join(lines)

@@ -18,7 +18,7 @@ def export_run(trainer: Trainer, args, metadata, source: str, results: dict[str,
     from transformers import AutoModel
 
     from ..processing_stil import StilProcessor
-    from .model_card import build_model_card, write_eval_results
+    from .model_card import build_model_card, card_recipe, example_row_from_schema, write_eval_results
 
     acc = trainer.accelerator
     targs = args.training
@@ -27,14 +27,17 @@ def export_run(trainer: Trainer, args, metadata, source: str, results: dict[str,
     eval_model = trainer.unwrapped.eval_model()
     if acc.is_main_process:
         eval_model.save_pretrained(out, state_dict={k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, is_main_process=True)
-        StilProcessor.from_model_config(eval_model.config, image_column=metadata.image_column).save_pretrained(out)
+        # the raw table's image column (what predict.py and users pass), not only the arrow column's name
+        source_column = (getattr(metadata, "source", None) or {}).get("image_column")
+        StilProcessor.from_model_config(eval_model.config, image_column=source_column or metadata.image_column).save_pretrained(out)
         labeled_description = f"{results.get('num_labeled', trainer.run_info.get('num_labeled', '?'))} labelled training rows"
         n_labeled = len(trainer.run_info.get("labeled_indices", []))
         n_train = trainer.run_info.get("split_sizes", {}).get("train")
         if n_train:
             labeled_description = f"{n_labeled}/{n_train} training rows labelled ({100.0 * n_labeled / n_train:.1f}%)"
         plots = [f"plots/{name}" for name in ("losses.png", "validation.png", "learning_rate.png", "pseudo_labels.png") if (out / "plots" / name).is_file()]
-        dataset_name = Path(source).name if Path(source).exists() else source
+        local_dataset = Path(source).exists()
+        dataset_name = Path(source).name if local_dataset else source
         unlabeled_batch = None
         if trainer.unwrapped.unlabeled_views is not None:
             unlabeled_batch = args.data.mu * targs.per_device_train_batch_size * acc.num_processes
@@ -47,7 +50,7 @@ def export_run(trainer: Trainer, args, metadata, source: str, results: dict[str,
             labeled_description=labeled_description,
             test_metrics=results.get("test", {}),
             validation_metrics=results.get("validation"),
-            recipe=args.flat_dict(),
+            recipe=card_recipe(args),
             versions=trainer.run_info.get("versions", library_versions()),
             selection=f"best {trainer.best_metric_name} ({'higher' if trainer.greater_is_better else 'lower'} is better) at step {results.get('best_step')}",
             steps=trainer.progress.step,
@@ -56,7 +59,10 @@ def export_run(trainer: Trainer, args, metadata, source: str, results: dict[str,
             unlabeled_batch=unlabeled_batch,
             num_processes=acc.num_processes,
             plots=plots,
-            repo_or_path=targs.hub_model_id or str(out),
+            repo_or_path=targs.hub_model_id or out.name,
+            dataset_on_hub=not local_dataset,
+            example_row=example_row_from_schema(eval_model.config.to_dict().get("tabular_schema")),
+            image_column=source_column or metadata.image_column,
             git_commit=trainer.run_info.get("git_commit"),
             mixed_precision=str(acc.mixed_precision),
             modalities=(["image"] if metadata.image_column else []) + (["tabular"] if eval_model.config.to_dict().get("tabular_schema") else []),

@@ -32,6 +32,7 @@ def push_folder(
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise HubUploadError(f"{folder} holds no exported model (config.json); nothing to upload")
+    name_repo_in_card(folder / "README.md", repo_id)
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
@@ -50,3 +51,20 @@ def push_folder(
             f"push to https://huggingface.co/{repo_id} failed{hint}: {type(error).__name__}: {reason}. "
             f"Everything is saved in {folder}; upload it later with `python scripts/push_to_hub.py --folder {folder} --repo-id {repo_id}`"
         ) from error
+
+
+def name_repo_in_card(card: Path, repo_id: str) -> None:
+    """The model card's snippets load the repository they are uploaded to (the card records the id it
+    was written with in ``<!-- stil:repo_id=... -->``)."""
+    import re
+
+    if not card.is_file():
+        return
+    text = card.read_text()
+    match = re.search(r"<!-- stil:repo_id=(.*?) -->", text)
+    if not match or match.group(1) == repo_id:
+        return
+    old = match.group(1)
+    text = text.replace(match.group(0), f"<!-- stil:repo_id={repo_id} -->")
+    text = text.replace(f'"{old}"', f'"{repo_id}"').replace(f"--model {old} ", f"--model {repo_id} ")
+    card.write_text(text)

@@ -65,8 +65,6 @@ def prepare_dataset(args, accelerator) -> tuple[str, Any, Any, Any]:
     """Resolve the dataset argument: build the embedded synthetic dataset when none is given.
 
     Returns ``(source, DatasetDict, DatasetMetadata, TabularSchema | None)``."""
-    from data_utils.io import load_dataset
-
     data = args.data
     source = data.dataset
     if source is None:
@@ -82,8 +80,118 @@ def prepare_dataset(args, accelerator) -> tuple[str, Any, Any, Any]:
                     labeled_fraction=data.labeled_fraction if data.labeled_fraction is not None else 0.1,
                 )
         source = str(path)
-    dataset_dict, metadata, schema = load_dataset(source)
+    dataset_dict, metadata, schema = load_dataset_or_explain(source, synthetic=data.dataset is None)
+    dataset_dict = check_images(dataset_dict, metadata, data.bad_images, accelerator)
     return source, dataset_dict, metadata, schema
+
+
+def load_dataset_or_explain(source: str, synthetic: bool = False):
+    """``data_utils.io.load_dataset`` with a one-line error naming the unreadable split/file and how
+    to rebuild it, instead of a pyarrow traceback."""
+    from data_utils.io import load_dataset
+
+    try:
+        return load_dataset(source)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # pyarrow.lib.ArrowInvalid / ArrowIOError, OSError, a damaged JSON file
+        import pyarrow as pa
+
+        if not isinstance(error, (pa.ArrowException, OSError, ValueError)):
+            raise
+        bad = unreadable_dataset_files(source)
+        where = ", ".join(bad[:5]) if bad else "one of its files"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        fix = (f"delete {source} and run again: the synthetic dataset is rebuilt" if synthetic else
+               "rebuild it with the script that made it (scripts/prepare_dataset.py, scripts/build_*.py, "
+               "scripts/make_synthetic.py) or copy it again from its origin")
+        raise JobError(f"dataset {source} is damaged: cannot read {where} ({type(error).__name__}: {reason}); {fix}") from None
+
+
+def unreadable_dataset_files(source: str) -> list[str]:
+    """Files of a ``save_to_disk`` folder that do not parse (arrow streams, JSON), as 'split/file' paths."""
+    import pyarrow as pa
+
+    root = Path(source)
+    if not root.is_dir():
+        return []
+    bad = []
+    for path in sorted(root.rglob("*")):
+        if not path.is_file():
+            continue
+        try:
+            if path.suffix == ".arrow":
+                with pa.memory_map(str(path)) as handle:
+                    pa.ipc.open_stream(handle).read_all()
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+        except Exception:  # noqa: BLE001 -- any failure means this file is the damaged one
+            bad.append(str(path.relative_to(root)))
+    return bad
+
+
+def check_images(dataset_dict, metadata, mode: str, accelerator=None):
+    """Decode every stored image once before training (``--bad_images``): 'error' refuses the run
+    listing the unreadable rows (split, row, reason); 'skip' drops them with a warning.
+
+    Returns the dataset dict (without the bad rows in 'skip' mode)."""
+    import io as _io
+
+    import numpy as np
+    from PIL import Image
+
+    column = getattr(metadata, "image_column", None)
+    if column is None:
+        return dataset_dict
+    problems: dict[str, list[tuple[int, str]]] = {}
+    for split, ds in dataset_dict.items():
+        if column not in ds.column_names:
+            continue
+        raw = ds.select_columns([column])
+        feature = raw.features[column]
+        if hasattr(feature, "decode"):
+            import datasets
+
+            raw = raw.cast_column(column, datasets.Image(decode=False))
+        for row, value in enumerate(raw[column]):
+            try:
+                if value is None:
+                    raise ValueError("no image")
+                if isinstance(value, dict):
+                    data, path = value.get("bytes"), value.get("path")
+                    handle = Image.open(_io.BytesIO(data)) if data is not None else Image.open(path)
+                elif isinstance(value, (bytes, bytearray)):
+                    handle = Image.open(_io.BytesIO(value))
+                elif isinstance(value, str):
+                    handle = Image.open(value)
+                else:
+                    handle = value
+                with handle:
+                    handle.load()
+            except Exception as error:  # noqa: BLE001 -- PIL raises many types for a damaged image
+                reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                problems.setdefault(split, []).append((row, f"{type(error).__name__}: {reason}"))
+    if not problems:
+        return dataset_dict
+    total = sum(len(v) for v in problems.values())
+    listing = "; ".join(f"{split} row {row}: {reason}" for split, rows in problems.items() for row, reason in rows[:5])
+    if mode != "skip":
+        raise JobError(
+            f"{total} stored image(s) cannot be decoded ({listing}{' ...' if total > 5 else ''}); repair or rebuild the "
+            "dataset, or pass --bad_images skip to drop those rows"
+        )
+    dataset_dict = dataset_dict.copy() if hasattr(dataset_dict, "copy") else dict(dataset_dict)
+    for split, rows in problems.items():
+        ds = dataset_dict[split]
+        if split == "train" and metadata.labeled_column not in ds.column_names and metadata.labeled_indices is not None:
+            mask = np.zeros(len(ds), dtype=bool)
+            mask[np.asarray(metadata.labeled_indices, dtype=np.int64)] = True
+            ds = ds.add_column(metadata.labeled_column, mask.tolist())  # positions change below
+        bad = {row for row, _ in rows}
+        dataset_dict[split] = ds.select([i for i in range(len(ds)) if i not in bad])
+    message = f"warning: --bad_images skip: dropped {total} row(s) whose image cannot be decoded ({listing})"
+    (accelerator.print if accelerator is not None else print)(message)
+    return dataset_dict
 
 
 def labeled_indices_for(args, dataset_dict, metadata) -> list[int]:
@@ -117,9 +225,34 @@ def labeled_indices_for(args, dataset_dict, metadata) -> list[int]:
     return [int(i) for i in indices]
 
 
+def dataset_content_digest(source: str) -> str:
+    """A digest of a dataset folder's content, not its path: a moved or copied dataset has the same one.
+
+    Each data/metadata file contributes its path inside the folder, its size and a hash of its first
+    and last MiB (cheap on large datasets; a rebuilt or edited dataset differs). A Hub id is its own name."""
+    import hashlib
+
+    root = Path(source)
+    if not root.is_dir():
+        return str(source)
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        name = path.name
+        if not path.is_file() or name.startswith((".", "cache-")) or path.suffix not in (".arrow", ".json", ".parquet"):
+            continue
+        size = path.stat().st_size
+        h.update(f"{path.relative_to(root).as_posix()}\0{size}\0".encode())
+        with path.open("rb") as handle:
+            h.update(handle.read(1 << 20))
+            if size > 2 << 20:
+                handle.seek(size - (1 << 20))
+                h.update(handle.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
 def dataset_fingerprint(source: str, dataset_dict, metadata, schema, labeled: list[int]) -> dict[str, Any]:
     return {
-        "source": str(Path(source).resolve()) if Path(source).exists() else source,
+        "content": dataset_content_digest(source),
         "task": metadata.task,
         "num_labels": metadata.num_labels,
         "split_sizes": {k: len(v) for k, v in dataset_dict.items()},
@@ -256,15 +389,25 @@ def build_model(args, schema, metadata, method_cls=None):
     then ``--init_from`` encoders (a report of loaded / skipped tensors is printed and returned)."""
     from modeling_stil.presets import create_model
 
+    from modeling_stil.configuration_common import DataCompatibilityError
+
     overrides = dict(args.model.model_overrides or {})
     name = choose_model(args, schema, metadata, method_cls)
-    model = create_model(name, schema=schema, metadata=metadata, **overrides)
+    try:
+        model = create_model(name, schema=schema, metadata=metadata, **overrides)
+    except DataCompatibilityError:
+        raise
+    except (ValueError, KeyError, TypeError) as error:  # unknown preset, bad override: one line, no traceback
+        text = error.args[0] if error.args else str(error)
+        raise JobError(f"--model {name}: {text}") from None
     model = model.float()
     check = getattr(model, "check_data_compatibility", None)
     if check is not None:
         check(schema, metadata)
+    check_data_modalities(model, name, schema, metadata)
     if method_cls is not None:
         check_modalities(model, method_cls, name)
+        check_prediction_head(model, method_cls, name)
     return model
 
 
@@ -291,6 +434,38 @@ def choose_model(args, schema, metadata, method_cls=None) -> str:
     return name
 
 
+def check_data_modalities(model, model_name: str, schema, metadata) -> None:
+    """The model's inputs must exist in the data, also when the data states no schema at all
+    (image-only data has none: a tabular model would otherwise fail inside its encoder at step 0)."""
+    reads = set(getattr(model, "input_modalities", ()) or ())
+    has = set()
+    if getattr(metadata, "image_column", "image") is not None:
+        has.add("image")
+    if schema is not None:
+        has.add("tabular")
+    missing = sorted(reads - has)
+    if missing and reads:
+        kind = "+".join(sorted(has)) or "no"
+        suggestion = {"image": "an image model (e.g. --model image-tiny)", "tabular": "a tabular model (e.g. --model tabular-tiny)",
+                      "image+tabular": "an image+tabular model (e.g. --model multimodal-concat-tiny)"}.get(kind, "a matching model")
+        raise JobError(
+            f"--model {model_name} reads {'+'.join(sorted(reads))} inputs but the dataset has {kind}-only data "
+            f"(no {' and no '.join(missing)} input); choose {suggestion} or an image+tabular dataset"
+        )
+
+
+def check_prediction_head(model, method_cls, model_name: str) -> None:
+    """A method that trains on labels needs a model with a prediction head (``logits``); pretraining
+    networks (TipModel: ``_needs_labels = False``) have none."""
+    if method_cls.label_free or getattr(model, "_needs_labels", True):
+        return
+    raise JobError(
+        f"--model {model_name} is a pretraining network without a prediction head (its outputs have no logits), "
+        f"but method {method_cls.name!r} trains on labels; choose a classifier (e.g. --model multimodal-tip-tiny or "
+        f"stil-tiny), or pretrain with a label-free method and start a classifier from it with --init_from"
+    )
+
+
 def check_modalities(model, method_cls, model_name: str) -> None:
     """A method that needs both modalities refuses a unimodal model with a one-line fix."""
     needed = set(method_cls.required_modalities)
@@ -313,17 +488,147 @@ def write_run_files(args, output_dir: Path, info: dict[str, Any]) -> None:
     os.replace(tmp, output_dir / "run_info.json")
 
 
+# What a run writes into its output_dir (and --overwrite_output_dir may remove): nothing else is touched.
+RUN_DIRS = ("checkpoints", "logs", "plots")
+RUN_FILES = ("run_config.yaml", "run_info.json", "config.json", "generation_config.json", "model.safetensors",
+             "model.safetensors.index.json", "processor_config.json", "eval_results.json", "method_state.safetensors")
+
+
+def _is_run_output(path: Path) -> bool:
+    name = path.name
+    if path.is_dir():
+        return name in RUN_DIRS
+    if name in RUN_FILES or name.endswith(".tmp") or (name.startswith("model-") and name.endswith(".safetensors")):
+        return True
+    if name.endswith(".py"):  # the export's custom-code copies (auto_map): files of modeling_stil
+        return (Path(__file__).resolve().parents[1] / name).is_file()
+    if name == "README.md":  # the model card, not a user's README
+        head = path.read_text(errors="replace")[:2000]
+        return head.startswith("---") and "stil" in head
+    return False
+
+
+def output_dir_contents(out: Path) -> tuple[list[Path], list[Path]]:
+    """(entries a run writes, foreign entries) at the top of ``out``."""
+    if not out.is_dir():
+        return [], []
+    entries = sorted(out.iterdir())
+    ours = [p for p in entries if _is_run_output(p)]
+    return ours, [p for p in entries if p not in ours]
+
+
+def clean_output_dir(out: Path) -> list[Path]:
+    """--overwrite_output_dir: remove what a previous run wrote, and only that."""
+    import shutil
+
+    ours, _ = output_dir_contents(out)
+    for path in ours:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return ours
+
+
 def check_output_dir(targs) -> None:
     from . import checkpointing
 
     out = Path(targs.output_dir)
-    if targs.resume_from_checkpoint or targs.overwrite_output_dir or not out.exists():
+    if targs.resume_from_checkpoint or not out.exists():
+        return
+    if targs.overwrite_output_dir:
+        ours, foreign = output_dir_contents(out)
+        if ours and foreign and not targs.allow_foreign_files:
+            raise FileExistsError(
+                f"--overwrite_output_dir would remove the previous run in {out}, which also holds files a run does not "
+                f"write: {', '.join(p.name for p in foreign[:10])}{' ...' if len(foreign) > 10 else ''}; move them, "
+                "choose another --output_dir, or pass --allow_foreign_files true (they are kept; only the run's "
+                "checkpoints, logs, plots, run files and export are removed)"
+            )
         return
     if checkpointing.list_checkpoints(checkpointing.checkpoints_root(out)) or (out / "config.json").exists():
         raise FileExistsError(
             f"output_dir {out} already holds a run; pass --resume_from_checkpoint latest to continue it, "
             "--overwrite_output_dir to start again there, or choose another --output_dir"
         )
+
+
+# Settings a resumed run may change: they are applied from the resume on (with a warning). Every other
+# setting shapes the optimisation (optimizer, schedule, data stream, method) and must stay as it was.
+APPLIED_ON_RESUME = frozenset({
+    "resume_from_checkpoint", "stop_after_steps", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
+    "report_to", "run_name", "disable_tqdm", "plots", "export", "push_to_hub", "hub_model_id", "hub_private",
+    "hub_token", "dataloader_num_workers", "per_device_eval_batch_size", "max_eval_samples", "overwrite_output_dir",
+    "allow_foreign_files", "output_dir", "dataset", "dataset_cache_dir", "bad_images", "torch_compile",
+    "channels_last", "find_unused_parameters", "mixed_precision",
+})
+SCHEDULE_KEYS = ("max_steps", "num_train_epochs")
+
+
+def preflight_resume(args) -> dict[str, Any] | None:
+    """Check a resume before anything is loaded or written (a refused resume leaves the run untouched).
+
+    Compares this run's settings with the run being resumed (its run_config.yaml): settings in
+    `APPLIED_ON_RESUME` may change (returned, and warned about); any other change is refused, since
+    the optimizer, the schedule and the data stream are restored from the checkpoint and would
+    silently ignore it. Raising max_steps is refused with how to continue (a new run ``--init_from``
+    the export): the learning-rate schedule is tied to max_steps and has ended. Also compares the
+    method and the dataset's content (not its path) with the checkpoint's fingerprint."""
+    import yaml
+
+    targs = args.training
+    if not targs.resume_from_checkpoint:
+        return None
+    path = ckpt.resolve_checkpoint(targs.resume_from_checkpoint, targs.output_dir)
+    saved = ckpt.read_checkpoint_state(path)
+    fingerprint = saved.get("fingerprint") or {}
+    problems = []
+    if fingerprint.get("method") not in (None, targs.method):
+        problems.append(f"method: checkpoint {fingerprint.get('method')!r}, this run {targs.method!r}")
+    run_config = path.parent.parent / "run_config.yaml"
+    previous = yaml.safe_load(run_config.read_text()) if run_config.is_file() else None
+    current = args.flat_dict()
+    changed: dict[str, tuple[Any, Any]] = {}
+    if isinstance(previous, dict):
+        for key, value in current.items():
+            if key in previous and previous[key] != value:
+                changed[key] = (previous[key], value)
+    elif targs.max_steps > 0 and saved.get("max_steps") not in (None, targs.max_steps):
+        changed["max_steps"] = (saved.get("max_steps"), targs.max_steps)
+    schedule = {k: v for k, v in changed.items() if k in SCHEDULE_KEYS}
+    refused = {k: v for k, v in changed.items() if k not in APPLIED_ON_RESUME and k not in SCHEDULE_KEYS and k != "method"}
+    applied = {k: v for k, v in changed.items() if k in APPLIED_ON_RESUME and k not in ("resume_from_checkpoint", "overwrite_output_dir")}
+    description = fingerprint.get("dataset_description") or {}
+    source = args.data.dataset or str(synthetic_dataset_path(args.data))
+    if "content" in description and Path(source).exists():
+        content = dataset_content_digest(source)
+        if content != description["content"]:
+            problems.append(f"dataset: {source} has other content than the dataset the checkpoint was trained on "
+                            f"(content digest {content} vs {description['content']})")
+    if refused:
+        problems.append(
+            "settings differ from the run being resumed (the checkpoint restores the optimizer, schedule, data "
+            "stream and method state, so they would be ignored): "
+            + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(refused.items()))
+            + "; resume with the original values, or start a new run (another --output_dir, --init_from "
+            f"{targs.output_dir} to start from its export)"
+        )
+    if schedule:
+        step = (saved.get("step") if isinstance(saved.get("step"), int) else "?")
+        problems.append(
+            "the schedule length changed (" + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(schedule.items()))
+            + f"): the learning-rate schedule is tied to it (the checkpoint is at step {step}; a finished cosine "
+            "schedule would go on at learning rate 0). To train longer, start a new run from this one's export: "
+            f"--init_from {targs.output_dir} --max_steps N --output_dir NEW_DIR"
+        )
+    if problems:
+        raise ckpt.IncompatibleCheckpointError(
+            f"cannot resume from {path}:\n  " + "\n  ".join(problems)
+        )
+    if applied:
+        print("resume: applying changed settings from here on: "
+              + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(applied.items())))
+    return {"checkpoint": str(path), "changed_settings": {k: list(v) for k, v in applied.items()}}
 
 
 def assemble(args, accelerator):
@@ -379,8 +684,6 @@ def assemble(args, accelerator):
 
 def build_and_train(args) -> dict[str, Any]:
     """The whole job: data, model, method, loop, selection, test, export (+ reload check, upload)."""
-    import shutil
-
     from accelerate.utils import set_seed
 
     from .export import export_run
@@ -388,17 +691,20 @@ def build_and_train(args) -> dict[str, Any]:
 
     targs = args.training
     check_output_dir(targs)
+    resume = preflight_resume(args)  # settings, method, dataset content: before anything is built or written
     accelerator = make_accelerator(args)
     output_dir = Path(targs.output_dir)
-    if targs.overwrite_output_dir and not targs.resume_from_checkpoint and accelerator.is_main_process and output_dir.exists():
-        shutil.rmtree(output_dir)
-    accelerator.wait_for_everyone()
     set_seed(targs.seed)
 
     job = assemble(args, accelerator)
     source, dataset_dict, metadata, schema = job["source"], job["dataset_dict"], job["metadata"], job["schema"]
     model, method, labeled = job["model"], job["method"], job["labeled"]
     fingerprint = ckpt.make_fingerprint(targs.method, model.config.to_dict(), dataset_fingerprint(source, dataset_dict, metadata, schema, labeled))
+    if resume is not None:  # the whole fingerprint (architecture, labelled split) before run files are rewritten
+        ckpt.check_compatible(resume["checkpoint"], fingerprint)
+    elif targs.overwrite_output_dir and accelerator.is_main_process and output_dir.exists():
+        clean_output_dir(output_dir)  # only what a run writes; validated by check_output_dir
+    accelerator.wait_for_everyone()
     info = {
         "seed": targs.seed,
         "dataset": source,
@@ -415,6 +721,9 @@ def build_and_train(args) -> dict[str, Any]:
         "init_from": args.model.init_from,
         "init_report": job["init_report"],
     }
+    if resume is not None:
+        info["resumed_from"] = resume["checkpoint"]
+        info["changed_on_resume"] = resume["changed_settings"]
     if accelerator.is_main_process:
         write_run_files(args, output_dir, info)
     if accelerator.trackers or resolve_trackers(targs.report_to):

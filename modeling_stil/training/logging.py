@@ -159,7 +159,8 @@ class JsonlLogger:
 
 
 def _finite_or_str(value: float):
-    return value if math.isfinite(value) else str(value)
+    """NaN/inf (an undefined mean, e.g. pseudo-label accuracy with no confident row) -> JSON null."""
+    return value if math.isfinite(value) else None
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:

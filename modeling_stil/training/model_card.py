@@ -22,15 +22,25 @@ TEMPLATE = """---
 
 # {{ model_name }}
 
+<!-- stil:repo_id={{ repo_or_path }} -->
+
 A `{{ model_type }}` model trained with the **{{ method }}** method of stil
 (Hugging-Face-native semi-supervised learning for images and image+tabular data) on
-`{{ dataset }}` ({{ task }}, {{ labeled_description }}).
+{{ dataset_text }} ({{ task }}, {{ labeled_description }}).
+
+## Use
+
+```bash
+pip install stil  # the library that defines the model and its processor (or: trust_remote_code=True for the model)
+```
 
 ```python
-import modeling_stil  # registers the Auto classes (or pass trust_remote_code=True)
-from transformers import AutoModel
-model = AutoModel.from_pretrained("{{ repo_or_path }}")
+{{ usage_snippet }}
 ```
+
+`transformers.pipeline(...)` does not apply to this model (it reads {{ modalities_text }} through
+`StilProcessor`, which no pipeline knows): build the inputs with the processor as above.
+`scripts/predict.py --model {{ repo_or_path }} --table rows.csv` predicts a whole table of raw rows.
 
 ## Results
 
@@ -48,7 +58,7 @@ The model selected on the validation split ({{ selection }}) was evaluated once 
 - processes: {{ num_processes }}; mixed precision: {{ mixed_precision }}
 - git commit: {{ git_commit }}
 
-<details><summary>Resolved recipe</summary>
+<details><summary>Recipe (the settings that differ from stil's defaults, plus the essentials)</summary>
 
 ```yaml
 {{ recipe_yaml }}
@@ -92,8 +102,16 @@ def build_model_card(
     base_model: str | None = None,
     modalities: list[str] | None = None,
     mixed_precision: str | None = None,
+    dataset_on_hub: bool = False,
+    example_row: dict[str, Any] | None = None,
+    image_column: str | None = "image",
 ):
-    """Return a ``huggingface_hub.ModelCard`` (call ``.save(path)``)."""
+    """Return a ``huggingface_hub.ModelCard`` (call ``.save(path)``).
+
+    ``repo_or_path`` is what the usage snippet loads: the Hub repository id when known (push_folder
+    rewrites it to the repository it uploads to). ``dataset_on_hub``: list ``dataset`` in the metadata
+    (a local folder name is not a Hub dataset). ``example_row``: a raw tabular row for the snippet.
+    No ``pipeline_tag`` is declared: no transformers pipeline builds this model's inputs."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     task_type = {"classification": "image-classification", "regression": "tabular-regression", "landmarks": "keypoint-detection"}.get(task, task)
@@ -110,17 +128,18 @@ def build_model_card(
         )
         for name, value in numeric.items()
     ]
-    tags = ["stil", "semi-supervised", method, task] + list(modalities or [])
+    modalities = list(modalities or [])
+    tags = ["stil", "semi-supervised", method, task] + modalities + (["multimodal"] if len(modalities) > 1 else [])
     card_data = ModelCardData(
         library_name="transformers",
         license="apache-2.0",
         model_name=model_name,
         tags=sorted(set(tags), key=tags.index),
-        datasets=[dataset],
+        datasets=[dataset] if dataset_on_hub else None,
         metrics=sorted(numeric),
         eval_results=eval_results or None,
         base_model=base_model,
-        pipeline_tag=task_type if task == "classification" else None,
+        pipeline_tag=None,  # no transformers pipeline builds this model's inputs (see the card's "Use")
     )
     metric_names = sorted(set(numeric) | set(k for k in (validation_metrics or {}) if k not in DIAGNOSTIC_KEYS))
     rows = []
@@ -136,6 +155,9 @@ def build_model_card(
         model_type=model_type,
         method=method,
         dataset=dataset,
+        dataset_text=f"[`{dataset}`](https://huggingface.co/datasets/{dataset})" if dataset_on_hub else f"the local dataset `{dataset}`",
+        usage_snippet=usage_snippet(repo_or_path, modalities, example_row, image_column, task),
+        modalities_text=" + ".join(modalities) or "its inputs",
         task=task,
         labeled_description=labeled_description,
         repo_or_path=repo_or_path,
@@ -160,6 +182,86 @@ def build_model_card(
         plots=plot_lines,
     )
     return card
+
+
+def usage_snippet(repo: str, modalities: list[str], example_row: dict[str, Any] | None, image_column: str | None,
+                  task: str) -> str:
+    """Python that loads the model and its processor and predicts one raw example (image file + raw row)."""
+    lines = [
+        "import torch",
+        "from transformers import AutoModel",
+        "",
+        "import modeling_stil  # registers the stil model classes with the Auto classes",
+        "from modeling_stil.processing_stil import StilProcessor",
+        "",
+        f'model = AutoModel.from_pretrained("{repo}").eval()',
+        f'processor = StilProcessor.from_pretrained("{repo}")',
+    ]
+    call = []
+    if "image" in modalities:
+        lines += ["", "from PIL import Image", f'image = Image.open("example.jpg")  # the file your table\'s {image_column or "image"!r} column names']
+        call.append("images=image")
+    if "tabular" in modalities:
+        row = json.dumps(example_row or {}, indent=4).replace("null", "None").replace("NaN", "None")
+        lines += ["", "# one raw row: category strings and raw numbers as in the training table; None = missing", f"row = {row}"]
+        call.append("tabular=row")
+    lines += [
+        "",
+        f"inputs = processor({', '.join(call)})",
+        "with torch.no_grad():",
+        "    logits = model(**inputs).logits",
+    ]
+    if task == "classification":
+        lines.append("print(processor.postprocess(logits, top_k=3))  # [[{'label': ..., 'score': ...}, ...]]")
+    else:
+        lines.append("print(processor.postprocess(logits))  # values in the training targets' units")
+    return "\n".join(lines)
+
+
+def example_row_from_schema(tabular_schema: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A plausible raw row for the card: the first category of each categorical field, the mean of each
+    continuous one."""
+    if not tabular_schema:
+        return None
+    row = {}
+    for f in tabular_schema.get("fields", []):
+        if f.get("kind") == "categorical":
+            row[f["name"]] = (f.get("categories") or [None])[0]
+        else:
+            mean = f.get("mean")
+            row[f["name"]] = round(float(mean), 3) if mean is not None else None
+    return row
+
+
+NOT_TRAINING_SETTINGS = {
+    "output_dir", "overwrite_output_dir", "allow_foreign_files", "resume_from_checkpoint", "stop_after_steps",
+    "logging_steps", "report_to", "run_name", "disable_tqdm", "plots", "export", "push_to_hub", "hub_model_id",
+    "hub_private", "hub_token", "dataloader_num_workers", "dataset_cache_dir", "bad_images",
+}
+ESSENTIAL_SETTINGS = ("method", "model", "seed", "max_steps", "learning_rate", "per_device_train_batch_size")
+
+
+def card_recipe(args) -> dict[str, Any]:
+    """The settings that mattered for the model: non-default training settings plus the essentials; no
+    output/logging/Hub settings (never the token), no synthetic-data settings when a dataset was given."""
+    import dataclasses
+
+    mattered: dict[str, Any] = {}
+    for obj in args.groups().values():
+        try:
+            defaults = dataclasses.asdict(type(obj)())
+        except TypeError:
+            defaults = {}
+        for key, value in dataclasses.asdict(obj).items():
+            if key in NOT_TRAINING_SETTINGS:
+                continue
+            if args.data.dataset is not None and key.startswith("synthetic_"):
+                continue
+            if key in ESSENTIAL_SETTINGS or key not in defaults or defaults[key] != value:
+                if key in ("dataset", "init_from") and isinstance(value, str) and Path(value).exists():
+                    value = Path(value).name  # a local folder: its name, not this machine's path
+                mattered[key] = value
+    return mattered
 
 
 def _fmt(value) -> str:

@@ -2,10 +2,14 @@
 
 Written into ``<run>/plots/`` at every evaluation (main process):
 
-* ``losses.png``: every training loss term (keys containing ``loss``);
+* ``losses.png``: every training loss term (keys containing ``loss``); the total ``loss`` is the wide
+  translucent black line under the terms, so it stays visible where it equals one of them;
 * ``learning_rate.png``;
 * ``validation.png``: one panel per validation metric;
-* ``pseudo_labels.png``: ``mask_ratio`` and ``pseudo_label_accuracy`` when the method logs them.
+* ``pseudo_labels.png``: ``mask_ratio``, ``pseudo_label_accuracy`` (all unlabelled rows) and
+  ``pseudo_label_accuracy_masked`` (the confident, kept rows) when the method logs them.
+
+Undefined values (JSON null, e.g. the masked accuracy before any row is confident) are gaps.
 """
 
 from __future__ import annotations
@@ -15,7 +19,12 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-PSEUDO_LABEL_KEYS = ("mask_ratio", "pseudo_label_accuracy")
+PSEUDO_LABEL_KEYS = ("mask_ratio", "pseudo_label_accuracy", "pseudo_label_accuracy_masked")
+PSEUDO_LABEL_NAMES = {
+    "mask_ratio": "mask ratio (kept fraction)",
+    "pseudo_label_accuracy": "accuracy, all rows",
+    "pseudo_label_accuracy_masked": "accuracy, kept rows",
+}
 _SKIP_EVAL_KEYS = {"step", "epoch", "split", "time", "runtime_seconds", "samples", "num_samples", "auroc_skipped_classes"}
 
 
@@ -67,7 +76,10 @@ def write_plots(history: Sequence[dict[str, Any]], plot_dir: str | os.PathLike, 
         ax = axes[0]
         for key in loss_keys:
             xs, ys = _series(train, key)
-            ax.plot(xs, ys, label=key, linewidth=1.5 if key == "loss" else 1.0)
+            if key == "loss":  # wide, translucent, underneath: visible even where it equals a term
+                ax.plot(xs, ys, label="loss (total)", color="black", linewidth=4.0, alpha=0.35, zorder=1)
+            else:
+                ax.plot(xs, ys, label=key, linewidth=1.2, zorder=2)
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
         ax.set_title(f"{title} training losses".strip())
@@ -104,10 +116,10 @@ def write_plots(history: Sequence[dict[str, Any]], plot_dir: str | os.PathLike, 
         ax = axes[0]
         for key in present:
             xs, ys = _series(train, key)
-            ax.plot(xs, ys, label=key)
+            ax.plot(xs, ys, label=PSEUDO_LABEL_NAMES.get(key, key), marker="o" if len(xs) < 30 else None, markersize=3)
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("step")
-        ax.set_title("pseudo-labels: mask ratio and accuracy of the kept ones")
+        ax.set_title(f"{title} pseudo-labels".strip())
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         written.append(_save(plt, fig, plot_dir / "pseudo_labels.png"))

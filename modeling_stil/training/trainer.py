@@ -218,6 +218,11 @@ class Trainer:
         self.jsonl = JsonlLogger(self.output_dir / "logs" / "metrics.jsonl", enabled=acc.is_main_process)
         self.last_checkpoint: Path | None = None
         self.results: dict[str, Any] = {}
+        # divergence diagnosis: the loss / gradient norm of the first step, and of the step right after each
+        # checkpoint (computed with its weights): a checkpoint is "good" when that step was still sane
+        self.reference_probe: dict[str, torch.Tensor] | None = None
+        self.checkpoint_probes: list[tuple[Path, dict[str, torch.Tensor]]] = []
+        self._probe_next: Path | None = None
         self.nan_step = torch.tensor(-1, device=acc.device)
         self.nan_terms: dict[str, torch.Tensor] = {}
         self.step_counter = torch.tensor(0, device=acc.device)
@@ -269,13 +274,71 @@ class Trainer:
         if step < 0:
             return
         terms = {k: float(v.item()) for k, v in self.nan_terms.items()}
-        where = str(self.last_checkpoint) if self.last_checkpoint else "none (no checkpoint was written before it)"
+        good, diverged = self._last_sane_checkpoint()
+        if good is not None:
+            where = f"{good} (the step after it still had a sane loss and gradient norm)"
+        elif self.last_checkpoint is not None:
+            where = "none: the loss or gradient norm had already exploded after every checkpoint written"
+        else:
+            where = "none (no checkpoint was written before it)"
         message = (
             f"non-finite loss at step {step + 1} (optimisation step {step // self.targs.gradient_accumulation_steps + 1}); "
             f"loss terms: {json.dumps(terms)}; last good checkpoint: {where}"
         )
+        if diverged:
+            message += f"; {diverged}"
+        message += (
+            f"; the training diverged: lower --learning_rate (now {self.targs.learning_rate:g}; try 10x lower)"
+            + ("" if self.targs.max_grad_norm else " and clip gradients with --max_grad_norm 1.0")
+            + (", then resume from the good checkpoint or start again" if good is not None else ", then start again")
+        )
         self.jsonl.log({"step": self.progress.step, "split": "error", "message": message})
         raise NonFiniteLossError(message)
+
+    def _record_probe(self, loss: torch.Tensor, logs: dict[str, torch.Tensor]) -> None:
+        """Keep (on the device, no sync) the loss and gradient norm of the first step and of the step after
+        each checkpoint."""
+        if self.reference_probe is not None and self._probe_next is None:
+            return
+        probe = {"loss": loss.detach().float().reshape(())}
+        if isinstance(logs.get("grad_norm"), torch.Tensor):
+            probe["grad_norm"] = logs["grad_norm"].detach().float().reshape(())
+        if self.reference_probe is None:
+            self.reference_probe = probe
+        if self._probe_next is not None:
+            self.checkpoint_probes.append((self._probe_next, probe))
+            self._probe_next = None
+
+    def _sane(self, probe: dict[str, float], reference: dict[str, float]) -> bool:
+        loss, ref_loss = probe["loss"], reference.get("loss", float("nan"))
+        if not math.isfinite(loss):
+            return False
+        if math.isfinite(ref_loss) and abs(loss) > max(10.0 * abs(ref_loss), abs(ref_loss) + 10.0):
+            return False
+        grad, ref_grad = probe.get("grad_norm"), reference.get("grad_norm")
+        if grad is not None:
+            if not math.isfinite(grad):
+                return False
+            if ref_grad is not None and math.isfinite(ref_grad) and grad > 100.0 * max(ref_grad, 1e-3):
+                return False
+        return True
+
+    def _last_sane_checkpoint(self) -> tuple[Path | None, str]:
+        """(the newest checkpoint whose next step had a sane loss and gradient norm, a sentence on where the
+        values exploded). Sane: finite, loss within 10x (or +10) of the first step's, gradient norm within 100x."""
+        if self.reference_probe is None:
+            return None, ""
+        reference = {k: float(v.item()) for k, v in self.reference_probe.items()}
+        good = None
+        for path, probe_t in self.checkpoint_probes:
+            probe = {k: float(v.item()) for k, v in probe_t.items()}
+            if not self._sane(probe, reference):
+                shown = ", ".join(f"{k} {v:.3g}" for k, v in probe.items())
+                first = ", ".join(f"{k} {v:.3g}" for k, v in reference.items())
+                return good, f"after {path.name} the step had {shown} (first step: {first}), so its weights are already unusable"
+            if path.is_dir():
+                good = path
+        return good, ""
 
     # ------------------------------------------------------------------ evaluation
     def sync_batchnorm_statistics(self) -> None:
@@ -370,11 +433,21 @@ class Trainer:
             extra={"metric_for_best_model": self.best_metric_name, "max_steps": self.max_steps},
         )
         self.last_checkpoint = path
+        self._probe_next = path
         if self.accelerator.is_main_process:
-            protect = {self.progress.best_checkpoint} if self.progress.best_checkpoint else set()
-            ckpt.rotate_checkpoints(self.output_dir, self.targs.save_total_limit, protect)
+            ckpt.rotate_checkpoints(self.output_dir, self.targs.save_total_limit, self._protected_checkpoints())
         self.accelerator.wait_for_everyone()
         return path
+
+    def _protected_checkpoints(self) -> set[str]:
+        """save_total_limit K keeps the newest K checkpoints; the best is kept on top of them only when it
+        is older (then K + 1 folders): a best among the newest K counts towards the K."""
+        best = self.progress.best_checkpoint
+        limit = self.targs.save_total_limit
+        if not best or limit is None:
+            return set()
+        newest = [p.name for p in ckpt.list_checkpoints(ckpt.checkpoints_root(self.output_dir))][-limit:]
+        return set() if best in newest else {best}
 
     # ------------------------------------------------------------------ plots
     def write_plots(self) -> list[Path]:
@@ -455,6 +528,7 @@ class Trainer:
                 logs: dict[str, torch.Tensor] = {}
                 loss = self._optimisation_step(labeled, unlabeled, logs)
                 self._track_nonfinite(loss, logs)
+                self._record_probe(loss, logs)
                 self.logs.add({"loss": loss, **logs})
                 progress.micro_step += 1
                 self.step_counter += 1

@@ -1,0 +1,26 @@
+"""Folder permissions of written datasets.
+
+``data_utils.io.atomic_directory`` stages a dataset in ``tempfile.mkdtemp`` (mode 0700, whatever the
+umask) and renames it into place, so a dataset folder would be readable by its owner only (a cluster
+group could not read it). `share_like_umask` gives the folder and its sub-folders the mode a plain
+``mkdir`` would have given them (0777 minus the umask), as the files inside already have.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def share_like_umask(folder: str | os.PathLike) -> Path:
+    folder = Path(folder)
+    mode = 0o777 & ~current_umask()
+    for path in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
+        os.chmod(path, mode)
+    return folder
