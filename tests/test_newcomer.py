@@ -78,7 +78,7 @@ def test_help_goes_to_stdout_with_choices_and_the_method_arguments():
 @pytest.mark.parametrize("extra, expected", [
     (("--model", "image-tny"), "unknown model 'image-tny'"),
     (("--model", "tip-tiny", "--method", "supervised"), "without a prediction head"),
-    (("--model", "stil-tiny", "--method", "supervised", "--synthetic_task", "image"), "image-only data"),
+    (("--model", "stil-tiny", "--method", "supervised", "--synthetic_task", "image"), "image-only"),
 ])
 def test_model_mistakes_are_one_line_before_any_file(tmp_path, cache, extra, expected):
     out = tmp_path / "run"

@@ -92,8 +92,15 @@ def load_dataset_or_explain(source: str, synthetic: bool = False):
 
     try:
         return load_dataset(source)
-    except FileNotFoundError:
-        raise
+    except FileNotFoundError as error:  # data_utils.io.DatasetError: missing path, not a dataset, unreadable
+        bad = unreadable_dataset_files(source) if Path(source).is_dir() else []
+        if not bad:
+            raise
+        reason = str(error).strip().splitlines()[0]
+        fix = (f"delete {source} and run again: the synthetic dataset is rebuilt" if synthetic else
+               "rebuild it with the script that made it (scripts/prepare_dataset.py, scripts/build_*.py, "
+               "scripts/make_synthetic.py) or copy it again from its origin")
+        raise JobError(f"dataset {source} is damaged: cannot read {', '.join(bad[:5])} ({reason[:200]}); {fix}") from None
     except Exception as error:  # pyarrow.lib.ArrowInvalid / ArrowIOError, OSError, a damaged JSON file
         import pyarrow as pa
 
@@ -590,6 +597,10 @@ def preflight_resume(args) -> dict[str, Any] | None:
     current = args.flat_dict()
     changed: dict[str, tuple[Any, Any]] = {}
     if isinstance(previous, dict):
+        if args.model.model is None and previous.get("model"):
+            # no --model: the model followed the data when the run started; resume with that one
+            args.model.model = previous["model"]
+            current["model"] = previous["model"]
         for key, value in current.items():
             if key in previous and previous[key] != value:
                 changed[key] = (previous[key], value)
