@@ -164,3 +164,10 @@ def test_every_recipe_parses_and_names_a_real_method_and_model():
     for dataset in ("dvm_1pct", "dvm_10pct", "ukbb_cad_1pct", "ukbb_cad_10pct", "ukbb_infarction_1pct", "ukbb_infarction_10pct"):
         assert f"stil_{dataset}" in names
     assert {"tip_dvm", "tip_ukbb", "tip_synthetic", "stil_synthetic"} <= names
+
+
+def test_the_hub_token_never_reaches_run_config(tmp_path):
+    run = parse_run_arguments(["--hub_token", "hf_secret123", "--push_to_hub", "--hub_model_id", "me/x"])
+    path = run.save_yaml(tmp_path / "run_config.yaml")
+    assert "hf_secret123" not in path.read_text()
+    assert parse_run_arguments([str(path)]).training.hub_token is None

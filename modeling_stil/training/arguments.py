@@ -226,7 +226,11 @@ class RunArguments:
         """Write the resolved configuration as a recipe that reproduces the run (flat keys)."""
         path = Path(path)
         text = "# resolved configuration of this run; `train.py THIS_FILE` reproduces it\n"
-        text += yaml.safe_dump(self.flat_dict(), sort_keys=False)
+        values = self.flat_dict()
+        if values.get("hub_token"):  # secrets never reach the run folder (it is what push_to_hub uploads)
+            values["hub_token"] = None
+            text += "# hub_token: given on the command line, not recorded\n"
+        text += yaml.safe_dump(values, sort_keys=False)
         path.write_text(text)
         return path
 
