@@ -71,6 +71,9 @@ def atomic_directory(output_dir: str | os.PathLike, overwrite: bool = False) -> 
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     try:
         yield staging
+        from .permissions import share_like_umask
+
+        share_like_umask(staging)  # mkdtemp is 0700: give the dataset the mode a plain mkdir would
         if output.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
             output.rename(trash / output.name)
