@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..encoders import SimCLRProjectionHead  # lightly 1.2.22 head, keys layers.{0,2} (the originals')
 from .base import DataInfo, MethodArguments, SSLMethod, TrainState, register_method
 from .common import DistributionAlignment, EMATeacher, concat_views, model_inputs, pseudo_label_logs, unwrap_model
 
@@ -106,17 +107,6 @@ class StilArguments(MethodArguments):
             raise ValueError("unimodal_projector must be 'linear' (DVM) or 'mlp' (cardiac)")
         if self.repeat_ratio is not None and self.repeat_ratio < 1:
             raise ValueError("repeat_ratio must be >= 1")
-
-
-class ProjectionHead(nn.Module):
-    """lightly 1.2.22 ``SimCLRProjectionHead``: Linear -> ReLU -> Linear, no BN (keys ``layers.{0,2}``)."""
-
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
-        super().__init__()
-        self.layers = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, out_dim))
-
-    def forward(self, x):
-        return self.layers(x)
 
 
 class CLUBMean(nn.Module):
@@ -176,11 +166,11 @@ class Stil(SSLMethod):
             )
         a, d, p = self.args, int(hidden), int(self.args.projection_dim)
         self.hidden_size = d
-        self.projector_multimodal = ProjectionHead(3 * d, 3 * d, p)
+        self.projector_multimodal = SimCLRProjectionHead(3 * d, 3 * d, p)
         if a.unimodal_projector == "linear":
             self.projector_imaging, self.projector_tabular = nn.Linear(d, p), nn.Linear(d, p)
         else:
-            self.projector_imaging, self.projector_tabular = ProjectionHead(d, d, p), ProjectionHead(d, d, p)
+            self.projector_imaging, self.projector_tabular = SimCLRProjectionHead(d, d, p), SimCLRProjectionHead(d, d, p)
         self.CLUB_imaging = CLUBMean(d, d, d)
         self.CLUB_tabular = CLUBMean(d, d, d)
         self.ema = EMATeacher(model, mode="state" if a.eman else "parameters") if a.use_ema else None
