@@ -182,6 +182,22 @@ def _resize_notice(stored: tuple[int, int], size: int) -> None:
     )
 
 
+def open_stored_image(value: Any):
+    """A stored image value (``{"bytes", "path"}``, bytes, a path or a PIL image) -> a lazy PIL image."""
+    from PIL import Image
+
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, Mapping):
+        data, path = value.get("bytes"), value.get("path")
+        return Image.open(io.BytesIO(data)) if data is not None else Image.open(path)
+    if isinstance(value, (bytes, bytearray)):
+        return Image.open(io.BytesIO(value))
+    if isinstance(value, str):
+        return Image.open(value)
+    raise LoaderError(f"cannot decode an image from a {type(value).__name__} (is the image missing?)")
+
+
 def decode_image(value: Any, num_channels: int, size: int | None) -> tuple[torch.Tensor, tuple[int, int]]:
     """Stored image (``{"bytes", "path"}``, PIL image or path) -> (uint8 (C, H, W), stored (w, h)).
 
@@ -190,17 +206,7 @@ def decode_image(value: Any, num_channels: int, size: int | None) -> tuple[torch
     """
     from PIL import Image
 
-    if isinstance(value, Image.Image):
-        image = value
-    elif isinstance(value, Mapping):
-        data, path = value.get("bytes"), value.get("path")
-        image = Image.open(io.BytesIO(data)) if data is not None else Image.open(path)
-    elif isinstance(value, (bytes, bytearray)):
-        image = Image.open(io.BytesIO(value))
-    elif isinstance(value, str):
-        image = Image.open(value)
-    else:
-        raise LoaderError(f"cannot decode an image from a {type(value).__name__} (is the image missing?)")
+    image = open_stored_image(value)
     stored_size = image.size
     mode = "RGB" if num_channels == 3 else "L"
     if size is not None and image.format == "JPEG":

@@ -142,10 +142,9 @@ def check_images(dataset_dict, metadata, mode: str, accelerator=None):
     listing the unreadable rows (split, row, reason); 'skip' drops them with a warning.
 
     Returns the dataset dict (without the bad rows in 'skip' mode)."""
-    import io as _io
-
     import numpy as np
-    from PIL import Image
+
+    from data_utils.loaders import open_stored_image
 
     column = getattr(metadata, "image_column", None)
     if column is None:
@@ -162,18 +161,7 @@ def check_images(dataset_dict, metadata, mode: str, accelerator=None):
             raw = raw.cast_column(column, datasets.Image(decode=False))
         for row, value in enumerate(raw[column]):
             try:
-                if value is None:
-                    raise ValueError("no image")
-                if isinstance(value, dict):
-                    data, path = value.get("bytes"), value.get("path")
-                    handle = Image.open(_io.BytesIO(data)) if data is not None else Image.open(path)
-                elif isinstance(value, (bytes, bytearray)):
-                    handle = Image.open(_io.BytesIO(value))
-                elif isinstance(value, str):
-                    handle = Image.open(value)
-                else:
-                    handle = value
-                with handle:
+                with open_stored_image(value) as handle:
                     handle.load()
             except Exception as error:  # noqa: BLE001 -- PIL raises many types for a damaged image
                 reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
