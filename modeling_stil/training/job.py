@@ -9,7 +9,6 @@ loaders, then `Trainer` (trainer.py) and `export_run` (export.py).
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 
 from . import checkpointing as ckpt
 from .logging import resolve_trackers, tracker_config
-from .trainer import JobError, Trainer, make_accelerator
+from .trainer import JobError, Trainer, _move, make_accelerator, schedule_lengths
 
 def library_versions() -> dict[str, str]:
     import importlib.metadata as md
@@ -342,8 +341,7 @@ def data_info(args, train_stream, dataset_dict, metadata, accelerator, target_st
 
     targs = args.training
     gas = targs.gradient_accumulation_steps
-    steps_per_epoch = max(1, train_stream.steps_per_epoch // gas)
-    max_steps = targs.max_steps if targs.max_steps > 0 else max(1, math.ceil(targs.num_train_epochs * steps_per_epoch))
+    steps_per_epoch, max_steps = schedule_lengths(targs, train_stream.steps_per_epoch)
     mean, std = (None, None) if target_stats is None else (target_stats[0].tolist(), target_stats[1].tolist())
     return DataInfo(
         num_labeled=train_stream.num_labeled,
@@ -794,7 +792,7 @@ def representation_probe(args, job: dict, trainer: Trainer) -> dict[str, float]:
         model.eval()
         with torch.no_grad():
             for batch in loader:
-                batch = _move_to(batch, acc.device)
+                batch = _move(batch, acc.device)
                 xs.append(method.probe_features(model, batch).float().cpu())
                 ys.append(batch["labels"].cpu())
         model.train(was_training)
@@ -805,12 +803,6 @@ def representation_probe(args, job: dict, trainer: Trainer) -> dict[str, float]:
     x_train, y_train = features("probe")
     x_eval, y_eval = features(held_out)
     return {**linear_probe_accuracy(x_train, y_train, x_eval, y_eval), "probe_split": held_out}
-
-
-def _move_to(batch, device):
-    from accelerate.utils import send_to_device
-
-    return send_to_device(batch, device)
 
 
 def fit(recipe: str | os.PathLike | dict | None = None, **overrides) -> dict[str, Any]:

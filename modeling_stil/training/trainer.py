@@ -22,11 +22,10 @@ from typing import Any, Callable, Iterable, Protocol
 import torch
 from torch import nn
 
-from ..methods.base import TASK_CLASSIFICATION, TASK_LANDMARKS, SSLMethod, TrainState
+from ..methods.base import MODEL_INPUT_KEYS, TASK_CLASSIFICATION, TASK_LANDMARKS, SSLMethod, TrainState
 from . import checkpointing as ckpt
 from .logging import JsonlLogger, LogAccumulator, format_postfix, resolve_trackers
 
-MODEL_INPUT_KEYS = ("pixel_values", "categorical_values", "continuous_values", "missing_mask")
 LOWER_IS_BETTER = {"nme", "rmse", "mse", "mae", "loss", "failure_rate", "error"}
 
 
@@ -168,12 +167,7 @@ class Trainer:
         self.train_stream = train_stream
         check_method_options(method, self.targs)
 
-        gas = self.targs.gradient_accumulation_steps
-        self.steps_per_epoch = max(1, train_stream.steps_per_epoch // gas)
-        if self.targs.max_steps > 0:
-            self.max_steps = self.targs.max_steps
-        else:
-            self.max_steps = max(1, math.ceil(self.targs.num_train_epochs * train_stream.steps_per_epoch / gas))
+        self.steps_per_epoch, self.max_steps = schedule_lengths(self.targs, train_stream.steps_per_epoch)
         self.eval_steps = self.targs.eval_steps or self.steps_per_epoch
         self.save_steps = self.targs.save_steps
         self.best_metric_name, self.greater_is_better = selection_rule(method, self.targs, task, num_labels)
@@ -631,6 +625,17 @@ class Trainer:
             return full
         cut = len(prefix) + 1
         return {k[cut:]: v for k, v in full.items() if k.startswith(prefix + ".")}
+
+
+def schedule_lengths(targs, micro_steps_per_epoch: int) -> tuple[int, int]:
+    """(optimisation steps per epoch, max_steps) from the stream's micro-steps per epoch, the gradient
+    accumulation and ``max_steps`` / ``num_train_epochs``. The trainer and a method's ``setup``
+    (``DataInfo``) both read these, so they are computed here only."""
+    gas = targs.gradient_accumulation_steps
+    steps_per_epoch = max(1, micro_steps_per_epoch // gas)
+    if targs.max_steps > 0:
+        return steps_per_epoch, targs.max_steps
+    return steps_per_epoch, max(1, math.ceil(targs.num_train_epochs * micro_steps_per_epoch / gas))
 
 
 def selection_rule(method: SSLMethod, targs, task: str, num_labels: int) -> tuple[str, bool]:
