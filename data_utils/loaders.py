@@ -537,23 +537,40 @@ class SemiSupervisedLoaders:
 
     def _build(self, train_split, labeled_views, unlabeled_views, meta_views, corruption_pool, labeled_num_workers,
                num_workers, mu, num_replicas, rank, batch_size) -> None:
-        view_config = self.config
-        pin_memory, persistent_workers, prefetch_factor = self.pin_memory, self.persistent_workers, self.prefetch_factor
         tab = self.source.tabular(train_split)
         split_pool = TabularPool.from_arrays(tab) if tab is not None else None
 
-        def pool_for(rows):
-            if tab is None:
-                return None
-            return split_pool if corruption_pool == "split" else TabularPool.from_arrays(tab, rows)
+        def stream(name, views, rows, batch, kind, workers, too_big):
+            """(sampler, dataset, loader) of one stream; ``too_big`` explains an empty pass."""
+            sampler = ShardedBatchSampler(len(rows), batch, seed=self.config.seed, stream=name,
+                                          num_replicas=num_replicas, rank=rank)
+            if sampler.batches_per_pass == 0:
+                raise LoaderError(too_big)
+            pool = None
+            if tab is not None:
+                pool = split_pool if corruption_pool == "split" else TabularPool.from_arrays(tab, rows)
+            dataset = self.source.dataset(train_split, views, rows, kind=kind, stream=name, pool=pool)
+            loader = _loader(dataset, sampler, workers, self.pin_memory, self.persistent_workers, self.prefetch_factor)
+            return sampler, dataset, loader
 
         self.labeled_sampler = self.labeled_dataset = self.labeled_loader = None
         self.meta_sampler = self.meta_loader = None
-        if labeled_views:
-            self._build_labeled(train_split, labeled_views, unlabeled_views, meta_views, pool_for, labeled_num_workers,
-                                num_workers, mu, num_replicas, rank, batch_size)
-
         self.unlabeled_sampler = self.unlabeled_dataset = self.unlabeled_loader = None
+        if labeled_views:
+            # Workers in proportion to the rows each stream loads per step (1 : mu), at least one.
+            lw = labeled_num_workers
+            if lw is None:
+                lw = num_workers if num_workers == 0 or not unlabeled_views else max(1, math.ceil(num_workers / (1 + mu)))
+            self.labeled_sampler, self.labeled_dataset, self.labeled_loader = stream(
+                "labeled", labeled_views, self.labeled_rows, self.labeled_batch_size, "labeled", lw,
+                f"labelled batch size {batch_size} x {num_replicas} process(es) exceeds the {self.num_labeled} "
+                "labelled rows, so drop_last leaves no batch; lower the batch size or label more rows")
+            if meta_views:
+                # an independently shuffled labelled stream (its own permutation seed: stream "meta")
+                self.meta_sampler, _, self.meta_loader = stream(
+                    "meta", meta_views, self.labeled_rows, self.meta_batch_size, "labeled", lw,
+                    f"meta batch size {self.meta_batch_size} x {num_replicas} process(es) exceeds the "
+                    f"{self.num_labeled} labelled rows; lower the batch size or label more rows")
         if unlabeled_views:
             if self.unlabeled_batch_size < 1:
                 raise LoaderError("mu must be >= 1 when the method has unlabelled views")
@@ -562,55 +579,10 @@ class SemiSupervisedLoaders:
                     "the method needs unlabelled data but every train row is labelled; use a labelled "
                     "fraction < 1 or unlabeled_includes_labeled=True"
                 )
-            self.unlabeled_sampler = ShardedBatchSampler(
-                self.num_unlabeled, self.unlabeled_batch_size, seed=view_config.seed, stream="unlabeled",
-                num_replicas=num_replicas, rank=rank)
-            if self.unlabeled_sampler.batches_per_pass == 0:
-                raise LoaderError(
-                    f"unlabelled batch size {self.unlabeled_batch_size} (mu={mu} x {batch_size}) x {num_replicas} "
-                    f"process(es) exceeds the {self.num_unlabeled} unlabelled rows; lower mu or the batch size"
-                )
-            self.unlabeled_dataset = self.source.dataset(
-                train_split, unlabeled_views, self.unlabeled_rows, kind="unlabeled", stream="unlabeled",
-                pool=pool_for(self.unlabeled_rows))
-            self.unlabeled_loader = _loader(self.unlabeled_dataset, self.unlabeled_sampler, num_workers,
-                                            pin_memory, persistent_workers, prefetch_factor)
-
-    def _build_labeled(self, train_split, labeled_views, unlabeled_views, meta_views, pool_for, labeled_num_workers,
-                       num_workers, mu, num_replicas, rank, batch_size) -> None:
-        view_config = self.config
-        self.labeled_sampler = ShardedBatchSampler(
-            self.num_labeled, self.labeled_batch_size, seed=view_config.seed, stream="labeled",
-            num_replicas=num_replicas, rank=rank)
-        if self.labeled_sampler.batches_per_pass == 0:
-            raise LoaderError(
-                f"labelled batch size {batch_size} x {num_replicas} process(es) exceeds the {self.num_labeled} "
-                "labelled rows, so drop_last leaves no batch; lower the batch size or label more rows"
-            )
-        self.labeled_dataset = self.source.dataset(train_split, labeled_views, self.labeled_rows, kind="labeled",
-                                                   stream="labeled", pool=pool_for(self.labeled_rows))
-        # Workers in proportion to the rows each stream loads per step (1 : mu), at least one.
-        lw = labeled_num_workers
-        if lw is None:
-            if num_workers == 0 or not unlabeled_views:
-                lw = num_workers
-            else:
-                lw = max(1, math.ceil(num_workers / (1 + mu)))
-        self.labeled_loader = _loader(self.labeled_dataset, self.labeled_sampler, lw, self.pin_memory,
-                                      self.persistent_workers, self.prefetch_factor)
-        if meta_views:
-            # an independently shuffled labelled stream (its own permutation seed: stream "meta")
-            self.meta_sampler = ShardedBatchSampler(
-                self.num_labeled, self.meta_batch_size, seed=view_config.seed, stream="meta",
-                num_replicas=num_replicas, rank=rank)
-            if self.meta_sampler.batches_per_pass == 0:
-                raise LoaderError(
-                    f"meta batch size {self.meta_batch_size} x {num_replicas} process(es) exceeds the "
-                    f"{self.num_labeled} labelled rows; lower the batch size or label more rows")
-            meta_dataset = self.source.dataset(train_split, meta_views, self.labeled_rows, kind="labeled",
-                                               stream="meta", pool=pool_for(self.labeled_rows))
-            self.meta_loader = _loader(meta_dataset, self.meta_sampler, lw, self.pin_memory,
-                                       self.persistent_workers, self.prefetch_factor)
+            self.unlabeled_sampler, self.unlabeled_dataset, self.unlabeled_loader = stream(
+                "unlabeled", unlabeled_views, self.unlabeled_rows, self.unlabeled_batch_size, "unlabeled", num_workers,
+                f"unlabelled batch size {self.unlabeled_batch_size} (mu={mu} x {batch_size}) x {num_replicas} "
+                f"process(es) exceeds the {self.num_unlabeled} unlabelled rows; lower mu or the batch size")
 
     # ------------------------------------------------------------------ iteration
     @property
