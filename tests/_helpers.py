@@ -62,3 +62,12 @@ def run_train(argv: list[str]) -> int:
 
     with fresh_accelerate_state():
         return train.main(argv)
+
+
+def flags(defaults: dict, *extra: str) -> list[str]:
+    """``--key value`` arguments from ``defaults`` with ``extra`` flag/value pairs replacing (or adding)
+    keys: train.py refuses a flag given twice, so test variants override instead of appending."""
+    values = {key.lstrip("-"): str(value) for key, value in defaults.items()}
+    for flag, value in zip(extra[::2], extra[1::2]):
+        values[flag.lstrip("-")] = value
+    return [item for key, value in values.items() for item in (f"--{key}", value)]

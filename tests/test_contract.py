@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests._helpers import TOY_METADATA, TOY_SCHEMA, fresh_accelerate_state, run_train
+from tests._helpers import TOY_METADATA, TOY_SCHEMA, flags, fresh_accelerate_state, run_train
 
 TOY = "tests.toy_methods:"
 
@@ -29,9 +29,7 @@ def base_argv(out: Path, cache: Path, *extra: str, task: str = "multimodal") -> 
         "eval_steps": "3", "logging_steps": "3", "learning_rate": "0.01", "report_to": "none",
         "disable_tqdm": "true", "seed": "3",
     }
-    for flag, value in zip(extra[::2], extra[1::2]):
-        values[flag.lstrip("-")] = value
-    return [item for key, value in values.items() for item in (f"--{key}", value)]
+    return flags(values, *extra)
 
 
 def history(run: Path) -> list[dict]:
@@ -269,12 +267,10 @@ TASK_ARGS = {"landmarks": ("--labeled_view", "translate")}
 
 @pytest.mark.parametrize("name, task", _method_cases())
 def test_monitor_labels_never_reach_any_loss(tmp_path, cache, name, task):
-    from modeling_stil.methods.base import get_method_class
     from modeling_stil.training.arguments import parse_run_arguments
     from modeling_stil.training.job import assemble
     from modeling_stil.training.trainer import make_accelerator
 
-    cls = get_method_class(name)
     model = MODEL_FOR_METHOD.get(name) or MODEL_FOR[task]
     extra = TASK_ARGS.get(task, ()) if name == "supervised" else ()
     argv = base_argv(tmp_path / "run", cache, "--method", name, "--model", model, *extra, task=task)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests._helpers import run_train
+from tests._helpers import flags, run_train
 
 
 def stil_argv(out: Path, cache: Path, *extra: str) -> list[str]:
@@ -24,9 +24,7 @@ def stil_argv(out: Path, cache: Path, *extra: str) -> list[str]:
         # unlabelled terms from the first epoch on, and a threshold every row passes, so each term trains
         "--start_epoch", "-1", "--th1", "0.0",
     ]
-    values = dict(zip(base[::2], base[1::2]))
-    values.update(zip(extra[::2], extra[1::2]))
-    return [item for pair in values.items() for item in pair]
+    return flags(dict(zip(base[::2], base[1::2])), *extra)
 
 
 def _errors(capsys) -> list[str]:
