@@ -349,3 +349,14 @@ def test_view_plumbing():
     assert sizes == [2, 3] and inputs["pixel_values"].shape == (5, 4)
     with pytest.raises(ValueError):
         concat_views([a, b])
+
+
+def test_rampups_by_hand():
+    import math
+
+    from modeling_stil.methods.common import linear_rampup, sigmoid_rampup
+
+    assert sigmoid_rampup(0, 10) == pytest.approx(math.exp(-5.0))
+    assert sigmoid_rampup(5, 10) == pytest.approx(math.exp(-5.0 * 0.25))
+    assert sigmoid_rampup(20, 10) == 1.0 and sigmoid_rampup(3, 0) == 1.0
+    assert linear_rampup(2.5, 10) == 0.25 and linear_rampup(-1, 10) == 0.0 and linear_rampup(1, 0) == 1.0

@@ -20,6 +20,8 @@ Nothing here needs ``torch.distributed``: cross-process communication goes throu
 
 from __future__ import annotations
 
+import math
+
 import copy
 from typing import Callable, Iterable
 
@@ -198,6 +200,22 @@ def warmup_momentum(momentum: float, step: int) -> float:
     ``ExponentialMovingAverage(num_updates=step)``), so a short run's EMA is not stuck at the
     initial weights. ``step`` = optimisation steps completed."""
     return min(momentum, (1.0 + step) / (10.0 + step))
+
+
+def sigmoid_rampup(current: float, length: float) -> float:
+    """Laine & Aila's ramp-up ``exp(-5 (1 - t)^2)`` with ``t = clip(current / length, 0, 1)``
+    (Mean Teacher, MixMatch-style consistency weights); 1 when ``length`` is 0."""
+    if length <= 0:
+        return 1.0
+    t = min(max(current / length, 0.0), 1.0)
+    return float(math.exp(-5.0 * (1.0 - t) ** 2))
+
+
+def linear_rampup(current: float, length: float) -> float:
+    """``clip(current / length, 0, 1)``; 1 when ``length`` is 0 (MixMatch's lambda_u ramp)."""
+    if length <= 0:
+        return 1.0
+    return float(min(max(current / length, 0.0), 1.0))
 
 
 # ---------------------------------------------------------------------------------------- gather
