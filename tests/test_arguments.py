@@ -171,3 +171,22 @@ def test_the_hub_token_never_reaches_run_config(tmp_path):
     path = run.save_yaml(tmp_path / "run_config.yaml")
     assert "hf_secret123" not in path.read_text()
     assert parse_run_arguments([str(path)]).training.hub_token is None
+
+
+def test_recipe_extends_applies_parents_then_own_values(tmp_path):
+    (tmp_path / "base.yaml").write_text("method: fixmatch\nlearning_rate: 0.1\nmu: 3\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "child.yaml").write_text("extends: ../base.yaml\nlearning_rate: 0.01\ntraining: {seed: 7}\n")
+    assert load_recipe(tmp_path / "sub" / "child.yaml") == {"method": "fixmatch", "learning_rate": 0.01, "mu": 3, "seed": 7}
+    run = parse_run_arguments([str(tmp_path / "sub" / "child.yaml")])
+    assert run.training.learning_rate == 0.01 and run.data.mu == 3 and run.training.method == "fixmatch"
+
+
+def test_recipe_extends_errors_name_the_problem(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ArgumentError, match="extends itself"):
+        load_recipe(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: missing.yaml\n")
+    with pytest.raises(ArgumentError, match="missing.yaml"):
+        load_recipe(tmp_path / "c.yaml")

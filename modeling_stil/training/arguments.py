@@ -366,14 +366,29 @@ def parse_cli_overrides(argv: Sequence[str]) -> tuple[str | None, dict[str, Any]
     return recipe, overrides
 
 
-def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
+def load_recipe(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe as flat ``key: value`` pairs.
+
+    ``extends: other.yaml`` (a path relative to this recipe, or a list of them, applied in order)
+    starts from that recipe's values and lets this one override them, so a family of recipes
+    (one method on six datasets) states each shared value once.
+    """
     path = Path(path)
     if not path.is_file():
         raise ArgumentError(f"recipe {path} does not exist")
+    if path.resolve() in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain, path.resolve()))
+        raise ArgumentError(f"recipe {path} extends itself through {cycle}: remove one of the extends keys")
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ArgumentError(f"recipe {path} must be a mapping of key: value")
     flat: dict[str, Any] = {}
+    parents = data.pop("extends", None) or []
+    for parent in [parents] if isinstance(parents, str) else parents:
+        parent_path = path.parent / parent
+        if not parent_path.is_file():
+            raise ArgumentError(f"recipe {path}: extends {parent!r}, but {parent_path} does not exist (paths are relative to the recipe)")
+        flat.update(load_recipe(parent_path, (*_chain, path.resolve())))
     for key, value in data.items():
         # Groups are optional: `training: {learning_rate: ...}` and flat `learning_rate: ...` both work.
         if key in ("data", "model_args", "training", "method_args") and isinstance(value, dict):
