@@ -7,6 +7,8 @@ BUILTIN_METHOD_MODULES = [
     "fixmatch",
     "stil",
     "tip_pretrain",
+    "simmatch",
+    "comatch",
 ]
 
 for _module in BUILTIN_METHOD_MODULES:

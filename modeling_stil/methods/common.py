@@ -408,3 +408,61 @@ def pseudo_label_logs(
     logs[f"{prefix}_accuracy"] = correct.sum() / valid.sum()
     logs[f"{prefix}_accuracy_masked"] = (correct * selected).sum() / selected.sum()
     return logs
+
+
+# ======================================================================================== match-a: Match-family network
+# (SimMatch / CoMatch; helper "match-a"). The model plus an optional projection head owned by the method.
+class ProjectedNet(nn.Module):
+    """``(logits, projections)`` of a classifier: the model's own L2-normalised ``projections``
+    (Match-family presets: image-*, multimodal-concat*) or, when it has none (WRN-28-2, or
+    ``projection_dim=0`` in its config), ``normalize(projector(features))`` with a head the method
+    owns (USB's ``mlp_proj``: Linear(d, d)-ReLU-Linear(d, P)). Not registered inside the method
+    (the model would appear twice in its state dict): built on the fly around ``model``/``projector``,
+    and deep-copied once for an EMA teacher (whose names are then ``model.*`` / ``projector.*``)."""
+
+    def __init__(self, model: nn.Module, projector: nn.Module | None = None):
+        super().__init__()
+        self.model = model
+        self.projector = projector
+
+    def forward(self, **inputs):
+        out = self.model(**inputs)
+        if self.projector is None:
+            projections = getattr(out, "projections", None)
+            if projections is None:
+                raise ValueError(f"{type(unwrap_model(self.model)).__name__} returned no projections")
+            return out.logits, projections
+        return out.logits, F.normalize(self.projector(out.features), dim=-1)
+
+
+def model_projection_head(model: nn.Module, projection_dim: int, method_name: str) -> nn.Module | None:
+    """None when the model already returns ``projections``; else a method-owned MLP on its
+    ``features`` (width from the config: ``channels[-1]`` for WRN). One-line error otherwise."""
+    bare = unwrap_model(model)
+    config = getattr(bare, "config", None)
+    if int(getattr(config, "projection_dim", 0) or 0) > 0 and getattr(bare, "head", None) is not None:
+        return None
+    channels = getattr(config, "channels", None)
+    if channels:
+        dim = int(channels[-1])
+    elif getattr(config, "hidden_size", None):
+        dim = int(config.hidden_size)
+    else:
+        raise ValueError(
+            f"method {method_name!r} needs a model with a projection head (features -> embedding); "
+            f"{type(bare).__name__} has none: use an image-* / multimodal-concat* preset or wrn-28-2"
+        )
+    if projection_dim <= 0:
+        raise ValueError(f"method {method_name!r}: projection_dim must be positive")
+    return nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, int(projection_dim)))
+
+
+def check_image_only_model(model: nn.Module, method_name: str) -> None:
+    """The image-only variant of a method refuses a model that reads tabular input (one line, with the fix)."""
+    reads = tuple(getattr(unwrap_model(model), "input_modalities", ()) or ())
+    if "tabular" in reads:
+        raise ValueError(
+            f"method {method_name!r} is the image-only variant but the model reads {'+'.join(reads)} input; "
+            f"use --method multimodal_{method_name} for an image+tabular model, or an image model (--model image-tiny)"
+        )
+# ======================================================================================== end match-a
