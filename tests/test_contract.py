@@ -261,6 +261,8 @@ def _method_cases():
 
 MODEL_FOR = {"multimodal": "multimodal-concat-tiny", "image": "image-tiny", "landmarks": "tcdcnn"}
 MODEL_FOR_METHOD = {"stil": "stil-tiny", "tip_pretrain": "tip-tiny"}
+# image-only Match-family variants refuse a model that reads tabular input (image-tiny reads the images)
+MODEL_FOR_METHOD.update({"simmatch": "image-tiny", "comatch": "image-tiny"})
 # landmark runs need views that keep targets on the pixels
 TASK_ARGS = {"landmarks": ("--labeled_view", "translate")}
 
