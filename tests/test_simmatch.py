@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from modeling_stil.methods.base import DataInfo, TrainState
 from modeling_stil.methods.simmatch import MultimodalSimMatch, MultimodalSimMatchArguments, SimMatch, SimMatchArguments
 from modeling_stil.presets import create_model
-from tests._helpers import TOY_METADATA, TOY_SCHEMA, run_train
+from tests._helpers import TOY_METADATA, TOY_SCHEMA, flags, run_train
 
 N_L, N_U, K = 4, 6, 10
 
@@ -254,12 +254,14 @@ def test_bad_input_stops_with_one_line():
 
 # ------------------------------------------------------------------------------ through train.py
 def _argv(out, cache, *extra):
-    return ["--method", "multimodal_simmatch", "--model", "multimodal-concat-tiny", "--start_epoch", "-1",
-            "--threshold", "0.3", "--output_dir", str(out), "--dataset_cache_dir", str(cache),
-            "--synthetic_num_samples", "200", "--labeled_fraction", "0.2", "--mu", "2",
-            "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "64", "--max_steps", "4",
-            "--eval_steps", "2", "--save_steps", "2", "--logging_steps", "2", "--learning_rate", "0.01",
-            "--optimizer", "adam", "--report_to", "none", "--disable_tqdm", "true", "--seed", "5", *extra]
+    values = {
+        "method": "multimodal_simmatch", "model": "multimodal-concat-tiny", "start_epoch": "-1", "threshold": "0.3",
+        "output_dir": str(out), "dataset_cache_dir": str(cache), "synthetic_num_samples": "200",
+        "labeled_fraction": "0.2", "mu": "2", "per_device_train_batch_size": "4", "per_device_eval_batch_size": "64",
+        "max_steps": "4", "eval_steps": "4", "save_steps": "2", "logging_steps": "1", "learning_rate": "0.01",
+        "optimizer": "adam", "report_to": "none", "disable_tqdm": "true", "seed": "5",
+    }
+    return flags(values, *extra)
 
 
 def test_train_py_resumes_bit_exactly_exports_and_reloads(tmp_path):
