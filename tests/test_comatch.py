@@ -282,7 +282,7 @@ def test_bad_input_stops_with_one_line():
 # ------------------------------------------------------------------------------ the loss falls
 @pytest.mark.parametrize("name", ["simmatch", "comatch"])
 def test_short_synthetic_run_lowers_the_loss_with_the_unlabelled_terms_on(name):
-    """20 Adam steps on 3 fixed batches of a separable synthetic task (class = colour channel): the total
+    """12 Adam steps on 3 fixed batches of a separable synthetic task (class = colour channel): the total
     loss falls while the unlabelled terms are in it and non-zero from the first step."""
     from modeling_stil.methods.simmatch import SimMatch, SimMatchArguments
 
@@ -312,15 +312,15 @@ def test_short_synthetic_run_lowers_the_loss_with_the_unlabelled_terms_on(name):
         data.append((labeled, unlabeled))
     optimizer = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=3e-3)
     losses = []
-    for step in range(20):
-        state = TrainState(step=step, epoch=1, max_steps=20, num_labels=3)
+    for step in range(12):
+        state = TrainState(step=step, epoch=1, max_steps=12, num_labels=3)
         loss, logs = method.training_step(*data[step % 3], state)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         method.after_optimizer_step(state)
         assert all(logs[t] > 0 for t in unsup_terms), logs
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert sum(losses[-3:]) < 0.7 * sum(losses[:3]), losses
 
 
