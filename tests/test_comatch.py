@@ -272,6 +272,8 @@ def test_bad_input_stops_with_one_line():
     method = CoMatch(create_model("image-tiny", metadata=TOY_METADATA), CoMatchArguments(queue_size=10**9))
     with pytest.raises(ValueError, match="GiB.*max_queue_gib"):
         method.setup(DataInfo(num_labeled=10, num_labels=3))
+    with pytest.raises(ValueError, match="predicts 3 classes but the data has 5"):
+        CoMatch(create_model("image-tiny", metadata=TOY_METADATA), CoMatchArguments()).setup(DataInfo(num_labeled=10, num_labels=5))
     with pytest.raises(ValueError, match="queue_overflow"):
         CoMatchArguments(queue_overflow="spill")
     mmatch = create_model("mmatch-tiny", schema=TOY_SCHEMA, metadata=TOY_METADATA)

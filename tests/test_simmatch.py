@@ -250,6 +250,8 @@ def test_bad_input_stops_with_one_line():
         method.setup(DataInfo(num_labeled=0, num_labels=3))
     with pytest.raises(ValueError, match="teacher"):
         SimMatchArguments(teacher="bogus")
+    with pytest.raises(ValueError, match="predicts 3 classes but the data has 5"):
+        SimMatch(create_model("image-tiny", metadata=TOY_METADATA), SimMatchArguments()).setup(DataInfo(num_labeled=10, num_labels=5))
 
 
 # ------------------------------------------------------------------------------ through train.py

@@ -195,6 +195,12 @@ class CoMatch(SSLMethod):
 
     # ------------------------------------------------------------------ set-up
     def setup(self, info: DataInfo) -> None:
+        model_labels = int(getattr(unwrap_model(self.model).config, "num_labels", 0) or 0)
+        if info.num_labels and model_labels and model_labels != int(info.num_labels):
+            raise ValueError(
+                f"{self.name}: the model predicts {model_labels} classes but the data has {info.num_labels}; "
+                "build the model for this dataset (a preset, or --model_overrides num_labels=...)"
+            )
         a = self.args
         if info.num_labels and not self.num_classes:
             self.num_classes = int(info.num_labels)

@@ -149,6 +149,12 @@ class SimMatch(SSLMethod):
     # ------------------------------------------------------------------ set-up
     def setup(self, info: DataInfo) -> None:
         """The labelled bank: K = number of labelled rows, random unit rows, labels 0 (as the originals)."""
+        model_labels = int(getattr(unwrap_model(self.model).config, "num_labels", 0) or 0)
+        if info.num_labels and model_labels and model_labels != int(info.num_labels):
+            raise ValueError(
+                f"{self.name}: the model predicts {model_labels} classes but the data has {info.num_labels}; "
+                "build the model for this dataset (a preset, or --model_overrides num_labels=...)"
+            )
         k = int(info.num_labeled)
         if k <= 0:
             raise ValueError(f"{self.name} needs labelled rows for its memory bank (num_labeled = {k})")
