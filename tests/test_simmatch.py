@@ -138,10 +138,7 @@ def test_every_term_matches_an_independent_computation(multimodal):
     assert terms["unsup_loss"] > 0, "the test needs confident rows"
     # and the bank now holds the labelled rows' teacher embeddings at their positions
     assert method.bank_labels[[7, 2, 9, 0]].tolist() == [0, 1, 2, 1]
-    loss, _ = method.training_step(labeled, unlabeled, STATE)
-    a = method.args
-    assert torch.isfinite(loss) and logs["unsup_active"] == 1.0
-    del a
+    assert logs["unsup_active"] == 1.0
 
 
 def test_warm_up_gates():
@@ -159,7 +156,7 @@ def test_warm_up_gates():
 
 
 # ------------------------------------------------------------------------------ gradient routing
-def _grads(method, term, labeled, unlabeled, teacher):
+def _grads(method, term, labeled, unlabeled):
     for view in (labeled["labeled"], unlabeled["weak"], unlabeled["strong"]):
         view["pixel_values"].requires_grad_(True)
     method.zero_grad()
@@ -178,15 +175,15 @@ def test_gradient_routing_of_each_term(teacher):
     base.update_bank(F.normalize(torch.randn(K, 16), dim=1), torch.arange(K) % 3, torch.arange(K), STATE)
     nonzero = lambda t: t is not None and t.abs().sum() > 0  # noqa: E731
     # L_x: labelled view only; classifier and encoder, not the projection head
-    pix, has = _grads(copy.deepcopy(base), "sup_loss", *batches(), teacher)
+    pix, has = _grads(copy.deepcopy(base), "sup_loss", *batches())
     assert nonzero(pix["labeled"]) and not nonzero(pix["weak"]) and not nonzero(pix["strong"])
     assert has("model.classifier") and has("model.encoder_imaging") and not has("model.head")
     # L_u: strong view only (the pseudo-label is a constant), through the classifier
-    pix, has = _grads(copy.deepcopy(base), "unsup_loss", *batches(), teacher)
+    pix, has = _grads(copy.deepcopy(base), "unsup_loss", *batches())
     assert nonzero(pix["strong"]) and not nonzero(pix["weak"]) and not nonzero(pix["labeled"])
     assert has("model.classifier") and not has("model.head")
     # L_in: strong view only, through the projection head and the encoder, not the classifier
-    pix, has = _grads(copy.deepcopy(base), "in_loss", *batches(), teacher)
+    pix, has = _grads(copy.deepcopy(base), "in_loss", *batches())
     assert nonzero(pix["strong"]) and not nonzero(pix["weak"]) and not nonzero(pix["labeled"])
     assert has("model.head") and has("model.encoder_imaging") and not has("model.classifier")
 
