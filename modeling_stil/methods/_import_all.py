@@ -7,6 +7,9 @@ BUILTIN_METHOD_MODULES = [
     "fixmatch",
     "stil",
     "tip_pretrain",
+    "freematch",
+    "mmatch",
+    "co_training",
 ]
 
 for _module in BUILTIN_METHOD_MODULES:
