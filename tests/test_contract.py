@@ -261,6 +261,7 @@ def _method_cases():
 
 MODEL_FOR = {"multimodal": "multimodal-concat-tiny", "image": "image-tiny", "landmarks": "tcdcnn"}
 MODEL_FOR_METHOD = {"stil": "stil-tiny", "tip_pretrain": "tip-tiny"}
+MODEL_FOR_METHOD.update({"mmatch": "mmatch-tiny", "co_training": "mmatch-tiny"})  # three-head network
 # landmark runs need views that keep targets on the pixels
 TASK_ARGS = {"landmarks": ("--labeled_view", "translate")}
 
