@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from modeling_stil.methods.base import TrainState, get_method_class
 from modeling_stil.methods.co_training import CoTraining, CoTrainingArguments
-from tests.test_mmatch import ThreeHeadNet, hand_inputs, mm_batches, resume_export_reload
+from tests.test_mmatch import ThreeHeadNet, hand_inputs, mm_batches, multimodal_cache, resume_export_reload  # noqa: F401
 
 
 def test_cross_modal_soft_targets_masks_and_routing_by_hand():
@@ -111,7 +111,7 @@ def test_short_run_lowers_the_loss_with_the_cross_modal_terms_on():
     assert sum(losses[-5:]) < sum(losses[:5])
 
 
-def test_train_py_resumes_the_teacher_exactly_and_exports(tmp_path):
-    history = resume_export_reload("co_training", tmp_path, ("ema.module.classifier_imaging.weight",), "--co_threshold", "0.0")
+def test_train_py_resumes_the_teacher_exactly_and_exports(tmp_path, multimodal_cache):
+    history = resume_export_reload("co_training", tmp_path, multimodal_cache, ("ema.module.classifier_imaging.weight",), "--co_threshold", "0.0")
     train = [r for r in history if "unsup_loss" in r]
     assert train and any(r["unsup_loss"] > 0 for r in train)

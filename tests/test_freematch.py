@@ -26,6 +26,7 @@ from modeling_stil.methods.freematch import (
     sat_mask,
 )
 from tests.test_methods_common import TinyNet, TinyOutput
+from tests.test_mmatch import multimodal_cache  # noqa: F401  (shared synthetic image+tabular dataset)
 
 
 class LinearNet(nn.Module):
@@ -273,7 +274,7 @@ def _argv(out: Path, cache: Path, *extra: str):
         "method": "freematch", "model": "image-tiny", "synthetic_task": "image", "output_dir": str(out),
         "dataset_cache_dir": str(cache), "synthetic_num_samples": "120", "synthetic_image_size": "32",
         "labeled_fraction": "0.2", "mu": "2", "per_device_train_batch_size": "4",
-        "per_device_eval_batch_size": "64", "max_steps": "4", "eval_steps": "4", "save_steps": "2",
+        "per_device_eval_batch_size": "64", "max_eval_samples": "32", "max_steps": "4", "eval_steps": "4", "save_steps": "2",
         "logging_steps": "1", "learning_rate": "0.01", "report_to": "none", "disable_tqdm": "true", "seed": "5",
         "ema_warmup": "true", "sat_momentum": "0.5",
     }
@@ -319,7 +320,7 @@ def test_multimodal_freematch_refuses_an_image_only_model(tmp_path, capsys):
     assert "multimodal_freematch" in err and "no tabular input" in err and "use a dataset with it" in err
 
 
-def test_two_gloo_processes_hold_the_one_process_threshold_state(tmp_path):
+def test_two_gloo_processes_hold_the_one_process_threshold_state(tmp_path, multimodal_cache):
     """accelerate launch --num_processes 2 (batch 4 each) == one process (batch 8): the SAT state is
     the global batch's. tabular-tiny has no BatchNorm, so the two runs train the same model."""
     from safetensors.torch import load_file
@@ -328,7 +329,7 @@ def test_two_gloo_processes_hold_the_one_process_threshold_state(tmp_path):
     from tests.test_distributed import _launch
 
     def argv(out, batch):
-        return _argv(out, tmp_path / "cache", "--model", "tabular-tiny", "--synthetic_task", "multimodal",
+        return _argv(out, multimodal_cache, "--model", "tabular-tiny", "--synthetic_task", "multimodal",
                      "--per_device_train_batch_size", str(batch), "--optimizer", "sgd", "--learning_rate", "0.1",
                      "--warmup", "0", "--save_steps", "4", "--synthetic_num_samples", "200",
                      "--pseudo_labels_from", "teacher", "--ema_momentum", "0.5")

@@ -185,19 +185,25 @@ def test_registration_defaults_and_a_model_without_unimodal_heads_is_refused():
 
 
 # ------------------------------------------------------------------------------------------ through train.py
+@pytest.fixture(scope="session")
+def multimodal_cache(tmp_path_factory):
+    """One synthetic image+tabular dataset (200 rows, 32 px) for every train.py run of these tests."""
+    return tmp_path_factory.mktemp("match_b_multimodal_cache")
+
+
 def multimodal_argv(method: str, out: Path, cache: Path, *extra: str) -> list[str]:
     from tests._helpers import flags
 
     values = {
         "method": method, "model": "mmatch-tiny", "output_dir": str(out), "dataset_cache_dir": str(cache),
         "synthetic_num_samples": "200", "labeled_fraction": "0.2", "mu": "2", "per_device_train_batch_size": "4",
-        "per_device_eval_batch_size": "64", "max_steps": "4", "eval_steps": "4", "save_steps": "2", "logging_steps": "1",
+        "per_device_eval_batch_size": "64", "max_eval_samples": "32", "max_steps": "4", "eval_steps": "4", "save_steps": "2", "logging_steps": "1",
         "learning_rate": "0.01", "report_to": "none", "disable_tqdm": "true", "seed": "5", "start_epoch": "-1",
     }
     return flags(values, *extra)
 
 
-def resume_export_reload(method: str, root: Path, state_keys: tuple[str, ...], *extra: str) -> dict:
+def resume_export_reload(method: str, root: Path, cache: Path, state_keys: tuple[str, ...], *extra: str) -> list[dict]:
     """Run 4 steps; resume a copy of checkpoint-2 to step 4: identical checkpoints (model, teacher and
     method state), the export reloads with AutoModel and reproduces the run's test metrics."""
     from safetensors.torch import load_file
@@ -206,7 +212,7 @@ def resume_export_reload(method: str, root: Path, state_keys: tuple[str, ...], *
     import modeling_stil  # noqa: F401
     from tests._helpers import run_train
 
-    cache, straight, resumed = root / "cache", root / "straight", root / "resumed"
+    straight, resumed = root / "straight", root / "resumed"
     assert run_train(multimodal_argv(method, straight, cache, *extra)) == 0
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(straight / "checkpoints" / "checkpoint-2", resumed / "checkpoints" / "checkpoint-2")
@@ -229,7 +235,7 @@ def resume_export_reload(method: str, root: Path, state_keys: tuple[str, ...], *
     return [json.loads(l) for l in (straight / "logs" / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_train_py_resumes_the_queues_exactly_and_exports(tmp_path):
-    history = resume_export_reload("mmatch", tmp_path, ("embed_queue", "probs_queue", "DA.queue.buffer"), "--th1", "0.0")
+def test_train_py_resumes_the_queues_exactly_and_exports(tmp_path, multimodal_cache):
+    history = resume_export_reload("mmatch", tmp_path, multimodal_cache, ("embed_queue", "probs_queue", "DA.queue.buffer"), "--th1", "0.0")
     train = [r for r in history if "unsup_loss" in r]
     assert train and any(r["unsup_loss"] > 0 for r in train)
