@@ -206,6 +206,7 @@ def test_usb_defaults_and_registration():
     assert (stil.mask_unsup, stil.pseudo_labels_from, stil.ema_mode, stil.eval_with_ema, stil.start_epoch) == (False, "teacher", "state", False, 10)
     assert stil.ema_momentum == 0.996 and stil.labeled_view == "hard"
     assert MultimodalFreeMatch.required_modalities == ("image", "tabular")
+    assert (FreeMatch.preferred_model, MultimodalFreeMatch.preferred_model) == ("image-tiny", "multimodal-concat-tiny")
     with pytest.raises(ValueError, match="pseudo_labels_from"):
         FreeMatchArguments(pseudo_labels_from="ema")
     method = FreeMatch(LinearNet(), FreeMatchArguments())

@@ -155,6 +155,9 @@ class FreeMatch(SSLMethod):
     arguments_class = FreeMatchArguments
     labeled_views = {"labeled": "weak"}
     unlabeled_views = {"weak": "weak", "strong": "strong"}
+    # image-only FreeMatch: without --model an image classifier is used even on image+tabular data
+    # (real data: --model image-resnet50 or wrn-28-2); any model with logits works
+    preferred_model = "image-tiny"
 
     def __init__(self, model, args: FreeMatchArguments | None = None):
         super().__init__(model, args)
