@@ -239,3 +239,12 @@ def test_train_py_resumes_the_queues_exactly_and_exports(tmp_path, multimodal_ca
     history = resume_export_reload("mmatch", tmp_path, multimodal_cache, ("embed_queue", "probs_queue", "DA.queue.buffer"), "--th1", "0.0")
     train = [r for r in history if "unsup_loss" in r]
     assert train and any(r["unsup_loss"] > 0 for r in train)
+
+
+def test_train_py_refuses_a_model_without_unimodal_heads_in_one_line(tmp_path, multimodal_cache, capsys):
+    from tests._helpers import run_train
+
+    assert run_train(multimodal_argv("mmatch", tmp_path / "run", multimodal_cache, "--model", "multimodal-concat-tiny")) != 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert "mmatch needs a multimodal model with fused, image and tabular heads" in lines[-1]
+    assert "--model mmatch" in lines[-1]
