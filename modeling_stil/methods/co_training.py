@@ -103,6 +103,8 @@ class CoTraining(SSLMethod):
         logs["unsup_loss"] = logs["unsup_loss_image"] + logs["unsup_loss_tabular"]
         logs["mask_ratio_image_teacher"] = mask_i.mean()
         logs["mask_ratio_tabular_teacher"] = mask_t.mean()
+        logs["teacher_confidence_image"] = q_i.max(dim=1).values.mean()  # mean max q: how far co_threshold is
+        logs["teacher_confidence_tabular"] = q_t.max(dim=1).values.mean()
         monitor = unlabeled.get("monitor_labels")
         logs.update(pseudo_label_logs(q_i.argmax(dim=1), mask_i, monitor, prefix="image_pseudo_label"))
         image_mask_ratio = logs.pop("mask_ratio")

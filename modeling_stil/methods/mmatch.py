@@ -172,6 +172,7 @@ class MMatch(SSLMethod):
         logs = {k: v.detach() for k, v in terms.items()}
         logs["sup_loss"] = logs["sup_loss_multimodal"] + logs["sup_loss_image"] + logs["sup_loss_tabular"]
         logs["unsup_loss"] = logs["unsup_loss_image"] + logs["unsup_loss_tabular"]
+        logs["pseudo_label_confidence"] = max_probs.mean()  # mean max p: how far th1 is
         logs.update(pseudo_label_logs(pseudo, mask, unlabeled.get("monitor_labels")))
         return terms, logs
 
