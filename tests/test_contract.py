@@ -263,6 +263,7 @@ MODEL_FOR = {"multimodal": "multimodal-concat-tiny", "image": "image-tiny", "lan
 MODEL_FOR_METHOD = {"stil": "stil-tiny", "tip_pretrain": "tip-tiny"}
 # image-only Match-family variants refuse a model that reads tabular input (image-tiny reads the images)
 MODEL_FOR_METHOD.update({"simmatch": "image-tiny", "comatch": "image-tiny"})
+MODEL_FOR_METHOD.update({"mmatch": "mmatch-tiny", "co_training": "mmatch-tiny"})  # three-head network
 # landmark runs need views that keep targets on the pixels
 TASK_ARGS = {"landmarks": ("--labeled_view", "translate")}
 

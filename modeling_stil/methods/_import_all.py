@@ -9,6 +9,9 @@ BUILTIN_METHOD_MODULES = [
     "tip_pretrain",
     "simmatch",
     "comatch",
+    "freematch",
+    "mmatch",
+    "co_training",
 ]
 
 for _module in BUILTIN_METHOD_MODULES:
