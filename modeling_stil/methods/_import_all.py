@@ -7,6 +7,7 @@ BUILTIN_METHOD_MODULES = [
     "fixmatch",
     "stil",
     "tip_pretrain",
+    "mean_teacher",
 ]
 
 for _module in BUILTIN_METHOD_MODULES:
