@@ -8,6 +8,8 @@ BUILTIN_METHOD_MODULES = [
     "stil",
     "tip_pretrain",
     "mean_teacher",
+    "mixmatch",
+    "pseudo_label",
 ]
 
 for _module in BUILTIN_METHOD_MODULES:
