@@ -120,6 +120,10 @@ class MixMatch(SSLMethod):
         lam = float(torch.distributions.Beta(self.args.alpha, self.args.alpha).sample())
         return max(lam, 1.0 - lam)
 
+    def sample_permutation(self, n: int, device) -> torch.Tensor:
+        """pi: one random permutation over all labelled and unlabelled rows (torch's RNG)."""
+        return torch.randperm(n, device=device)
+
     def training_step(self, labeled: dict, unlabeled: dict | None, state: TrainState):
         if unlabeled is None:
             raise ValueError("mixmatch needs an unlabelled batch (the method declares unlabeled_views)")
@@ -135,7 +139,7 @@ class MixMatch(SSLMethod):
                           if isinstance(x_inputs[k], torch.Tensor) else x_inputs[k]) for k in x_inputs}
         all_targets = torch.cat([targets_x] + [q] * len(u_views), dim=0)
         lam = self.sample_lambda()
-        permutation = torch.randperm(all_targets.shape[0], device=all_targets.device)
+        permutation = self.sample_permutation(all_targets.shape[0], all_targets.device)
         mixed_inputs, mixed_targets = mixup(all_inputs, all_targets, lam, permutation)
 
         chunk = batch if self.args.interleave else 0
