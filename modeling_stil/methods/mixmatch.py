@@ -151,8 +151,8 @@ class MixMatch(SSLMethod):
         loss = sup_loss + weight * unsup_loss
 
         logs = {"loss": loss.detach(), "sup_loss": sup_loss.detach(), "unsup_loss": unsup_loss.detach(),
-                "unsup_weight": torch.tensor(weight, device=loss.device),
-                "mixup_lambda": torch.tensor(lam, device=loss.device)}
+                "unsup_weight": torch.full((), weight, device=loss.device),
+                "mixup_lambda": torch.full((), lam, device=loss.device)}
         logs.update(pseudo_label_logs(q.argmax(dim=-1), torch.ones(q.shape[0], device=q.device), unlabeled.get("monitor_labels")))
         logs.pop("mask_ratio", None)
         return loss, logs
