@@ -12,6 +12,9 @@ BUILTIN_METHOD_MODULES = [
     "freematch",
     "mmatch",
     "co_training",
+    "mean_teacher",
+    "mixmatch",
+    "pseudo_label",
 ]
 
 for _module in BUILTIN_METHOD_MODULES:
