@@ -11,7 +11,8 @@ report. Every run is ``python train.py RECIPE --key value ...`` in its own folde
 ``<work_dir>/<dataset>/<entry>/seed<k>``; the data are the embedded synthetic datasets, built by the
 first run that needs them into ``<work_dir>/datasets`` (a clean cache of the suite's own).
 
-Resumable: a run whose folder holds ``suite_result.json`` written for the same command is skipped;
+Resumable: a run whose folder holds ``suite_result.json`` written for the same command is skipped
+(train.py's own output is in the ``run/`` subfolder);
 an interrupted or failed run is started again from scratch (``--overwrite_output_dir``). Runs that
 initialise from another run (``init_from: "{tip_pretrain}"``) come after it.
 
@@ -266,8 +267,10 @@ def plan_runs(entries: list[Entry], seeds: Iterable[int], work_dir: Path, quick:
                 for dep_name in _placeholders(v):
                     dep = next(x for x in usable if x.dataset == e.dataset and x.name == dep_name)
                     deps.append(add(dep))
-                    values[k] = _shown(runs[deps[-1]].run_dir, root)
-            values.update(seed=seed, output_dir=_shown(run_dir, root), dataset_cache_dir=_shown(work_dir / "datasets", root))
+                    values[k] = _shown(runs[deps[-1]].run_dir / "run", root)
+            # train.py writes into run/; the suite's own files (marker, log) sit beside it, so that
+            # --overwrite_output_dir never meets files a run does not write
+            values.update(seed=seed, output_dir=_shown(run_dir / "run", root), dataset_cache_dir=_shown(work_dir / "datasets", root))
             command = [python, "train.py", e.recipe] + [item for k, v in values.items() for item in (f"--{k}", _cli(v))]
             runs[rid] = Run(e, seed, run_dir, command, deps)
             order.append(rid)

@@ -86,9 +86,9 @@ def test_plan_skips_missing_recipes_orders_dependencies_and_fills_placeholders(r
     ssl = next(r for r in runs if r.id == "toy/ssl_image/seed1")
     cmd = ssl.command
     assert cmd[:3] == ["python", "train.py", "recipes/ssl.yaml"]
-    assert cmd[cmd.index("--init_from") + 1] == "work/shared/pretrain/seed1"  # same seed, relative to the root
+    assert cmd[cmd.index("--init_from") + 1] == "work/shared/pretrain/seed1/run"  # same seed, relative to the root
     assert cmd[cmd.index("--seed") + 1] == "1" and cmd[cmd.index("--model") + 1] == "image-tiny"
-    assert cmd[cmd.index("--output_dir") + 1] == "work/toy/ssl_image/seed1"
+    assert cmd[cmd.index("--output_dir") + 1] == "work/toy/ssl_image/seed1/run"
     assert ssl.depends == ["shared/pretrain/seed1"]
     ceiling = next(r for r in runs if r.entry.name == "ceiling").command
     assert ceiling[ceiling.index("--labeled_fraction") + 1] == "1.0"  # data override beats the dataset's value
