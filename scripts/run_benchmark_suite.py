@@ -98,6 +98,7 @@ DATASETS = {
 MULTIMODAL = ("multimodal_1pct", "multimodal_10pct")
 IMAGE_ONLY = {"model": "image-tiny"}
 TIP_INIT = {"init_from": "{tip_pretrain}"}
+STIL_NET = {"model": "stil-tiny", "model_overrides": {"image_size": 32}}  # the network tip_pretrain initialises
 # method -> (image-only recipe, multimodal recipe): the recipe names the method helpers use
 MATCH_RECIPES = {
     "fixmatch": ("fixmatch_synthetic_image.yaml", "fixmatch_synthetic_multimodal.yaml"),
@@ -122,8 +123,10 @@ def _multimodal_entries() -> list[Entry]:
             Entry("tip_pretrain", ds, "recipes/tip_synthetic.yaml", {"export": True}, "pretrain",
                   "TIP self-supervised pretraining on every train row (no label); metric = linear probe on 10 % labels",
                   run_key="multimodal/tip_pretrain", data_overrides={"labeled_fraction": 0.1}),
-            Entry("supervised_tip_init", ds, sup, {"model": "tip-tiny", "model_overrides": {"image_size": 32}, **TIP_INIT},
-                  "baseline", "TIP fine-tuning network initialised from tip_pretrain on the same rows, labelled rows only"),
+            Entry("supervised_stil_net", ds, sup, STIL_NET, "baseline",
+                  "STiL's network (stil-tiny), multimodal head trained on the labelled rows only, random init"),
+            Entry("supervised_tip_init", ds, sup, {**STIL_NET, **TIP_INIT}, "baseline",
+                  "the same, initialised from tip_pretrain on the same rows (TIP pretraining + fine-tuning)"),
             Entry("stil", ds, "recipes/stil_synthetic.yaml", TIP_INIT, "ssl", "STiL started from tip_pretrain"),
             Entry("stil_no_tip", ds, "recipes/stil_synthetic.yaml", {"init_from": None}, "ssl", "STiL from random initialisation"),
             Entry("mmatch", ds, "recipes/mmatch_synthetic.yaml", {}, "ssl"),
@@ -211,7 +214,9 @@ def _shown(path: Path, root: Path) -> str:
 
 
 def select_entries(entries: Iterable[Entry], methods: list[str] | None, datasets: list[str] | None) -> list[Entry]:
-    """Filter by method name (an entry's name or its prefix before ``_image``/``_multimodal``) and dataset."""
+    """Filter by method name (an entry's name or its prefix before ``_image``/``_multimodal``) and
+    dataset; the entries a chosen one starts from (``"{name}"`` overrides) come along."""
+    entries = list(entries)
     chosen = []
     for e in entries:
         if datasets and e.dataset not in datasets:
@@ -219,7 +224,16 @@ def select_entries(entries: Iterable[Entry], methods: list[str] | None, datasets
         if methods and not any(e.name == m or e.name.startswith(m + "_") or e.name.split("_")[0] == m for m in methods):
             continue
         chosen.append(e)
-    return chosen
+    pending = list(chosen)
+    while pending:
+        e = pending.pop()
+        for dep_name in (p for v in e.overrides.values() for p in _placeholders(v)):
+            dep = next((x for x in entries if x.dataset == e.dataset and x.name == dep_name), None)
+            if dep is not None and dep not in chosen:
+                chosen.append(dep)
+                pending.append(dep)
+    order = {id(e): i for i, e in enumerate(entries)}
+    return sorted(chosen, key=lambda e: order[id(e)])
 
 
 def plan_runs(entries: list[Entry], seeds: Iterable[int], work_dir: Path, quick: bool = False, root: Path = ROOT,
