@@ -586,9 +586,15 @@ def main(argv: list[str] | None = None, runner: Callable[[Run, Path], dict[str, 
         return 0
     started = time.perf_counter()
     results = execute(runs, runner, progress=not args.no_progress)
-    table = aggregate(runs, results, chosen)
+    # the report covers the whole table: runs of entries not selected this time count when already done
+    everything, skipped_all = plan_runs(entries, seeds, work_dir, quick=args.quick, root=root, datasets=datasets)
+    for run in everything:
+        if run.id not in results and is_done(run):
+            results[run.id] = json.loads((run.run_dir / RESULT_FILE).read_text())
+    reported = [run for run in everything if run.id in results]
+    table = aggregate(reported, results, entries)
     plots = write_plots(output.parent / "results", table, datasets)
-    write_markdown(output, table, skipped, seeds, args.quick, time.perf_counter() - started, datasets, plots)
+    write_markdown(output, table, skipped_all, seeds, args.quick, time.perf_counter() - started, datasets, plots)
     failed = [rid for rid, r in results.items() if r.get("status") != "ok"]
     print(f"wrote {output} and {len(plots)} plot(s); {len(runs) - len(failed)} of {len(runs)} runs ok"
           + (f"; failed: {', '.join(failed)}" if failed else ""))

@@ -195,6 +195,9 @@ def test_main_end_to_end_with_fake_runner(repo, capsys):
     again = FakeRunner()
     assert suite.main(argv, runner=again, entries=ENTRIES, datasets=DATASETS, root=repo) == 0 and again.calls == []
     assert suite.main(argv + ["--list"], runner=again, entries=ENTRIES, datasets=DATASETS, root=repo) == 0
+    # a filtered invocation runs only its entries but reports everything already done
+    assert suite.main(argv + ["--methods", "ceiling"], runner=again, entries=ENTRIES, datasets=DATASETS, root=repo) == 0
+    assert again.calls == [] and "| supervised | baseline |" in report.read_text()
     assert "done  toy/supervised/seed0" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         suite.main(["--datasets", "nope"], runner=again, entries=ENTRIES, datasets=DATASETS, root=repo)
