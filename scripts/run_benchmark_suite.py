@@ -432,12 +432,12 @@ class Row:
 
 def aggregate(runs: list[Run], results: dict[str, dict[str, Any]], entries: list[Entry]) -> dict[str, list[Row]]:
     """dataset -> one Row per entry (in table order) over its seeds."""
-    by_entry: dict[tuple[str, str], list[Run]] = {}
-    for run in runs:
-        by_entry.setdefault((run.entry.dataset, run.entry.name), []).append(run)
+    by_key: dict[str, list[Run]] = {}
+    for run in runs:  # a run shared by several entries (same run_key) is planned once, reported for each
+        by_key.setdefault(run.entry.key, []).append(run)
     table: dict[str, list[Row]] = {}
     for e in entries:
-        group = [r for r in by_entry.get((e.dataset, e.name), [])]
+        group = by_key.get(e.key, [])
         if not group:
             continue
         values, walls, failures, metric = [], [], [], None

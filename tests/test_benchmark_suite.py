@@ -170,6 +170,11 @@ def test_aggregate_markdown_and_plots(repo):
     assert toy["ceiling"].values == pytest.approx([0.5, 0.6]) and toy["ceiling"].failures[0].startswith("seed 2: boom")
     assert toy["pretrain"].metric == "probe_accuracy" and toy["pretrain"].mean == pytest.approx(0.31)
     assert table["toy_lm"][0].metric == "nme"
+    # a shared run (run_key) is reported under every dataset whose table lists it
+    shared = Entry("pretrain", "toy_lm", "recipes/pre.yaml", {"max_steps": 3}, "pretrain", run_key="shared/pretrain")
+    again = suite.aggregate(runs, results, ENTRIES + [shared])
+    assert [r.entry.name for r in again["toy_lm"]] == ["supervised", "pretrain"]
+    assert again["toy_lm"][1].values == pytest.approx([0.30, 0.31, 0.32])
     plots = suite.write_plots(repo / "docs" / "results", table, DATASETS)
     assert set(plots) == {"toy", "toy_lm"}
     for path in plots.values():
