@@ -533,6 +533,11 @@ def write_plots(folder: Path, table: dict[str, list[Row]], datasets: dict[str, D
         metric = rows[0].metric or "metric"
         ax.set_ylabel(f"test {metric}" + (" (lower is better)" if metric in LOWER_IS_BETTER else ""))
         ax.set_title(datasets[ds_name].title, fontsize=9)
+        from matplotlib.patches import Patch  # noqa: PLC0415
+
+        kinds = [k for k in colours if any(r.entry.kind == k for r in rows)]
+        ax.legend(handles=[Patch(color=colours[k], label=k) for k in kinds], fontsize=7, loc="upper left",
+                  bbox_to_anchor=(1.0, 1.0))
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
         path = folder / f"{ds_name}.png"
