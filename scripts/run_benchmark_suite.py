@@ -1,0 +1,610 @@
+#!/usr/bin/env python
+"""Every method on the embedded synthetic benchmarks, several seeds, one command: ``docs/results.md``.
+
+    python scripts/run_benchmark_suite.py                 # the whole table, 3 seeds (about 2 h on 2 CPU cores)
+    python scripts/run_benchmark_suite.py --quick         # smoke check: 1 seed, a few dozen steps per run
+    python scripts/run_benchmark_suite.py --methods stil,supervised_multimodal --datasets multimodal_1pct --seeds 0,1
+
+What runs is the table ``SUITE`` below: one line per (method, dataset) with the recipe and the
+overrides. A recipe that does not exist yet (a method not merged) is skipped with a note in the
+report. Every run is ``python train.py RECIPE --key value ...`` in its own folder
+``<work_dir>/<dataset>/<entry>/seed<k>``; the data are the embedded synthetic datasets, built by the
+first run that needs them into ``<work_dir>/datasets`` (a clean cache of the suite's own).
+
+Resumable: a run whose folder holds ``suite_result.json`` written for the same command is skipped
+(train.py's own output is in the ``run/`` subfolder);
+an interrupted or failed run is started again from scratch (``--overwrite_output_dir``). Runs that
+initialise from another run (``init_from: "{tip_pretrain}"``) come after it.
+
+Output: a markdown report (mean +- std over seeds of the test metric of the best-on-validation model,
+wall time per run, the exact commands, the skipped entries) and one PNG bar chart with error bars
+per dataset in ``<report folder>/results/``. ``--quick`` writes into ``runs/benchmark_suite_quick/``
+so a smoke check never overwrites ``docs/results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULT_FILE = "suite_result.json"
+FAILED_FILE = "suite_failed.json"
+DEFAULT_SEEDS = (0, 1, 2)
+
+
+# ==================================================================================================
+# the table
+# ==================================================================================================
+@dataclass(frozen=True)
+class Dataset:
+    """One benchmark dataset: the synthetic data every run on it uses, and its step budget."""
+
+    name: str
+    title: str
+    data: dict[str, Any]  # synthetic_task, synthetic_num_samples, synthetic_image_size, labeled_fraction
+    budget: dict[str, Any] = field(default_factory=dict)  # max_steps / eval_steps for every run (entries may override)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One line of the table: method ``name`` on ``dataset`` with ``recipe`` and ``overrides``.
+
+    ``kind``: ``baseline`` / ``ceiling`` / ``ssl`` (bars of the chart) or ``pretrain`` (a stage other
+    entries start from, reported with its linear probe, not charted). ``run_key``: runs with the same
+    key share one folder (e.g. the fully labelled ceiling, the same for both multimodal label
+    fractions). An override value ``"{entry}"`` is replaced with that entry's run folder (same seed),
+    which then runs first.
+    """
+
+    name: str
+    dataset: str
+    recipe: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    kind: str = "ssl"
+    note: str = ""
+    run_key: str | None = None
+    data_overrides: dict[str, Any] = field(default_factory=dict)  # replaces the dataset's data values
+
+    @property
+    def key(self) -> str:
+        return self.run_key or f"{self.dataset}/{self.name}"
+
+
+MM = dict(synthetic_task="multimodal", synthetic_num_samples=6000, synthetic_image_size=32)
+# The step budget is the same for every method on a dataset (recipes of other sizes are overridden), so
+# the comparison is at equal optimisation steps; the whole table is meant to fit 2 hours on 2 CPU cores.
+BUDGET = dict(max_steps=500, eval_steps=100)
+DATASETS = {
+    d.name: d for d in [
+        Dataset("multimodal_1pct", "synthetic multimodal (image + table), 1 % labelled", dict(MM, labeled_fraction=0.01), BUDGET),
+        Dataset("multimodal_10pct", "synthetic multimodal (image + table), 10 % labelled", dict(MM, labeled_fraction=0.1), BUDGET),
+        Dataset("image", "synthetic image (CIFAR-like, 10 classes), 5 % labelled",
+                dict(synthetic_task="image", synthetic_num_samples=4000, synthetic_image_size=32, labeled_fraction=0.05), BUDGET),
+        Dataset("landmarks", "synthetic landmarks (AFLW-like faces, 5 keypoints), 10 % labelled",
+                dict(synthetic_task="landmarks", synthetic_num_samples=2000, synthetic_image_size=60, labeled_fraction=0.1), BUDGET),
+    ]
+}
+MULTIMODAL = ("multimodal_1pct", "multimodal_10pct")
+IMAGE_ONLY = {"model": "image-tiny"}
+TIP_INIT = {"init_from": "{tip_pretrain}"}
+STIL_NET = {"model": "stil-tiny", "model_overrides": {"image_size": 32}}  # the network tip_pretrain initialises
+# method -> (image-only recipe, multimodal recipe): the recipe names the method helpers use
+MATCH_RECIPES = {
+    "fixmatch": ("fixmatch_synthetic_image.yaml", "fixmatch_synthetic_multimodal.yaml"),
+    "simmatch": ("simmatch_synthetic.yaml", "multimodal_simmatch_synthetic.yaml"),
+    "comatch": ("comatch_synthetic.yaml", "multimodal_comatch_synthetic.yaml"),
+    "freematch": ("freematch_synthetic_image.yaml", "multimodal_freematch_synthetic.yaml"),
+}
+
+
+def _multimodal_entries() -> list[Entry]:
+    out = []
+    for ds in MULTIMODAL:
+        sup = "recipes/supervised_synthetic_multimodal.yaml"
+        out += [
+            Entry("supervised_image", ds, sup, IMAGE_ONLY, "baseline", "image-only model (image-tiny), labelled rows only"),
+            Entry("supervised_tabular", ds, "recipes/supervised_synthetic_tabular.yaml", {}, "baseline",
+                  "tabular-only model (tabular-tiny), labelled rows only"),
+            Entry("supervised_multimodal", ds, sup, {}, "baseline", "concat multimodal model, labelled rows only"),
+            Entry("supervised_multimodal_all_labels", ds, sup, {}, "ceiling",
+                  "every train row labelled: the ceiling of the supervised model", run_key="multimodal/supervised_all_labels",
+                  data_overrides={"labeled_fraction": 1.0}),
+            Entry("tip_pretrain", ds, "recipes/tip_synthetic.yaml", {"export": True}, "pretrain",
+                  "TIP self-supervised pretraining on every train row (no label); metric = linear probe on 10 % labels",
+                  run_key="multimodal/tip_pretrain", data_overrides={"labeled_fraction": 0.1}),
+            Entry("supervised_stil_net", ds, sup, STIL_NET, "baseline",
+                  "STiL's network (stil-tiny), multimodal head trained on the labelled rows only, random init"),
+            Entry("supervised_tip_init", ds, sup, {**STIL_NET, **TIP_INIT}, "baseline",
+                  "the same, initialised from tip_pretrain on the same rows (TIP pretraining + fine-tuning)"),
+            Entry("stil", ds, "recipes/stil_synthetic.yaml", TIP_INIT, "ssl", "STiL started from tip_pretrain"),
+            Entry("stil_no_tip", ds, "recipes/stil_synthetic.yaml", {"init_from": None}, "ssl", "STiL from random initialisation"),
+            Entry("mmatch", ds, "recipes/mmatch_synthetic.yaml", {}, "ssl"),
+            Entry("co_training", ds, "recipes/co_training_synthetic.yaml", {}, "ssl"),
+        ]
+        for method, (image_recipe, mm_recipe) in MATCH_RECIPES.items():
+            out += [
+                Entry(f"{method}_image", ds, f"recipes/{image_recipe}", IMAGE_ONLY, "ssl", f"{method}, image-only model"),
+                Entry(f"{method}_multimodal", ds, f"recipes/{mm_recipe}", {}, "ssl", f"Multimodal {method} (concat model)"),
+            ]
+        for method in ("mean_teacher", "pseudo_label", "l2i_l"):
+            out.append(Entry(f"{method}_multimodal", ds, f"recipes/{method}_synthetic_multimodal.yaml", {}, "ssl"))
+    return out
+
+
+def _image_entries() -> list[Entry]:
+    out = [
+        Entry("supervised", "image", "recipes/supervised_synthetic_image.yaml", {}, "baseline", "labelled rows only"),
+        Entry("supervised_all_labels", "image", "recipes/supervised_synthetic_image.yaml", {}, "ceiling",
+              "every train row labelled", data_overrides={"labeled_fraction": 1.0}),
+    ]
+    recipes = {m: image for m, (image, _) in MATCH_RECIPES.items()}
+    for method in ("fixmatch", "simmatch", "comatch", "freematch", "mean_teacher", "mixmatch", "pseudo_label", "l2i_o", "l2i_l"):
+        out.append(Entry(method, "image", f"recipes/{recipes.get(method, f'{method}_synthetic_image.yaml')}", {}, "ssl"))
+    return out
+
+
+def _landmark_entries() -> list[Entry]:
+    sup = "recipes/supervised_synthetic_landmarks.yaml"
+    out = [
+        Entry("supervised", "landmarks", sup, {}, "baseline", "labelled rows only"),
+        Entry("supervised_all_labels", "landmarks", sup, {}, "ceiling", "every train row labelled",
+              data_overrides={"labeled_fraction": 1.0}),
+    ]
+    for method in ("pseudo_label", "mean_teacher", "l2i_o", "l2i_l"):
+        out.append(Entry(method, "landmarks", f"recipes/{method}_synthetic_landmarks.yaml", {}, "ssl"))
+    return out
+
+
+SUITE: list[Entry] = _multimodal_entries() + _image_entries() + _landmark_entries()
+
+# --quick: every run short (a smoke check of the whole pipeline, numbers meaningless)
+QUICK_OVERRIDES = {"max_steps": 40, "eval_steps": 20}
+# every run: no trackers, no per-run plots, no export (unless the entry asks, e.g. a pretraining stage)
+COMMON_OVERRIDES = {"report_to": "none", "plots": False, "export": False, "disable_tqdm": True, "overwrite_output_dir": True}
+
+
+# ==================================================================================================
+# planning
+# ==================================================================================================
+@dataclass
+class Run:
+    entry: Entry
+    seed: int
+    run_dir: Path
+    command: list[str]
+    depends: list[str]  # run keys (entry.key) this run starts from
+
+    @property
+    def id(self) -> str:
+        return f"{self.entry.key}/seed{self.seed}"
+
+
+def _placeholders(value: Any) -> list[str]:
+    if isinstance(value, str) and value.startswith("{") and value.endswith("}"):
+        return [value[1:-1]]
+    return []
+
+
+def _cli(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, separators=(", ", ": "))
+    if value is None:
+        return "null"
+    return str(value)
+
+
+def _shown(path: Path, root: Path) -> str:
+    """A path as the command shows it: relative to the repository root (where train.py runs) when inside it."""
+    path = Path(path).absolute()
+    try:
+        return str(path.relative_to(Path(root).absolute()))
+    except ValueError:
+        return str(path)
+
+
+def select_entries(entries: Iterable[Entry], methods: list[str] | None, datasets: list[str] | None) -> list[Entry]:
+    """Filter by method name (an entry's name or its prefix before ``_image``/``_multimodal``) and
+    dataset; the entries a chosen one starts from (``"{name}"`` overrides) come along."""
+    entries = list(entries)
+    chosen = []
+    for e in entries:
+        if datasets and e.dataset not in datasets:
+            continue
+        if methods and not any(e.name == m or e.name.startswith(m + "_") or e.name.split("_")[0] == m for m in methods):
+            continue
+        chosen.append(e)
+    pending = list(chosen)
+    while pending:
+        e = pending.pop()
+        for dep_name in (p for v in e.overrides.values() for p in _placeholders(v)):
+            dep = next((x for x in entries if x.dataset == e.dataset and x.name == dep_name), None)
+            if dep is not None and dep not in chosen:
+                chosen.append(dep)
+                pending.append(dep)
+    order = {id(e): i for i, e in enumerate(entries)}
+    return sorted(chosen, key=lambda e: order[id(e)])
+
+
+def plan_runs(entries: list[Entry], seeds: Iterable[int], work_dir: Path, quick: bool = False, root: Path = ROOT,
+              datasets: dict[str, Dataset] | None = None, python: str = sys.executable) -> tuple[list[Run], list[tuple[Entry, str]]]:
+    """The runs to do, dependencies first, and the entries skipped with the reason."""
+    datasets = datasets or DATASETS
+    by_key_name = {}
+    for e in entries:
+        by_key_name.setdefault((e.dataset, e.name), e)
+    skipped: list[tuple[Entry, str]] = []
+    usable: list[Entry] = []
+    for e in entries:
+        if not (root / e.recipe).is_file():
+            skipped.append((e, f"{e.recipe} does not exist (method not merged yet)"))
+        else:
+            usable.append(e)
+    # an entry whose dependency is skipped or not selected is skipped too
+    changed = True
+    while changed:
+        changed = False
+        names = {(e.dataset, e.name) for e in usable}
+        for e in list(usable):
+            missing = [p for v in e.overrides.values() for p in _placeholders(v) if (e.dataset, p) not in names]
+            if missing:
+                usable.remove(e)
+                skipped.append((e, f"needs {', '.join(missing)}, which is skipped or not selected"))
+                changed = True
+    runs: dict[str, Run] = {}
+    order: list[str] = []
+    for seed in seeds:
+        def add(e: Entry) -> str:
+            rid = f"{e.key}/seed{seed}"
+            if rid in runs:
+                return rid
+            deps = []
+            values = dict(COMMON_OVERRIDES)
+            values.update(datasets[e.dataset].data)
+            values.update(e.data_overrides)
+            values.update(datasets[e.dataset].budget)
+            values.update(e.overrides)
+            if quick:
+                values.update(QUICK_OVERRIDES)
+            run_dir = work_dir / e.key / f"seed{seed}"
+            for k, v in list(values.items()):
+                for dep_name in _placeholders(v):
+                    dep = next(x for x in usable if x.dataset == e.dataset and x.name == dep_name)
+                    deps.append(add(dep))
+                    values[k] = _shown(runs[deps[-1]].run_dir / "run", root)
+            # train.py writes into run/; the suite's own files (marker, log) sit beside it, so that
+            # --overwrite_output_dir never meets files a run does not write
+            values.update(seed=seed, output_dir=_shown(run_dir / "run", root), dataset_cache_dir=_shown(work_dir / "datasets", root))
+            command = [python, "train.py", e.recipe] + [item for k, v in values.items() for item in (f"--{k}", _cli(v))]
+            runs[rid] = Run(e, seed, run_dir, command, deps)
+            order.append(rid)
+            return rid
+
+        for e in usable:
+            add(e)
+    return [runs[r] for r in order], skipped
+
+
+# ==================================================================================================
+# running
+# ==================================================================================================
+def parse_metrics(stdout: str) -> dict[str, Any]:
+    """Merge the JSON objects train.py prints (the summary last; the probe line before it)."""
+    merged: dict[str, Any] = {}
+    for line in stdout.splitlines():
+        line = line.strip()
+        if line.startswith("{") and line.endswith("}"):
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(value, dict):
+                merged.update(value)
+    return merged
+
+
+def subprocess_runner(run: Run, log_path: Path) -> dict[str, Any]:
+    """Run train.py; returns its parsed results. Raises RuntimeError with the log's tail on failure."""
+    env = dict(os.environ, HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"),
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    with open(log_path, "w") as log:
+        proc = subprocess.run(run.command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+        log.write(proc.stdout)
+    if proc.returncode != 0:
+        tail = log_path.read_text().strip().splitlines()[-3:]
+        raise RuntimeError(f"exit status {proc.returncode}: {' | '.join(tail)}")
+    metrics = parse_metrics(proc.stdout)
+    if "test" not in metrics and "validation" not in metrics:
+        raise RuntimeError("train.py printed no results")
+    return metrics
+
+
+def is_done(run: Run) -> bool:
+    marker = run.run_dir / RESULT_FILE
+    if not marker.is_file():
+        return False
+    try:
+        stored = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return stored.get("command") == display_command(run)
+
+
+def display_command(run: Run) -> str:
+    """The command as a user types it (``python train.py ...`` from the repository root)."""
+    return shlex.join(["python"] + run.command[1:])
+
+
+def execute(runs: list[Run], runner: Callable[[Run, Path], dict[str, Any]] = subprocess_runner,
+            progress: bool = True, log=print) -> dict[str, dict[str, Any]]:
+    """Do every run not already done; returns run id -> stored result (``status`` ok / failed)."""
+    from tqdm.auto import tqdm
+
+    results: dict[str, dict[str, Any]] = {}
+    failed: set[str] = set()
+    bar = tqdm(runs, desc="benchmark suite", unit="run", disable=not progress)
+    for run in bar:
+        bar.set_postfix_str(run.id)
+        if is_done(run):
+            results[run.id] = json.loads((run.run_dir / RESULT_FILE).read_text())
+            continue
+        blocked = [d for d in run.depends if d in failed or d not in results]
+        if blocked:
+            failed.add(run.id)
+            results[run.id] = {"status": "failed", "error": f"dependency {', '.join(blocked)} failed"}
+            continue
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        (run.run_dir / RESULT_FILE).unlink(missing_ok=True)
+        started = time.perf_counter()
+        try:
+            metrics = runner(run, run.run_dir / "suite.log")
+        except Exception as error:  # a failed run is reported and retried next time, the suite goes on
+            failed.add(run.id)
+            record = {"status": "failed", "error": str(error)[:500], "command": display_command(run)}
+            (run.run_dir / FAILED_FILE).write_text(json.dumps(record, indent=2))
+            results[run.id] = record
+            log(f"FAILED {run.id}: {record['error']}")
+            continue
+        record = {"status": "ok", "command": display_command(run), "wall_seconds": round(time.perf_counter() - started, 1),
+                  "metrics": metrics, "entry": run.entry.name, "dataset": run.entry.dataset, "seed": run.seed}
+        tmp = run.run_dir / (RESULT_FILE + ".tmp")
+        tmp.write_text(json.dumps(record, indent=2, default=str))
+        os.replace(tmp, run.run_dir / RESULT_FILE)  # the completed marker appears only whole
+        (run.run_dir / FAILED_FILE).unlink(missing_ok=True)
+        results[run.id] = record
+    bar.close()
+    return results
+
+
+# ==================================================================================================
+# aggregation and report
+# ==================================================================================================
+LOWER_IS_BETTER = {"nme", "rmse", "mae", "loss"}
+
+
+def headline(metrics: dict[str, Any], kind: str) -> tuple[str, float] | None:
+    """(metric name, value) reported for a run: the test value of metric_for_best_model (accuracy for
+    classification, nme for landmarks); for a pretraining stage the linear probe accuracy."""
+    if kind == "pretrain":
+        probe = metrics.get("probe") or {}
+        value = probe.get("probe_accuracy", probe.get("accuracy"))
+        return ("probe_accuracy", float(value)) if isinstance(value, (int, float)) else None
+    split = metrics.get("test") or metrics.get("validation") or {}
+    name = metrics.get("metric_for_best_model")
+    if not name or name not in split:
+        name = next((k for k in ("accuracy", "nme", "rmse") if k in split), None)
+    if name is None or not isinstance(split.get(name), (int, float)):
+        return None
+    return name, float(split[name])
+
+
+@dataclass
+class Row:
+    entry: Entry
+    metric: str | None
+    values: list[float]
+    walls: list[float]
+    failures: list[str]
+    command: str
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values) if self.values else math.nan
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
+
+    @property
+    def wall(self) -> float:
+        return statistics.fmean(self.walls) if self.walls else math.nan
+
+
+def aggregate(runs: list[Run], results: dict[str, dict[str, Any]], entries: list[Entry]) -> dict[str, list[Row]]:
+    """dataset -> one Row per entry (in table order) over its seeds."""
+    by_key: dict[str, list[Run]] = {}
+    for run in runs:  # a run shared by several entries (same run_key) is planned once, reported for each
+        by_key.setdefault(run.entry.key, []).append(run)
+    table: dict[str, list[Row]] = {}
+    for e in entries:
+        group = by_key.get(e.key, [])
+        if not group:
+            continue
+        values, walls, failures, metric = [], [], [], None
+        for r in group:
+            record = results.get(r.id, {})
+            if record.get("status") != "ok":
+                failures.append(f"seed {r.seed}: {record.get('error', 'not run')}")
+                continue
+            found = headline(record.get("metrics", {}), e.kind)
+            if found is None:
+                failures.append(f"seed {r.seed}: no metric in the results")
+                continue
+            metric = found[0]
+            values.append(found[1])
+            walls.append(float(record.get("wall_seconds", math.nan)))
+        command = display_command(group[0]).replace(f"--seed {group[0].seed}", "--seed {seed}").replace(
+            f"/seed{group[0].seed}", "/seed{seed}")
+        table.setdefault(e.dataset, []).append(Row(e, metric, values, walls, failures, command))
+    return table
+
+
+def _fmt(value: float, digits: int = 3) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def write_markdown(path: Path, table: dict[str, list[Row]], skipped: list[tuple[Entry, str]], seeds: list[int],
+                   quick: bool, total_seconds: float, datasets: dict[str, Dataset] | None = None,
+                   plot_files: dict[str, Path] | None = None) -> None:
+    datasets = datasets or DATASETS
+    plot_files = plot_files or {}
+    lines = ["# Benchmark results", ""]
+    lines += [
+        "Produced by `python scripts/run_benchmark_suite.py" + (" --quick" if quick else "") + "` (do not edit by hand). "
+        f"Seeds {', '.join(map(str, seeds))}; each cell is the mean ± standard deviation over seeds of the **test** "
+        "metric of the model selected on validation; wall time is per run, on this machine. "
+        f"Total wall time of this invocation: {total_seconds / 60:.1f} min (runs already done were skipped).", "",
+    ]
+    if quick:
+        lines += ["**Quick mode: a smoke check with a few dozen steps per run; the numbers are not results.**", ""]
+    for ds_name, rows in table.items():
+        ds = datasets[ds_name]
+        lines += [f"## {ds.title}", ""]
+        data = ", ".join(f"{k} {v}" for k, v in ds.data.items())
+        lines += [f"Data: {data}. Budget: {', '.join(f'{k} {v}' for k, v in ds.budget.items())} unless a line says otherwise.", ""]
+        if ds_name in plot_files:
+            lines += [f"![{ds.title}]({os.path.relpath(plot_files[ds_name], path.parent)})", ""]
+        lines += ["| method | kind | test metric | mean ± std | seeds | wall time / run | note |", "|---|---|---|---|---|---|---|"]
+        for row in rows:
+            cell = f"{_fmt(row.mean)} ± {_fmt(row.std)}" if row.values else "failed"
+            note = row.entry.note
+            if row.failures:
+                note = (note + "; " if note else "") + "failed: " + "; ".join(row.failures)
+            lines.append(f"| {row.entry.name} | {row.entry.kind} | {row.metric or 'n/a'} | {cell} | {len(row.values)} | "
+                         f"{_fmt(row.wall, 0)} s | {note} |")
+        lines.append("")
+    if skipped:
+        lines += ["## Skipped", "", "| dataset | method | why |", "|---|---|---|"]
+        for e, why in skipped:
+            lines.append(f"| {e.dataset} | {e.name} | {why} |")
+        lines.append("")
+    lines += ["## Exact commands", "", "From the repository root; `{seed}` is each of the seeds above.", ""]
+    for ds_name, rows in table.items():
+        lines += [f"### {ds_name}", "", "```"]
+        lines += [row.command for row in rows]
+        lines += ["```", ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, path)
+
+
+def write_plots(folder: Path, table: dict[str, list[Row]], datasets: dict[str, Dataset] | None = None) -> dict[str, Path]:
+    """One bar chart with error bars (std over seeds) per dataset; pretraining stages are not charted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = datasets or DATASETS
+    colours = {"baseline": "#7f7f7f", "ceiling": "#2ca02c", "ssl": "#1f77b4"}
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for ds_name, rows in table.items():
+        rows = [r for r in rows if r.entry.kind != "pretrain" and r.values]
+        if not rows:
+            continue
+        fig, ax = plt.subplots(figsize=(max(4.0, 0.55 * len(rows) + 1.5), 4.2))
+        xs = range(len(rows))
+        ax.bar(xs, [r.mean for r in rows], yerr=[r.std for r in rows], capsize=3,
+               color=[colours.get(r.entry.kind, "#1f77b4") for r in rows])
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels([r.entry.name for r in rows], rotation=60, ha="right", fontsize=8)
+        metric = rows[0].metric or "metric"
+        ax.set_ylabel(f"test {metric}" + (" (lower is better)" if metric in LOWER_IS_BETTER else ""))
+        ax.set_title(datasets[ds_name].title, fontsize=9)
+        from matplotlib.patches import Patch  # noqa: PLC0415
+
+        kinds = [k for k in colours if any(r.entry.kind == k for r in rows)]
+        ax.legend(handles=[Patch(color=colours[k], label=k) for k in kinds], fontsize=7, loc="upper left",
+                  bbox_to_anchor=(1.0, 1.0))
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        path = folder / f"{ds_name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written[ds_name] = path
+    return written
+
+
+# ==================================================================================================
+# command line
+# ==================================================================================================
+def _split(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def main(argv: list[str] | None = None, runner: Callable[[Run, Path], dict[str, Any]] = subprocess_runner,
+         entries: list[Entry] | None = None, datasets: dict[str, Dataset] | None = None, root: Path = ROOT) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke check: first seed only, a few dozen steps per run")
+    parser.add_argument("--methods", help="comma-separated entry names or method prefixes (e.g. fixmatch,stil)")
+    parser.add_argument("--datasets", help=f"comma-separated, of {', '.join(datasets or DATASETS)}")
+    parser.add_argument("--seeds", help="comma-separated seeds (default 0,1,2; --quick: 0)")
+    parser.add_argument("--work_dir", help="run folders (default runs/benchmark_suite, --quick: runs/benchmark_suite_quick)")
+    parser.add_argument("--output", help="markdown report (default docs/results.md, --quick: <work_dir>/results.md); "
+                                         "plots go to <its folder>/results/")
+    parser.add_argument("--list", action="store_true", help="print the planned runs and exit")
+    parser.add_argument("--no_progress", action="store_true")
+    args = parser.parse_args(argv)
+    datasets = datasets or DATASETS
+    entries = SUITE if entries is None else entries
+    wanted = _split(args.datasets)
+    unknown = [d for d in wanted or [] if d not in datasets]
+    if unknown:
+        parser.error(f"unknown dataset(s) {unknown}; choose from {', '.join(datasets)}")
+    try:
+        seeds = [int(s) for s in _split(args.seeds)] if args.seeds else ([DEFAULT_SEEDS[0]] if args.quick else list(DEFAULT_SEEDS))
+    except ValueError:
+        parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    chosen = select_entries(entries, _split(args.methods), wanted)
+    if not chosen:
+        parser.error("no entry matches --methods/--datasets")
+    work_dir = Path(args.work_dir or (root / ("runs/benchmark_suite_quick" if args.quick else "runs/benchmark_suite")))
+    output = Path(args.output) if args.output else (work_dir / "results.md" if args.quick else root / "docs" / "results.md")
+    runs, skipped = plan_runs(chosen, seeds, work_dir, quick=args.quick, root=root, datasets=datasets)
+    for e, why in skipped:
+        print(f"skip {e.dataset}/{e.name}: {why}")
+    if args.list:
+        for run in runs:
+            print(("done  " if is_done(run) else "to do ") + run.id + "\n    " + display_command(run))
+        return 0
+    started = time.perf_counter()
+    results = execute(runs, runner, progress=not args.no_progress)
+    # the report covers the whole table: runs of entries not selected this time count when already done
+    everything, skipped_all = plan_runs(entries, seeds, work_dir, quick=args.quick, root=root, datasets=datasets)
+    for run in everything:
+        if run.id not in results and is_done(run):
+            results[run.id] = json.loads((run.run_dir / RESULT_FILE).read_text())
+    reported = [run for run in everything if run.id in results]
+    table = aggregate(reported, results, entries)
+    plots = write_plots(output.parent / "results", table, datasets)
+    write_markdown(output, table, skipped_all, seeds, args.quick, time.perf_counter() - started, datasets, plots)
+    failed = [rid for rid, r in results.items() if r.get("status") != "ok"]
+    print(f"wrote {output} and {len(plots)} plot(s); {len(runs) - len(failed)} of {len(runs)} runs ok"
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

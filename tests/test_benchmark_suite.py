@@ -1,0 +1,216 @@
+"""scripts/run_benchmark_suite.py bookkeeping on a tiny table with a fake runner (no training).
+
+Covers: missing recipes skipped with a note, dependency order and placeholder substitution, filters,
+skip of finished runs (marker written for the same command), retry of failed runs, resume after an
+interruption, aggregation (mean, sample std, wall time, failures), the markdown report and the PNGs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_suite():
+    spec = importlib.util.spec_from_file_location("run_benchmark_suite", ROOT / "scripts" / "run_benchmark_suite.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["run_benchmark_suite"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+suite = _load_suite()
+Entry, Dataset = suite.Entry, suite.Dataset
+
+
+@pytest.fixture()
+def repo(tmp_path):
+    """A fake repository root with two recipes (a third entry's recipe is missing)."""
+    (tmp_path / "recipes").mkdir()
+    for name in ("sup.yaml", "pre.yaml", "ssl.yaml"):
+        (tmp_path / "recipes" / name).write_text("method: supervised\n")
+    return tmp_path
+
+
+DATASETS = {
+    "toy": Dataset("toy", "toy data", {"synthetic_task": "multimodal", "labeled_fraction": 0.1}, {"max_steps": 5}),
+    "toy_lm": Dataset("toy_lm", "toy landmarks", {"synthetic_task": "landmarks"}, {"max_steps": 5}),
+}
+ENTRIES = [
+    Entry("supervised", "toy", "recipes/sup.yaml", {}, "baseline"),
+    Entry("ceiling", "toy", "recipes/sup.yaml", {}, "ceiling", data_overrides={"labeled_fraction": 1.0}),
+    Entry("pretrain", "toy", "recipes/pre.yaml", {"max_steps": 3}, "pretrain", run_key="shared/pretrain"),
+    Entry("ssl_image", "toy", "recipes/ssl.yaml", {"model": "image-tiny", "init_from": "{pretrain}"}, "ssl"),
+    Entry("absent", "toy", "recipes/absent.yaml", {}, "ssl"),
+    Entry("needs_absent", "toy", "recipes/ssl.yaml", {"init_from": "{absent}"}, "ssl"),
+    Entry("supervised", "toy_lm", "recipes/sup.yaml", {}, "baseline"),
+]
+
+
+class FakeRunner:
+    """Returns made-up metrics; records the order of the runs; can fail chosen runs."""
+
+    def __init__(self, fail=()):
+        self.calls: list[str] = []
+        self.fail = set(fail)
+
+    def __call__(self, run, log_path):
+        self.calls.append(run.id)
+        log_path.write_text("log\n")
+        if run.id in self.fail:
+            raise RuntimeError("boom")
+        if run.entry.kind == "pretrain":
+            return {"best_step": 3, "probe": {"probe_accuracy": 0.3 + 0.01 * run.seed}}
+        if run.entry.dataset == "toy_lm":
+            return {"metric_for_best_model": "nme", "test": {"nme": 0.1 + 0.01 * run.seed}}
+        return {"metric_for_best_model": "accuracy", "test": {"accuracy": 0.5 + 0.1 * run.seed, "macro_f1": 0.2}}
+
+
+def _plan(repo, seeds=(0, 1), entries=ENTRIES, quick=False):
+    return suite.plan_runs(entries, seeds, repo / "work", quick=quick, root=repo, datasets=DATASETS, python="python")
+
+
+def test_plan_skips_missing_recipes_orders_dependencies_and_fills_placeholders(repo):
+    runs, skipped = _plan(repo)
+    assert {(e.name, why.split()[0]) for e, why in skipped} == {("absent", "recipes/absent.yaml"), ("needs_absent", "needs")}
+    ids = [r.id for r in runs]
+    assert ids.index("shared/pretrain/seed0") < ids.index("toy/ssl_image/seed0")
+    assert len(ids) == len(set(ids)) == 2 * 5
+    ssl = next(r for r in runs if r.id == "toy/ssl_image/seed1")
+    cmd = ssl.command
+    assert cmd[:3] == ["python", "train.py", "recipes/ssl.yaml"]
+    assert cmd[cmd.index("--init_from") + 1] == "work/shared/pretrain/seed1/run"  # same seed, relative to the root
+    assert cmd[cmd.index("--seed") + 1] == "1" and cmd[cmd.index("--model") + 1] == "image-tiny"
+    assert cmd[cmd.index("--output_dir") + 1] == "work/toy/ssl_image/seed1/run"
+    assert ssl.depends == ["shared/pretrain/seed1"]
+    ceiling = next(r for r in runs if r.entry.name == "ceiling").command
+    assert ceiling[ceiling.index("--labeled_fraction") + 1] == "1.0"  # data override beats the dataset's value
+    pre = next(r for r in runs if r.entry.name == "pretrain").command
+    assert pre[pre.index("--max_steps") + 1] == "3"  # entry override beats the dataset budget
+    quick, _ = _plan(repo, quick=True)
+    pre = next(r for r in quick if r.entry.name == "pretrain").command
+    assert pre[pre.index("--max_steps") + 1] == str(suite.QUICK_OVERRIDES["max_steps"])
+
+
+def test_filters():
+    chosen = suite.select_entries(ENTRIES, ["ssl"], None)
+    assert [e.name for e in chosen] == ["pretrain", "ssl_image"]  # its dependency comes along, in table order
+    assert [e.name for e in suite.select_entries(ENTRIES, None, ["toy_lm"])] == ["supervised"]
+    assert {e.name for e in suite.select_entries(ENTRIES, ["supervised", "ceiling"], ["toy"])} == {"supervised", "ceiling"}
+    # the real table names a recipe for every method of issue 12 and has no duplicate keys per seed
+    names = {e.name.split("_image")[0].split("_multimodal")[0] for e in suite.SUITE}
+    for method in ("stil", "fixmatch", "simmatch", "comatch", "freematch", "mmatch", "co_training", "mean_teacher",
+                   "mixmatch", "pseudo_label", "l2i_o", "l2i_l", "tip_pretrain", "supervised_tip_init"):
+        assert method in names, method
+    runs, _ = suite.plan_runs(suite.SUITE, [0], Path("/tmp/x"), root=Path("/nonexistent"))
+    assert runs == []  # no recipe found: everything skipped, nothing planned
+
+
+def test_execute_skips_finished_runs_and_retries_failed_ones(repo):
+    runs, _ = _plan(repo)
+    first = FakeRunner(fail={"toy/supervised/seed1", "shared/pretrain/seed0"})
+    results = suite.execute(runs, first, progress=False, log=lambda *a: None)
+    assert "toy/ssl_image/seed0" not in first.calls  # its pretraining failed: not started
+    assert results["toy/ssl_image/seed0"]["status"] == "failed"
+    assert results["toy/supervised/seed1"]["status"] == "failed"
+    assert (repo / "work/toy/supervised/seed1" / suite.FAILED_FILE).is_file()
+    marker = json.loads((repo / "work/toy/supervised/seed0" / suite.RESULT_FILE).read_text())
+    assert marker["status"] == "ok" and marker["metrics"]["test"]["accuracy"] == 0.5 and "wall_seconds" in marker
+    second = FakeRunner()
+    results = suite.execute(runs, second, progress=False)
+    assert sorted(second.calls) == sorted(["toy/supervised/seed1", "shared/pretrain/seed0", "toy/ssl_image/seed0"])
+    assert all(r["status"] == "ok" for r in results.values())
+    assert not (repo / "work/toy/supervised/seed1" / suite.FAILED_FILE).exists()
+    third = FakeRunner()
+    suite.execute(runs, third, progress=False)
+    assert third.calls == []  # everything done: nothing runs again
+
+
+def test_resume_after_interruption_and_changed_command(repo):
+    runs, _ = _plan(repo)
+
+    class Interrupt(FakeRunner):
+        def __call__(self, run, log_path):
+            if len(self.calls) == 3:
+                raise KeyboardInterrupt
+            return super().__call__(run, log_path)
+
+    with pytest.raises(KeyboardInterrupt):
+        suite.execute(runs, Interrupt(), progress=False)
+    again = FakeRunner()
+    suite.execute(runs, again, progress=False)
+    assert again.calls == [r.id for r in runs][3:]  # the three finished runs are not repeated
+    # a run whose command changed (other settings) is done again
+    marker = runs[0].run_dir / suite.RESULT_FILE
+    record = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**record, "command": record["command"] + " --max_steps 7"}))
+    once_more = FakeRunner()
+    suite.execute(runs, once_more, progress=False)
+    assert once_more.calls == [runs[0].id]
+    marker.write_text("{not json")  # a damaged marker counts as not done
+    assert not suite.is_done(runs[0])
+
+
+def test_aggregate_markdown_and_plots(repo):
+    runs, skipped = _plan(repo, seeds=(0, 1, 2))
+    results = suite.execute(runs, FakeRunner(fail={"toy/ceiling/seed2"}), progress=False, log=lambda *a: None)
+    table = suite.aggregate(runs, results, ENTRIES)
+    toy = {row.entry.name: row for row in table["toy"]}
+    sup = toy["supervised"]
+    assert sup.metric == "accuracy" and sup.values == pytest.approx([0.5, 0.6, 0.7])
+    assert sup.mean == pytest.approx(0.6) and sup.std == pytest.approx(statistics.stdev([0.5, 0.6, 0.7]))
+    assert len(sup.walls) == 3 and "--seed {seed}" in sup.command and "/seed{seed}" in sup.command
+    assert toy["ceiling"].values == pytest.approx([0.5, 0.6]) and toy["ceiling"].failures[0].startswith("seed 2: boom")
+    assert toy["pretrain"].metric == "probe_accuracy" and toy["pretrain"].mean == pytest.approx(0.31)
+    assert table["toy_lm"][0].metric == "nme"
+    # a shared run (run_key) is reported under every dataset whose table lists it
+    shared = Entry("pretrain", "toy_lm", "recipes/pre.yaml", {"max_steps": 3}, "pretrain", run_key="shared/pretrain")
+    again = suite.aggregate(runs, results, ENTRIES + [shared])
+    assert [r.entry.name for r in again["toy_lm"]] == ["supervised", "pretrain"]
+    assert again["toy_lm"][1].values == pytest.approx([0.30, 0.31, 0.32])
+    plots = suite.write_plots(repo / "docs" / "results", table, DATASETS)
+    assert set(plots) == {"toy", "toy_lm"}
+    for path in plots.values():
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = repo / "docs" / "results.md"
+    suite.write_markdown(out, table, skipped, [0, 1, 2], False, 12.0, DATASETS, plots)
+    text = out.read_text()
+    assert "| supervised | baseline | accuracy | 0.600 ± 0.100 | 3 |" in text
+    assert "| ceiling | ceiling | accuracy | 0.550 ± 0.071 | 2 |" in text and "failed: seed 2: boom" in text
+    assert "![toy data](results/toy.png)" in text
+    assert "| toy | absent | recipes/absent.yaml does not exist" in text
+    assert "python train.py recipes/sup.yaml" in text and "Quick mode" not in text
+
+
+def test_main_end_to_end_with_fake_runner(repo, capsys):
+    runner = FakeRunner()
+    argv = ["--quick", "--no_progress", "--work_dir", str(repo / "w"), "--datasets", "toy"]
+    code = suite.main(argv, runner=runner, entries=ENTRIES, datasets=DATASETS, root=repo)
+    assert code == 0
+    report = repo / "w" / "results.md"
+    assert "Quick mode" in report.read_text() and (repo / "w" / "results" / "toy.png").is_file()
+    assert len(runner.calls) == 4  # one seed, four usable entries of toy
+    again = FakeRunner()
+    assert suite.main(argv, runner=again, entries=ENTRIES, datasets=DATASETS, root=repo) == 0 and again.calls == []
+    assert suite.main(argv + ["--list"], runner=again, entries=ENTRIES, datasets=DATASETS, root=repo) == 0
+    # a filtered invocation runs only its entries but reports everything already done
+    assert suite.main(argv + ["--methods", "ceiling"], runner=again, entries=ENTRIES, datasets=DATASETS, root=repo) == 0
+    assert again.calls == [] and "| supervised | baseline |" in report.read_text()
+    assert "done  toy/supervised/seed0" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        suite.main(["--datasets", "nope"], runner=again, entries=ENTRIES, datasets=DATASETS, root=repo)
+    failing = FakeRunner(fail={"toy/supervised/seed5"})
+    assert suite.main(["--seeds", "5", "--no_progress", "--work_dir", str(repo / "w"), "--output", str(repo / "r.md"),
+                       "--datasets", "toy"], runner=failing, entries=ENTRIES, datasets=DATASETS, root=repo) == 1
+
+
+def test_parse_metrics_merges_json_lines():
+    out = 'noise\n{"best_step": 3, "probe": {"probe_accuracy": 0.4}}\n{"best_step": 3, "test": {"accuracy": 0.9}}\n{bad\n'
+    assert suite.parse_metrics(out) == {"best_step": 3, "probe": {"probe_accuracy": 0.4}, "test": {"accuracy": 0.9}}
