@@ -8,6 +8,7 @@ BUILTIN_METHOD_MODULES = [
     "stil",
     "tip_pretrain",
     "mean_teacher",
+    "l2i",
 ]
 
 for _module in BUILTIN_METHOD_MODULES:
