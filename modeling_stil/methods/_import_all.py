@@ -9,6 +9,8 @@ BUILTIN_METHOD_MODULES = [
     "tip_pretrain",
     "mean_teacher",
     "l2i",
+    "mixmatch",
+    "pseudo_label",
 ]
 
 for _module in BUILTIN_METHOD_MODULES:

@@ -173,6 +173,37 @@ def interleaved_logits(model, views: list[dict], use_interleave: bool = True) ->
     return list(torch.split(model(**inputs).logits, sizes, dim=0))
 
 
+def resolve_view(model, view: str | None) -> str:
+    """The view recipe of every stream: ``view`` when given; else ``translate`` for an image-only
+    regression model (landmarks: the only augmentation that keeps targets on the pixels, the
+    original's ±4 px reflect translation) and ``weak`` otherwise (pad-crop + flip for CIFAR; with the
+    ``aflw`` view preset ``weak`` is ``translate`` as well)."""
+    if view is not None:
+        return view
+    config = getattr(unwrap_model(model), "config", None)
+    if config is not None and getattr(config, "problem_type", None) == "regression" and getattr(config, "tabular_schema", None) is None:
+        return "translate"
+    return "weak"
+
+
+@torch.no_grad()
+def evaluation_ema_step(eval_ema: EMATeacher | None, model, state: TrainState, decay: float, warmup: bool,
+                        student_weight_decay: float) -> None:
+    """The MixMatch-pytorch ``WeightEMA.step`` the L2I scripts share (§3.3): the evaluation EMA
+    ``theta_eval <- d theta_eval + (1 - d) theta`` (parameters; BN buffers copied from the student),
+    then the decoupled weight decay ``theta <- (1 - student_weight_decay * lr) theta`` on every
+    floating parameter of the student (biases and BN affine included, as the original)."""
+    t = max(0, state.step - 1)
+    if eval_ema is not None:
+        if warmup:
+            decay = min(decay, (1.0 + t) / (10.0 + t))
+        eval_ema.update(model, decay)
+    coefficient = student_weight_decay * state.learning_rate
+    if coefficient > 0:
+        params = [p for p in unwrap_model(model).parameters() if p.is_floating_point()]
+        torch._foreach_mul_(params, 1.0 - coefficient)
+
+
 @torch.no_grad()
 def regression_pseudo_label_logs(targets: torch.Tensor, monitor: torch.Tensor | None, prefix: str = "pseudo_label") -> dict[str, torch.Tensor]:
     """Monitoring only: MSE of regression pseudo-targets against the unlabelled rows' hidden ground
@@ -204,6 +235,9 @@ class MeanTeacherArguments(MethodArguments):
     student_weight_decay: float | None = None
     evaluate: str = "ema"  # network evaluated and exported: "ema" (original), "teacher" or "student"
     interleave: bool = True  # per-chunk forwards over interleaved [x; u1] (original) or one forward
+    # view recipe of the labelled and both unlabelled views; None: translate (image-only regression,
+    # landmarks) or weak (see `resolve_view`)
+    view: str | None = None
 
     def __post_init__(self):
         if self.lambda_u is not None and self.lambda_u < 0:
@@ -245,6 +279,8 @@ class MeanTeacher(SSLMethod):
 
     def __init__(self, model, args: MeanTeacherArguments | None = None):
         super().__init__(model, args)
+        view = resolve_view(model, self.args.view)  # instance attributes: the trainer reads them
+        self.labeled_views, self.unlabeled_views = {"weak": view}, {"student": view, "teacher": view}
         self.teacher = EMATeacher(model, mode="parameters", eval_mode=not self.args.teacher_train_mode)
         self.eval_ema = EMATeacher(model, mode="parameters") if self.args.eval_ema_decay > 0 else None
         # targets' std of the labelled rows (standardised training): moves landmarks between views
@@ -303,15 +339,8 @@ class MeanTeacher(SSLMethod):
     def after_optimizer_step(self, state: TrainState) -> None:
         """eval EMA, then decoupled weight decay on the student, then the teacher (original order)."""
         t = max(0, state.step - 1)  # steps completed before the one that just finished
-        if self.eval_ema is not None:
-            decay = self.args.eval_ema_decay
-            if self.args.eval_ema_warmup:
-                decay = min(decay, (1.0 + t) / (10.0 + t))
-            self.eval_ema.update(self.model, decay)
-        coefficient = self.args.resolved_student_weight_decay(state.task) * state.learning_rate
-        if coefficient > 0:
-            params = [p for p in unwrap_model(self.model).parameters() if p.is_floating_point()]
-            torch._foreach_mul_(params, 1.0 - coefficient)
+        evaluation_ema_step(self.eval_ema, self.model, state, self.args.eval_ema_decay, self.args.eval_ema_warmup,
+                            self.args.resolved_student_weight_decay(state.task))
         self.teacher.update(self.model, mean_teacher_momentum(t, self.args.ema_decay))
 
     def eval_model(self):

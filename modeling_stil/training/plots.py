@@ -124,3 +124,99 @@ def write_plots(history: Sequence[dict[str, Any]], plot_dir: str | os.PathLike, 
         ax.grid(alpha=0.3)
         written.append(_save(plt, fig, plot_dir / "pseudo_labels.png"))
     return written
+
+
+# ================================================================ evaluation predictions (per evaluation)
+# Drawn from the outputs of the last validation pass (`Trainer.evaluate` keeps them), next to the
+# history plots: ``confusion_matrix.png`` (classification), ``landmarks.png`` (a grid of validation
+# images with true and predicted points), ``predictions.png`` (scalar regression: predicted vs true).
+def confusion_matrix(predicted, references, num_labels: int):
+    """Counts (num_labels, num_labels): row = true class, column = predicted class; references < 0 are
+    ignored."""
+    import numpy as np
+
+    predicted = np.asarray(predicted, dtype=np.int64).reshape(-1)
+    references = np.asarray(references, dtype=np.int64).reshape(-1)
+    keep = references >= 0
+    matrix = np.zeros((num_labels, num_labels), dtype=np.int64)
+    np.add.at(matrix, (references[keep], predicted[keep]), 1)
+    return matrix
+
+
+def write_prediction_plots(task: str, logits, references, plot_dir: str | os.PathLike, *, num_labels: int = 0,
+                           label_names: Sequence[str] | None = None, images=None, title: str = "",
+                           max_images: int = 16) -> list[Path]:
+    """PNG pictures of one evaluation's predictions. ``logits``/``references`` are arrays (N, C) / (N,)
+    (classification), (N, 2K) flat x1, y1, ... in pixels of ``images`` (landmarks), (N,) or (N, T)
+    (regression). ``images`` (n, C, H, W) in [0, 1] are the first rows (landmark grid)."""
+    import numpy as np
+
+    plot_dir = Path(plot_dir)
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    logits = np.asarray(logits, dtype=np.float64)
+    references = np.asarray(references, dtype=np.float64)
+    written: list[Path] = []
+    if len(references) == 0:
+        return written
+    if task == "classification":
+        num_labels = num_labels or logits.shape[-1]
+        matrix = confusion_matrix(logits.argmax(axis=-1), references, num_labels)
+        plt, fig, axes = _figure(1)
+        ax = axes[0]
+        fig.set_size_inches(max(4.2, 0.45 * num_labels + 2.5), max(3.6, 0.45 * num_labels + 2.0))
+        rows = matrix.sum(axis=1, keepdims=True)
+        shown = np.divide(matrix, np.maximum(rows, 1))
+        ax.imshow(shown, cmap="Blues", vmin=0.0, vmax=1.0)
+        names = list(label_names) if label_names and len(label_names) == num_labels else [str(i) for i in range(num_labels)]
+        ax.set_xticks(range(num_labels), names, rotation=90 if num_labels > 6 else 0, fontsize=7)
+        ax.set_yticks(range(num_labels), names, fontsize=7)
+        if num_labels <= 20:
+            for i in range(num_labels):
+                for j in range(num_labels):
+                    ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=6,
+                            color="white" if shown[i, j] > 0.5 else "black")
+        accuracy = np.trace(matrix) / max(1, matrix.sum())
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"{title} confusion (acc {accuracy:.3f}, rows normalised)".strip(), fontsize=8)
+        written.append(_save(plt, fig, plot_dir / "confusion_matrix.png"))
+    elif task == "landmarks" and images is not None and len(images):
+        images = np.asarray(images, dtype=np.float64)
+        n = min(max_images, len(images), len(logits))
+        cols = min(4, n)
+        rows = math.ceil(n / cols)
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.3 * rows), squeeze=False)
+        flat = [ax for row in axes for ax in row]
+        for i, ax in enumerate(flat):
+            ax.axis("off")
+            if i >= n:
+                continue
+            image = np.clip(images[i], 0.0, 1.0)
+            image = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
+            ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0.0, vmax=1.0)
+            truth, predicted = references[i].reshape(-1, 2), logits[i].reshape(-1, 2)
+            ax.scatter(truth[:, 0], truth[:, 1], s=14, facecolors="none", edgecolors="lime", linewidths=1.0)
+            ax.scatter(predicted[:, 0], predicted[:, 1], s=14, c="red", marker="x", linewidths=1.0)
+            iod = max(np.linalg.norm(truth[0] - truth[1]), 1e-12)
+            nme = np.linalg.norm(truth - predicted, axis=-1).mean() / iod
+            ax.set_title(f"NME {nme:.3f}", fontsize=7)
+        fig.suptitle(f"{title} landmarks: true (green o), predicted (red x)".strip(), fontsize=8)
+        written.append(_save(plt, fig, plot_dir / "landmarks.png"))
+    elif task == "regression":
+        plt, fig, axes = _figure(1)
+        ax = axes[0]
+        predicted, truth = logits.reshape(len(logits), -1), references.reshape(len(references), -1)
+        ax.scatter(truth.reshape(-1), predicted.reshape(-1), s=6, alpha=0.5)
+        low, high = float(min(truth.min(), predicted.min())), float(max(truth.max(), predicted.max()))
+        ax.plot([low, high], [low, high], color="black", linewidth=0.8)
+        ax.set_xlabel("true")
+        ax.set_ylabel("predicted")
+        ax.set_title(f"{title} validation predictions".strip())
+        ax.grid(alpha=0.3)
+        written.append(_save(plt, fig, plot_dir / "predictions.png"))
+    return written

@@ -126,6 +126,19 @@ def _to_channels_last(obj):
     return obj
 
 
+def _display_images(pixels: torch.Tensor | None, config, limit: int = 16):
+    """Up to ``limit`` images of an eval batch in [0, 1] (normalisation undone) as a CPU numpy array."""
+    if pixels is None or pixels.ndim != 4:
+        return None
+    if pixels.dtype == torch.uint8:
+        return (pixels[:limit].detach().float().cpu() / 255.0).numpy()
+    pixels = pixels[:limit].detach().float().cpu()
+    channels = pixels.shape[1]
+    mean = torch.tensor(getattr(config, "image_mean", None) or [0.0] * channels, dtype=torch.float32).reshape(1, -1, 1, 1)
+    std = torch.tensor(getattr(config, "image_std", None) or [1.0] * channels, dtype=torch.float32).reshape(1, -1, 1, 1)
+    return (pixels * std + mean).numpy()
+
+
 def _batch_size(batch: dict | None) -> int:
     if not batch:
         return 0
@@ -380,11 +393,14 @@ class Trainer:
         outputs: dict[str, list[torch.Tensor]] = {}
         references = []
         acc = self.accelerator
+        sample_images = None  # first rows of this process's first batch, for the prediction plots
         with torch.random.fork_rng(devices=[acc.device] if acc.device.type == "cuda" else []):
             for batch in loader:
                 batch = _move(batch, acc.device)
                 if self.targs.channels_last:
                     batch = _to_channels_last(batch)
+                if sample_images is None and self.task == "landmarks":
+                    sample_images = _display_images(method.eval_inputs(batch).get("pixel_values"), getattr(model, "config", None))
                 with acc.autocast():
                     step_outputs = method.evaluation_step(model, batch)
                 names = sorted(step_outputs)
@@ -402,6 +418,9 @@ class Trainer:
             return self.compute_metrics(self.task, predictions, refs, self.num_labels)
 
         metrics = method.compute_eval_metrics(stacked, references_t, score)
+        if "logits" in stacked:  # what the prediction plots draw (plots.write_prediction_plots)
+            self.last_predictions = {"split": split, "logits": stacked["logits"], "references": references_t,
+                                     "images": sample_images}
         metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)}
         metrics["num_samples"] = int(references_t.shape[0])
         return metrics
@@ -449,7 +468,18 @@ class Trainer:
             return []
         from .plots import write_plots
 
-        return write_plots(self.jsonl.history(), self.output_dir / "plots", title=self.targs.method)
+        written = write_plots(self.jsonl.history(), self.output_dir / "plots", title=self.targs.method)
+        last = getattr(self, "last_predictions", None)
+        if last is not None and last["split"] == "validation":
+            from .plots import write_prediction_plots
+
+            config = getattr(self.unwrapped.eval_model(), "config", None)
+            id2label = getattr(config, "id2label", None) or {}
+            names = [id2label.get(i, id2label.get(str(i), str(i))) for i in range(self.num_labels)] if id2label else None
+            written += write_prediction_plots(self.task, last["logits"].numpy(), last["references"].numpy(),
+                                              self.output_dir / "plots", num_labels=self.num_labels, label_names=names,
+                                              images=last["images"], title=self.targs.method)
+        return written
 
     # ------------------------------------------------------------------ the loop
     def _prepare_batch(self, batch: dict | None) -> dict | None:
