@@ -336,8 +336,8 @@ def _argv(out, cache, method, task, *extra):
     if task == "image":
         values.update({"model": "wrn-tiny", "synthetic_image_size": "16"})
     else:
-        values.update({"model": "tcdcnn", "standardize_targets": "true", "optimizer": "sgd", "learning_rate": "0.01",
-                       "nesterov": "false"})
+        values.update({"model": "tcdcnn", "standardize_targets": "true", "optimizer": "sgd", "learning_rate": "0.003",
+                       "nesterov": "false", "lambda_u": "1"})
     return flags(values, *extra)
 
 

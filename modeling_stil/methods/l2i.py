@@ -56,6 +56,7 @@ from .base import TASK_CLASSIFICATION, DataInfo, TrainState, register_method
 from .common import gather_no_grad, model_inputs, unwrap_model, view_targets
 from .mean_teacher import (
     MeanTeacher,
+    evaluation_ema_step,
     MeanTeacherArguments,
     transfer_to_view,
 )
@@ -213,7 +214,12 @@ class _L2IBase(MeanTeacher):
     """Mean Teacher (phase 0) + a meta step (phase 1) that subclasses define."""
 
     num_phases = 2
-    meta_views = {"weak": "weak"}  # the labelled rows again, own shuffle, the labelled augmentation
+
+    def __init__(self, model, args: L2IArguments | None = None):
+        super().__init__(model, args)
+        # the labelled rows again, own shuffle, the labelled stream's augmentation (instance attribute:
+        # the trainer reads it; translate for landmarks, as Mean Teacher's views)
+        self.meta_views = dict(self.labeled_views)
 
     def training_step(self, labeled: dict, unlabeled: dict | None, state: TrainState):
         if state.phase == 0:
@@ -224,13 +230,9 @@ class _L2IBase(MeanTeacher):
             self._update_eval_ema(state)  # the regression scripts' EMA step after phase 0's optimizer step
         return self.meta_step(labeled, unlabeled, state)
 
-    @torch.no_grad()
     def _update_eval_ema(self, state: TrainState) -> None:
-        decay = self.args.eval_ema_decay
-        if self.args.eval_ema_warmup:
-            t = max(0, state.step - 1)
-            decay = min(decay, (1.0 + t) / (10.0 + t))
-        self.eval_ema.update(self.model, decay)
+        evaluation_ema_step(self.eval_ema, self.model, state, self.args.eval_ema_decay, self.args.eval_ema_warmup,
+                            self.args.resolved_student_weight_decay(state.task))
 
     # ------------------------------------------------------------------ shared pieces of the meta step
     def inner_lr(self, state: TrainState) -> float:
