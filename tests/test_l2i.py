@@ -365,3 +365,26 @@ def test_end_to_end_resumes_exports_and_reloads(tmp_path, method, task, memory):
     assert all("meta_loss" in r and "phase0/sup_loss" in r for r in train_rows)
     key = "meta_grad_norm" if method == "l2i_o" else "label_update_norm"
     assert all(r[key] > 0 for r in train_rows)
+
+
+# ------------------------------------------------------------------------------ two processes (gloo)
+def test_two_processes_average_the_meta_gradient_and_share_the_label_memory(tmp_path):
+    """Two gloo processes (torch.distributed.run, what train.py starts under `accelerate launch --cpu
+    --num_processes 2`) running tests/_l2i_ddp_worker.py (see its docstring)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(29900 + os.getpid() % 90), str(root / "tests" / "_l2i_ddp_worker.py"), str(tmp_path)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(root), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2) if (tmp_path / f"rank{r}.json").exists()]
+    assert done.returncode == 0, (reports, done.stderr[-3000:])
+    assert len(reports) == 2
+    for report in reports:
+        for entry in report.values():
+            assert entry["max_deviation"] < 1e-5  # DDP's gradient == mean of the per-rank meta-gradients
+            assert entry["local_vs_mean"] > 1e-7  # and the ranks' gradients really differed
+        assert report["l2i_l"]["rows_seen"] == 12 and report["l2i_l"]["tables_equal"]
