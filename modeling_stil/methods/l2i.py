@@ -156,6 +156,8 @@ class L2IArguments(MeanTeacherArguments):
     # also update the eval EMA after phase 0 (the regression scripts update it after each optimizer step)
     eval_ema_each_phase: bool | None = None  # None: True for landmarks / regression, False for classification
     hypergradient: str = "double_backward"
+    # tanh on both sides of l_u; None: the original's (L2I-O on landmarks / regression: True, §4.7; else False)
+    squash: bool | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -179,8 +181,6 @@ class L2IArguments(MeanTeacherArguments):
 
 @dataclass
 class L2IOArguments(L2IArguments):
-    squash: bool | None = None  # tanh on both sides of l_u; None: True for landmarks / regression (§4.7)
-
     def resolved_multiplier(self, task: str) -> float:
         if self.inner_lr_multiplier is not None:
             return self.inner_lr_multiplier
@@ -207,6 +207,9 @@ class L2ILArguments(L2IArguments):
         if self.inner_lr_multiplier is not None:
             return self.inner_lr_multiplier
         return 100.0 if task == TASK_CLASSIFICATION else 1.0
+
+    def resolved_squash(self, task: str) -> bool:
+        return bool(self.squash)  # the L2I-L scripts have no tanh
 
 
 # ---------------------------------------------------------------------------------------- the methods
@@ -349,7 +352,7 @@ class L2IL(_L2IBase):
         p = self.initial_labels(unlabeled, task)
         z_u = self.student_view_logits(unlabeled)
         inner = inner_consistency_loss(z_u, self.imputed_targets(p, unlabeled, task), task,
-                                       self.args.resolved_reduction(task))
+                                       self.args.resolved_reduction(task), squash=self.args.resolved_squash(task))
         (grad_p,), meta_loss = imputation_meta_gradient(params, inner, self.inner_lr(state),
                                                         self.meta_loss_fn(labeled, task), [p], retain_graph=True)
         with torch.no_grad():
