@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -327,16 +328,16 @@ def test_label_memory_round_trip_and_frames():
 def _argv(out, cache, method, task, *extra):
     values = {
         "method": method, "output_dir": str(out), "dataset_cache_dir": str(cache), "synthetic_task": task,
-        "synthetic_num_samples": "200", "labeled_fraction": "0.2", "mu": "1",
+        "synthetic_num_samples": "160", "labeled_fraction": "0.2", "mu": "1",
         "per_device_train_batch_size": "8", "per_device_eval_batch_size": "64", "max_steps": "4",
         "eval_steps": "2", "save_steps": "2", "logging_steps": "2", "learning_rate": "0.002", "report_to": "none",
         "disable_tqdm": "true", "seed": "3", "optimizer": "adam", "weight_decay": "0", "max_grad_norm": "0",
-        "lr_scheduler": "constant", "warmup": "0",
+        "lr_scheduler": "constant", "warmup": "0", "plots": "false", "save_total_limit": "3",
     }
     if task == "image":
-        values.update({"model": "wrn-tiny", "synthetic_image_size": "16"})
+        values.update({"model": "wrn-tiny", "synthetic_image_size": "32"})
     else:
-        values.update({"model": "tcdcnn", "standardize_targets": "true", "optimizer": "sgd", "learning_rate": "0.003",
+        values.update({"model": "tcdcnn", "synthetic_image_size": "60", "standardize_targets": "true", "optimizer": "sgd", "learning_rate": "0.003",
                        "nesterov": "false", "lambda_u": "1"})
     return flags(values, *extra)
 
@@ -347,12 +348,14 @@ def test_end_to_end_resumes_exports_and_reloads(tmp_path, method, task, memory):
 
     cache = tmp_path / "cache"
     extra = ("--label_memory", "true") if memory else ()
-    full, stopped = tmp_path / "full", tmp_path / "stopped"
-    assert run_train(_argv(full, cache, method, task, *extra)) == 0
-    assert run_train(_argv(stopped, cache, method, task, *extra, "--stop_after_steps", "2")) == 0
-    assert run_train(_argv(stopped, cache, method, task, *extra, "--resume_from_checkpoint", "latest")) == 0
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert run_train(_argv(full, cache, method, task, *extra)) == 0  # checkpoints at steps 2 and 4, export
+    # a second run resumes from the first run's step-2 checkpoint and must reach the same step-4 state
+    shutil.copytree(full / "checkpoints" / "checkpoint-2", resumed / "checkpoints" / "checkpoint-2")
+    assert run_train(_argv(resumed, cache, method, task, *extra, "--export", "false",
+                           "--resume_from_checkpoint", "latest")) == 0
     a = load_file(full / "checkpoints" / "checkpoint-4" / "model.safetensors")
-    b = load_file(stopped / "checkpoints" / "checkpoint-4" / "model.safetensors")
+    b = load_file(resumed / "checkpoints" / "checkpoint-4" / "model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
