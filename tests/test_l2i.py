@@ -391,3 +391,36 @@ def test_two_processes_average_the_meta_gradient_and_share_the_label_memory(tmp_
             assert entry["max_deviation"] < 1e-5  # DDP's gradient == mean of the per-rank meta-gradients
             assert entry["local_vs_mean"] > 1e-7  # and the ranks' gradients really differed
         assert report["l2i_l"]["rows_seen"] == 12 and report["l2i_l"]["tables_equal"]
+
+
+class TinyAttention(nn.Module):
+    """One self-attention layer through scaled_dot_product_attention (fused kernels lack double backward)."""
+
+    def __init__(self, d=8, d_out=3):
+        super().__init__()
+        self.qkv = nn.Linear(1, 3 * d)
+        self.head = nn.Linear(d, d_out)
+
+    def forward(self, pixel_values=None, **unused):
+        q, k, v = self.qkv(pixel_values.float().unsqueeze(-1)).chunk(3, dim=-1)
+        out = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
+        return SimpleNamespace(logits=self.head(out.mean(dim=1)))
+
+
+def _to_float(batch):
+    if isinstance(batch, dict):
+        return {k: _to_float(v) for k, v in batch.items()}
+    return batch.float() if isinstance(batch, torch.Tensor) and batch.is_floating_point() else batch
+
+
+@pytest.mark.parametrize("cls", [L2IO, L2IL])
+def test_meta_step_runs_through_attention(cls):
+    torch.manual_seed(0)
+    args = (L2IOArguments if cls is L2IO else L2ILArguments)()
+    method = cls(TinyAttention(), args).train()
+    labeled, unlabeled = (_to_float(b) for b in make_batch("classification", d_in=5))
+    loss, logs = method.training_step(labeled, unlabeled, state_for("classification"))
+    loss.backward()
+    grads = [p.grad for p in method.model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0

@@ -51,6 +51,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .base import TASK_CLASSIFICATION, DataInfo, TrainState, register_method
 from .common import gather_no_grad, model_inputs, unwrap_model, view_targets
@@ -231,7 +232,10 @@ class _L2IBase(MeanTeacher):
             raise ValueError(f"{self.name} needs an unlabelled batch and the meta stream (labeled['meta'])")
         if self.args.resolved_eval_ema_each_phase(state.task) and self.eval_ema is not None:
             self._update_eval_ema(state)  # the regression scripts' EMA step after phase 0's optimizer step
-        return self.meta_step(labeled, unlabeled, state)
+        # fused attention kernels (flash / memory-efficient) have no double backward: the meta step's
+        # forwards use the math implementation of scaled_dot_product_attention (same values)
+        with sdpa_kernel([SDPBackend.MATH]):
+            return self.meta_step(labeled, unlabeled, state)
 
     def _update_eval_ema(self, state: TrainState) -> None:
         evaluation_ema_step(self.eval_ema, self.model, state, self.args.eval_ema_decay, self.args.eval_ema_warmup,
