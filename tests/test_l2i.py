@@ -223,7 +223,7 @@ def test_l2i_l_phase_one_updates_labels_and_trains_the_student_only():
     labeled, unlabeled = make_batch(task)
     state = state_for(task)
     loss, logs = method.training_step(labeled, unlabeled, state)
-    assert loss.requires_grad and float(loss) > 0
+    assert loss.requires_grad and float(loss.detach()) > 0
     loss.backward()
     student = [p.grad for p in method.model.parameters()]
     assert all(g is not None for g in student) and sum(float(g.abs().sum()) for g in student) > 0
