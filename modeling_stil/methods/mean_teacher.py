@@ -324,7 +324,7 @@ class MeanTeacher(SSLMethod):
         loss = sup_loss + weight * unsup_loss
 
         logs = {"loss": loss.detach(), "sup_loss": sup_loss.detach(), "unsup_loss": unsup_loss.detach(),
-                "unsup_weight": torch.tensor(weight, device=loss.device)}
+                "unsup_weight": torch.full((), weight, device=loss.device)}
         if task == TASK_CLASSIFICATION:
             logs.update(pseudo_label_logs(q.argmax(dim=-1), torch.ones(q.shape[0], device=q.device),
                                           unlabeled.get("monitor_labels")))

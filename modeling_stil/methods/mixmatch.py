@@ -120,6 +120,10 @@ class MixMatch(SSLMethod):
         lam = float(torch.distributions.Beta(self.args.alpha, self.args.alpha).sample())
         return max(lam, 1.0 - lam)
 
+    def sample_permutation(self, n: int, device) -> torch.Tensor:
+        """pi: one random permutation over all labelled and unlabelled rows (torch's RNG)."""
+        return torch.randperm(n, device=device)
+
     def training_step(self, labeled: dict, unlabeled: dict | None, state: TrainState):
         if unlabeled is None:
             raise ValueError("mixmatch needs an unlabelled batch (the method declares unlabeled_views)")
@@ -135,7 +139,7 @@ class MixMatch(SSLMethod):
                           if isinstance(x_inputs[k], torch.Tensor) else x_inputs[k]) for k in x_inputs}
         all_targets = torch.cat([targets_x] + [q] * len(u_views), dim=0)
         lam = self.sample_lambda()
-        permutation = torch.randperm(all_targets.shape[0], device=all_targets.device)
+        permutation = self.sample_permutation(all_targets.shape[0], all_targets.device)
         mixed_inputs, mixed_targets = mixup(all_inputs, all_targets, lam, permutation)
 
         chunk = batch if self.args.interleave else 0
@@ -147,8 +151,8 @@ class MixMatch(SSLMethod):
         loss = sup_loss + weight * unsup_loss
 
         logs = {"loss": loss.detach(), "sup_loss": sup_loss.detach(), "unsup_loss": unsup_loss.detach(),
-                "unsup_weight": torch.tensor(weight, device=loss.device),
-                "mixup_lambda": torch.tensor(lam, device=loss.device)}
+                "unsup_weight": torch.full((), weight, device=loss.device),
+                "mixup_lambda": torch.full((), lam, device=loss.device)}
         logs.update(pseudo_label_logs(q.argmax(dim=-1), torch.ones(q.shape[0], device=q.device), unlabeled.get("monitor_labels")))
         logs.pop("mask_ratio", None)
         return loss, logs

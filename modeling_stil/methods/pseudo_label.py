@@ -133,7 +133,7 @@ class PseudoLabel(SSLMethod):
                                     self.args.rampup_fraction, self.args.rampup)
         loss = sup_loss + weight * unsup_loss
         logs.update({"loss": loss.detach(), "sup_loss": sup_loss.detach(), "unsup_loss": unsup_loss.detach(),
-                     "unsup_weight": torch.tensor(weight, device=loss.device)})
+                     "unsup_weight": torch.full((), weight, device=loss.device)})
         return loss, logs
 
     @torch.no_grad()

@@ -476,9 +476,14 @@ class Trainer:
             config = getattr(self.unwrapped.eval_model(), "config", None)
             id2label = getattr(config, "id2label", None) or {}
             names = [id2label.get(i, id2label.get(str(i), str(i))) for i in range(self.num_labels)] if id2label else None
-            written += write_prediction_plots(self.task, last["logits"].numpy(), last["references"].numpy(),
-                                              self.output_dir / "plots", num_labels=self.num_labels, label_names=names,
-                                              images=last["images"], title=self.targs.method)
+            try:  # a picture must never end a long run
+                written += write_prediction_plots(self.task, last["logits"].numpy(), last["references"].numpy(),
+                                                  self.output_dir / "plots", num_labels=self.num_labels, label_names=names,
+                                                  images=last["images"], title=self.targs.method)
+            except Exception as error:  # noqa: BLE001
+                import warnings
+
+                warnings.warn(f"prediction plots skipped: {type(error).__name__}: {error}")
         return written
 
     # ------------------------------------------------------------------ the loop
