@@ -89,12 +89,16 @@ def main(argv=None) -> int:
             labeled_batch, unlabeled_batch = _to_channels_last(labeled_batch), _to_channels_last(unlabeled_batch)
         t1 = time.perf_counter()
         state.step = step
-        with accelerator.autocast():
-            loss, _ = method(labeled_batch, unlabeled_batch, state)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        state.learning_rate = float(optimizer.param_groups[0]["lr"])
+        for phase in range(unwrapped.num_phases):  # meta-learning methods (L2I): several steps per iteration
+            state.phase = phase
+            with accelerator.autocast():
+                loss, _ = method(labeled_batch, unlabeled_batch, state)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        state.phase = 0
         unwrapped.after_optimizer_step(state)
         if cuda:
             torch.cuda.synchronize()

@@ -13,6 +13,7 @@ BUILTIN_METHOD_MODULES = [
     "mmatch",
     "co_training",
     "mean_teacher",
+    "l2i",
     "mixmatch",
     "pseudo_label",
 ]
