@@ -5,7 +5,7 @@ count the calls that WOULD wait on a GPU:
 
 * every aten op that copies a device value to the host or whose output size depends on data:
   ``_local_scalar_dense`` (what ``.item()``, ``bool(t)`` / ``if t:``, ``int(t)``, ``float(t)`` run),
-  ``nonzero``, ``masked_select``, ``unique`` ... (a ``TorchDispatchMode`` sees forward, backward and
+  ``nonzero``, ``masked_select``, ``unique``, indexing with a boolean mask (a ``TorchDispatchMode`` sees forward, backward and
   optimizer ops alike);
 * the Python calls ``Tensor.cpu``, ``.tolist``, ``.numpy`` and ``torch.cuda.synchronize``.
 
@@ -44,6 +44,14 @@ SYNC_OPS = {
     aten.unique_consecutive.default,
 }
 
+# indexing with a boolean mask has a data-dependent size (an implicit nonzero)
+BOOL_INDEX_OPS = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
+
+
+def _has_bool_index(args) -> bool:
+    indices = args[1] if len(args) > 1 else ()
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ())
+
 
 def _where() -> str:
     """The innermost frame of this repository (not this file) that led to the call."""
@@ -59,7 +67,7 @@ class _SyncOps(TorchDispatchMode):
         self.calls = calls
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in SYNC_OPS:
+        if func in SYNC_OPS or (func in BOOL_INDEX_OPS and _has_bool_index(args)):
             self.calls.append(f"{func} at {_where()}")
         return func(*args, **(kwargs or {}))
 
@@ -181,4 +189,4 @@ def test_the_counter_can_fail():
         torch.ones(3).cpu().tolist()
         torch.ones(3)[torch.tensor([True, False, True])]  # boolean-mask indexing: nonzero
     assert sum("Tensor.cpu" in c for c in calls) == 1 and sum("tolist" in c for c in calls) == 1, calls
-    assert any("nonzero" in c for c in calls), calls
+    assert any("aten.index.Tensor" in c for c in calls), calls
