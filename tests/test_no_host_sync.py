@@ -190,3 +190,17 @@ def test_the_counter_can_fail():
         torch.ones(3)[torch.tensor([True, False, True])]  # boolean-mask indexing: nonzero
     assert sum("Tensor.cpu" in c for c in calls) == 1 and sum("tolist" in c for c in calls) == 1, calls
     assert any("aten.index.Tensor" in c for c in calls), calls
+
+
+def test_stil_model_traces_without_graph_breaks():
+    """`--torch_compile true`: the StilModel forward (train mode, categorical-code check included
+    outside compilation only) is one graph for TorchDynamo."""
+    from modeling_stil.modeling_stil import StilModel
+
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = StilModel(cfg).train()
+    labeled, _ = batches(cfg)
+    explanation = torch._dynamo.explain(model)(**labeled["stil"])
+    reasons = [str(b.reason) for b in explanation.break_reasons]
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, reasons
