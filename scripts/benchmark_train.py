@@ -214,7 +214,7 @@ def all_methods(args, argv) -> int:
             if model is None:
                 continue
             cmd = [sys.executable, __file__, *cleaned, "--method", name, "--model-config", model]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
             if proc.returncode == 0 and lines:
                 result = json.loads(lines[-1])
@@ -224,7 +224,7 @@ def all_methods(args, argv) -> int:
         rows.append((name, result, note))
         print(f"{name}: {result['compute_ms'] if result else 'failed'} ms {note}", file=sys.stderr, flush=True)
     ref = next((r for n, r, _ in rows if n == "supervised" and r), None)
-    print(f"\n| method | model | rows/step | compute ms/step | CPU ms/step | x supervised | peak RSS MB | load 1 min |\n|---|---|---|---|---|---|---|---|")
+    print("\n| method | model | rows/step | compute ms/step | CPU ms/step | x supervised | peak RSS MB | load 1 min |\n|---|---|---|---|---|---|---|---|")
     for name, r, note in rows:
         if r is None:
             print(f"| {name} | - | - | failed: {note} | - | - | - | - |")

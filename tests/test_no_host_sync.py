@@ -19,7 +19,6 @@ shows the counter catches an injected ``.item()`` and a Python ``if tensor``.
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import traceback
 
