@@ -341,21 +341,30 @@ class TransformerBlock(nn.Module):
 
 # ------------------------------------------------------------------------------------------------
 # tabular encoder
-def check_categorical_codes(codes: torch.Tensor, cardinalities: Sequence[int]) -> None:
-    """Raise a readable error when a categorical code is outside its field's vocabulary."""
+def check_categorical_codes(codes: torch.Tensor, cardinalities: Sequence[int] | torch.Tensor) -> None:
+    """Raise a readable error when a categorical code is outside its field's vocabulary.
+
+    No host synchronisation on the happy path: the test is ``torch._assert_async`` (on CUDA it is
+    queued with the kernels and a failure surfaces as a device-side assert carrying this message; on
+    CPU it raises at once and the row / field / code are named). ``cardinalities`` may be a tensor on
+    the codes' device (the encoder keeps one as a buffer, so no host-to-device copy per step)."""
     if codes.numel() == 0:
         return
-    card = torch.as_tensor(list(cardinalities), device=codes.device)
+    card = cardinalities if isinstance(cardinalities, torch.Tensor) else torch.as_tensor(list(cardinalities), device=codes.device)
     bad = (codes < 0) | (codes >= card)
-    if bool(bad.any()):
+    hint = (
+        "The data does not match the model's tabular schema (check_data_compatibility), "
+        "or missing cells were not set to 0 with missing_mask=True."
+    )
+    try:
+        torch._assert_async(~bad.any(), "categorical code out of range for its field's vocabulary. " + hint)
+    except RuntimeError:  # CPU: the failure is known now; name the first bad cell (error path only)
         row, col = (int(i) for i in bad.nonzero()[0])
-        n_bad = int(bad.sum())
         raise ValueError(
             f"categorical code out of range: row {row}, categorical field {col} has code {int(codes[row, col])} "
-            f"but the field has {int(card[col])} categories (valid 0..{int(card[col]) - 1}); {n_bad} bad cell(s) "
-            "in the batch. The data does not match the model's tabular schema (check_data_compatibility), "
-            "or missing cells were not set to 0 with missing_mask=True."
-        )
+            f"but the field has {int(card[col])} categories (valid 0..{int(card[col]) - 1}); {int(bad.sum())} bad "
+            f"cell(s) in the batch. {hint}"
+        ) from None
 
 
 class TabularTransformerEncoder(nn.Module):
@@ -396,6 +405,7 @@ class TabularTransformerEncoder(nn.Module):
         self.check_codes = check_codes
         self.register_buffer("cat_offsets", torch.zeros(self.num_cat, dtype=torch.long), persistent=False)
         self.register_buffer("pos_ids", torch.zeros(1, self.num_fields + 1, dtype=torch.long), persistent=False)
+        self.register_buffer("cat_limits", torch.ones(self.num_cat, dtype=torch.long), persistent=False)
         self.cat_embedding = nn.Embedding(max(sum(self.cat_cardinalities), 1), dim)
         self.con_proj = nn.Linear(1, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -420,6 +430,7 @@ class TabularTransformerEncoder(nn.Module):
         dev = self.cls_token.device if self.cls_token.device.type != "meta" else self.cat_offsets.device
         self.cat_offsets = torch.tensor(offsets[: self.num_cat], dtype=torch.long, device=dev)
         self.pos_ids = torch.arange(self.num_fields + 1, dtype=torch.long, device=dev).unsqueeze(0)
+        self.cat_limits = torch.tensor(self.cat_cardinalities, dtype=torch.long, device=dev)
 
     def embed(self, categorical_values=None, continuous_values=None, missing_mask=None) -> torch.Tensor:
         parts = []
@@ -435,7 +446,7 @@ class TabularTransformerEncoder(nn.Module):
             if missing_mask is not None:
                 codes = codes.masked_fill(missing_mask[:, : self.num_cat], 0)
             if self.check_codes and not torch.compiler.is_compiling():
-                check_categorical_codes(codes, self.cat_cardinalities)
+                check_categorical_codes(codes, self.cat_limits)
             parts.append(self.cat_embedding(codes + self.cat_offsets))
             batch = codes.shape[0]
         if self.num_con:
@@ -506,8 +517,10 @@ class InteractionLayer(nn.Module):
 
     @staticmethod
     def block_mask(n_fused: int, n_image: int, n_tabular: int, device=None) -> torch.Tensor:
-        """(N, N) bool over [fused; image; tabular], True = may attend."""
-        seg = torch.tensor([0] * n_fused + [1] * n_image + [2] * n_tabular, device=device)
+        """(N, N) bool over [fused; image; tabular], True = may attend (built on ``device``: no
+        host-to-device copy per step)."""
+        position = torch.arange(n_fused + n_image + n_tabular, device=device)
+        seg = (position >= n_fused).long() + (position >= n_fused + n_image).long()
         same = seg[:, None] == seg[None, :]
         return same | (seg[:, None] == 0)
 

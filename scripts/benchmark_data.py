@@ -3,6 +3,13 @@
 
     python scripts/benchmark_data.py                      # 20k samples, 128 px, workers 0 1 2
     python scripts/benchmark_data.py --workers 4 --num-samples 5000 --steps 4
+    python scripts/benchmark_data.py --views stil --batch-size 8 --mu 7 --num-samples 2000 --presets dvm \
+        --step-seconds 9.5       # STiL's views (one "stil" view per row) vs a training step of 9.5 s
+
+``--views stil`` times STiL's stream instead (one ``stil`` view per row: random-resized crop,
+colour jitter, grey, flip at 128 px, table corrupted at 0.3; labelled rows get the same view, so the
+unlabelled rate stands for both). ``--step-seconds S`` prints, per worker count, whether the loader
+produces ``batch-size x (1 + mu)`` rows faster than one step of S seconds consumes them.
 
 Throughput is measured on the *unlabelled* stream of a FixMatch-style multimodal method: per sample,
 one decode, a ``weak`` and a ``strong`` image view at ``--image-size`` and their tabular corruptions
@@ -177,6 +184,10 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--uint8", action="store_true",
                         help="also time uint8 batches (ViewConfig(normalize_in_loader=False)) at the largest worker count")
+    parser.add_argument("--views", default="fixmatch", choices=["fixmatch", "stil"],
+                        help="fixmatch: weak + strong per unlabelled row; stil: one 'stil' view per row")
+    parser.add_argument("--step-seconds", type=float, default=None,
+                        help="compare with a training step of this many seconds (rows = batch-size x (1 + mu))")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -186,7 +197,7 @@ def main(argv=None):
     build_s = time.perf_counter() - t
     print(f"built {args.num_samples} samples at {args.image_size} px in {build_s:.1f} s with {how}; splits "
           f"{ {k: len(v) for k, v in dd.items()} }")
-    views = {"weak": "weak", "strong": "strong"}
+    views = {"weak": "weak", "strong": "strong"} if args.views == "fixmatch" else {"stil": "stil"}
     results = {"num_samples": args.num_samples, "image_size": args.image_size, "build_seconds": build_s, "builder": how,
                "cpus": os.cpu_count(), "throughput": [], "profile": {}}
     for preset in args.presets:
@@ -216,6 +227,15 @@ def main(argv=None):
         main = f"{r['main_cpu_ms_per_sample']:.3f}" if r["main_cpu_ms_per_sample"] else "-"
         print(f"| {r['preset']} | {r['workers']} | {r['samples_per_s']:.0f} | {r['samples_per_s_per_core']:.0f} | "
               f"{r['samples_per_cpu_s']:.0f} | {main} | {r['load_average']:.2f} |")
+    if args.step_seconds:
+        rows = args.batch_size * (1 + args.mu)
+        need = rows / args.step_seconds
+        print(f"\nstep of {args.step_seconds:g} s consumes {rows} rows: {need:.1f} rows/s needed")
+        for r in results["throughput"]:
+            verdict = "keeps up" if r["samples_per_s"] >= need else "TOO SLOW"
+            print(f"  preset {r['preset']} workers {r['workers']}: {r['samples_per_s']:.0f} rows/s -> {verdict} "
+                  f"(data {rows / r['samples_per_s']:.2f} s per step)")
+        results["step_seconds"], results["rows_per_step_needed_per_s"] = args.step_seconds, need
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return results

@@ -10,13 +10,28 @@ Accelerate preparation, autocast, backward, clipping, optimizer) on the machine 
 (GPU when available), times ``--steps`` steps after ``--warmup`` steps, and prints one JSON line:
 data time and compute time per step, samples/s (labelled + unlabelled rows), peak memory (process
 RSS; CUDA max allocated on GPU). ``--markdown`` prints a table row for docs/benchmarks.md.
+
+Side by side with the original STiL (docs/benchmarks.md; ../shared/bench/original_step_bench.py):
+
+    python scripts/benchmark_train.py --method stil --model-config stil-dvm --batch 8 --mu 7 --image-size 128 \
+        --optimizer adam --max-grad-norm 0 [--mixed-precision bf16 --channels-last]
+
+``compute_ms`` is the step without data (forward, backward, optimizer); ``compute_cpu_ms`` the CPU time
+the process spent in it (all threads): on a shared machine the wall time moves with other people's
+load, the CPU time much less. ``--epoch`` sets ``TrainState.epoch`` (default: the method's
+``start_epoch + 1`` when it has one, so STiL's L_pt and L_uce are in the loss as in the original's
+timed steps). ``--profile N`` prints torch.profiler's top-N ops of one extra step; ``--all-methods``
+runs every registered method (one subprocess each, same batch) and prints step times relative to
+``supervised``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import subprocess
 import resource
 import sys
 import time
@@ -41,11 +56,23 @@ def main(argv=None) -> int:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--optimizer", default=None, choices=["adamw", "adam", "sgd"], help="default: the trainer's")
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="0: no clipping (the original STiL)")
+    parser.add_argument("--epoch", type=int, default=None, help="TrainState.epoch (default: method start_epoch + 1, else 0)")
+    parser.add_argument("--profile", type=int, default=0, help="print torch.profiler's top-N ops of one extra step")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--all-methods", action="store_true", help="every registered method, table relative to supervised")
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
+    if args.all_methods:
+        return all_methods(args, argv if argv is not None else sys.argv[1:])
 
     import torch
     from accelerate.utils import send_to_device, set_seed
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from modeling_stil.methods.base import TrainState
     from modeling_stil.training.arguments import parse_run_arguments
@@ -57,7 +84,10 @@ def main(argv=None) -> int:
         "--mu", str(args.mu), "--synthetic_task", args.synthetic_task, "--synthetic_num_samples", str(args.num_samples),
         "--synthetic_image_size", str(args.image_size), "--dataloader_num_workers", str(args.workers),
         "--mixed_precision", args.mixed_precision, "--report_to", "none", "--output_dir", "/tmp/stil-benchmark",
+        "--learning_rate", str(args.learning_rate),
     ]
+    if args.optimizer:
+        argv_run += ["--optimizer", args.optimizer]
     if args.cache_dir:
         argv_run += ["--dataset_cache_dir", args.cache_dir]
     if args.compile:
@@ -72,14 +102,37 @@ def main(argv=None) -> int:
     optimizer = build_optimizer(method, run.training, accelerator.device.type)
     method, optimizer = accelerator.prepare(method, optimizer)
     unwrapped = accelerator.unwrap_model(method)
+    epoch = args.epoch
+    if epoch is None:
+        start_epoch = getattr(getattr(unwrapped, "args", None), "start_epoch", None)
+        epoch = int(start_epoch) + 1 if isinstance(start_epoch, int) else 0
     state = TrainState(steps_per_epoch=stream.steps_per_epoch, max_steps=args.steps + args.warmup, task=metadata.task,
-                       num_labels=metadata.num_labels, num_processes=accelerator.num_processes)
+                       num_labels=metadata.num_labels, num_processes=accelerator.num_processes, epoch=epoch)
+    rss_setup_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    load_before = os.getloadavg()[0]
     cuda = accelerator.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     iterator = iter(stream.iterate(0))
-    data_times, step_times, samples = [], [], 0
+    data_times, step_times, cpu_times, samples = [], [], [], 0
     params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def compute(labeled_batch, unlabeled_batch):
+        state.learning_rate = float(optimizer.param_groups[0]["lr"])
+        for phase in range(unwrapped.num_phases):  # meta-learning methods (L2I): several steps per iteration
+            state.phase = phase
+            with accelerator.autocast():
+                loss, _ = method(labeled_batch, unlabeled_batch, state)
+            accelerator.backward(loss)
+            if args.max_grad_norm:
+                accelerator.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        state.phase = 0
+        unwrapped.after_optimizer_step(state)
+        if cuda:
+            torch.cuda.synchronize()
+
     for step in range(args.warmup + args.steps):
         t0 = time.perf_counter()
         labeled_batch, unlabeled_batch = next(iterator)
@@ -87,28 +140,31 @@ def main(argv=None) -> int:
         unlabeled_batch = send_to_device(unlabeled_batch, accelerator.device, non_blocking=True) if unlabeled_batch is not None else None
         if args.channels_last:
             labeled_batch, unlabeled_batch = _to_channels_last(labeled_batch), _to_channels_last(unlabeled_batch)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         state.step = step
-        state.learning_rate = float(optimizer.param_groups[0]["lr"])
-        for phase in range(unwrapped.num_phases):  # meta-learning methods (L2I): several steps per iteration
-            state.phase = phase
-            with accelerator.autocast():
-                loss, _ = method(labeled_batch, unlabeled_batch, state)
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        state.phase = 0
-        unwrapped.after_optimizer_step(state)
-        if cuda:
-            torch.cuda.synchronize()
-        t2 = time.perf_counter()
+        compute(labeled_batch, unlabeled_batch)
+        t2, c2 = time.perf_counter(), time.process_time()
         if step >= args.warmup:
             data_times.append(t1 - t0)
             step_times.append(t2 - t0)
+            cpu_times.append(c2 - c1)
             samples += (int(labeled_batch["index"].shape[0]) if labeled_batch else 0) + (int(unlabeled_batch["index"].shape[0]) if unlabeled_batch else 0)
     total = sum(step_times)
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    load_after = os.getloadavg()[0]
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        state.step = args.warmup + args.steps
+        batches = next(iterator)
+        batches = [send_to_device(b, accelerator.device) if b is not None else None for b in batches]
+        if args.channels_last:
+            batches = [_to_channels_last(b) for b in batches]
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            compute(*batches)
+        sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=args.profile), file=sys.stderr)
     result = {
         "method": args.method, "model": args.model_config, "batch": args.batch,
         "mu": args.mu if unwrapped.unlabeled_views is not None else 0,
@@ -117,6 +173,11 @@ def main(argv=None) -> int:
         "steps": args.steps, "step_ms": round(1000 * total / len(step_times), 1),
         "data_ms": round(1000 * sum(data_times) / len(data_times), 1),
         "compute_ms": round(1000 * (total - sum(data_times)) / len(step_times), 1),
+        "compute_ms_each": [round(1000 * (s - d), 1) for s, d in zip(step_times, data_times)],
+        "compute_cpu_ms": round(1000 * sum(cpu_times) / len(cpu_times), 1),
+        "threads": torch.get_num_threads(), "epoch": epoch, "optimizer": type(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer).__name__,
+        "max_grad_norm": args.max_grad_norm, "peak_rss_after_setup_mb": round(rss_setup_mb, 1),
+        "load_average_1min": [round(load_before, 2), round(load_after, 2)],
         "samples_per_s": round(samples / total, 1), "peak_rss_mb": round(peak_rss_mb, 1),
         "peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
         "num_parameters": sum(p.numel() for p in unwrapped.eval_model().parameters()),
@@ -126,6 +187,56 @@ def main(argv=None) -> int:
         print(f"| {result['method']} | {result['model']} | {result['batch']} | {result['mu']} | {result['device']} | "
               f"{result['mixed_precision']} | {result['step_ms']} | {result['data_ms']} | {result['samples_per_s']} | "
               f"{result['peak_rss_mb']} | {result['peak_cuda_mb'] or '-'} |")
+    return 0
+
+
+def all_methods(args, argv) -> int:
+    """Every registered method on the same batch and data, one fresh process each (peak RSS is per
+    process); step times relative to ``supervised``. A method that refuses ``--model-config`` runs
+    with its preferred model (marked in the table)."""
+    from modeling_stil.methods import _import_all  # noqa: F401
+    from modeling_stil.methods.base import METHODS
+
+    base = [a for a in argv if a != "--all-methods"]
+    drop = {"--method", "--model-config"}
+    cleaned, skip = [], False
+    for a in base:
+        if skip:
+            skip = False
+            continue
+        if a in drop:
+            skip = True
+            continue
+        if a.split("=")[0] in drop:
+            continue
+        cleaned.append(a)
+    names = sorted(METHODS, key=lambda n: (n != "supervised", n))
+    rows = []
+    for name in names:
+        result, note = None, ""
+        for model in (args.model_config, METHODS[name].preferred_model):
+            if model is None:
+                continue
+            cmd = [sys.executable, __file__, *cleaned, "--method", name, "--model-config", model]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+            if proc.returncode == 0 and lines:
+                result = json.loads(lines[-1])
+                note = "" if model == args.model_config else f"(own model {model})"
+                break
+            note = (proc.stderr.strip().splitlines() or ["failed"])[-1][:120]
+        rows.append((name, result, note))
+        print(f"{name}: {result['compute_ms'] if result else 'failed'} ms {note}", file=sys.stderr, flush=True)
+    ref = next((r for n, r, _ in rows if n == "supervised" and r), None)
+    print("\n| method | model | rows/step | compute ms/step | CPU ms/step | x supervised | peak RSS MB | load 1 min |\n|---|---|---|---|---|---|---|---|")
+    for name, r, note in rows:
+        if r is None:
+            print(f"| {name} | - | - | failed: {note} | - | - | - | - |")
+            continue
+        rel = f"{r['compute_ms'] / ref['compute_ms']:.2f}" if ref else "-"
+        rows_per_step = r["batch"] * (1 + r["mu"])
+        print(f"| {name} | {r['model']} {note} | {rows_per_step} | {r['compute_ms']} | {r['compute_cpu_ms']} | {rel} | "
+              f"{r['peak_rss_mb']} | {r['load_average_1min'][1]} |")
     return 0
 
 

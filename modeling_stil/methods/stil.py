@@ -124,6 +124,12 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
+def one_hot(index: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
+    """``F.one_hot(index, num_classes).to(dtype)`` without its range check, which reads min/max back
+    to the host (a sync per call off CUDA); an out-of-range index gives an all-zero row."""
+    return (index.unsqueeze(-1) == torch.arange(num_classes, device=index.device)).to(dtype)
+
+
 def soft_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-row -sum_c t_c log softmax(z)_c."""
     return -(targets * F.log_softmax(_f32(logits), dim=-1)).sum(dim=-1)
@@ -314,7 +320,7 @@ class Stil(SSLMethod):
         """§3.8: confident rows (max y_hat >= th1) add their (teacher) feature to their argmax class;
         the first ``num_labeled`` rows count 1/R. Summed over processes with ``state.reduce_sum``."""
         confident = (y_hat.max(dim=1).values >= self.args.th1).to(features.dtype)
-        onehot = F.one_hot(y_hat.argmax(dim=1), y_hat.shape[1]).to(features.dtype) * confident[:, None]
+        onehot = one_hot(y_hat.argmax(dim=1), y_hat.shape[1], features.dtype) * confident[:, None]
         onehot[:num_labeled] = onehot[:num_labeled] / self.repeat_ratio
         sums = state.reduce_sum(onehot.T @ features)
         counts = state.reduce_sum(onehot.sum(dim=0)[:, None])
@@ -382,7 +388,7 @@ class Stil(SSLMethod):
 
         # (e) prototype loss on student features against the detached prototypes
         with torch.no_grad():
-            y_hat = torch.cat([F.one_hot(y, p_bar.shape[1]).to(p_hat.dtype), p_hat if active else torch.zeros_like(p_hat)])
+            y_hat = torch.cat([one_hot(y, p_bar.shape[1], p_hat.dtype), p_hat if active else torch.zeros_like(p_hat)])
             confident = y_hat.max(dim=1).values >= a.th1
             hard = y_hat.argmax(dim=1)
         probs_pt = (h_m @ prototypes.T / a.temperature).softmax(dim=1)

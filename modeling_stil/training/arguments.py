@@ -135,7 +135,7 @@ class TrainingArguments:
     )
     learning_rate: float = _help("peak learning rate", default=1e-3)
     weight_decay: float = _help("weight decay (decoupled for adamw)", default=1e-4)
-    optimizer: Literal["adamw", "adam", "sgd"] = _help("optimizer; adamw is fused on CUDA", default="adamw")
+    optimizer: Literal["adamw", "adam", "sgd"] = _help("optimizer; adam and adamw use fused kernels on CUDA and CPU", default="adamw")
     momentum: float = _help("sgd momentum", default=0.9)
     nesterov: bool = _help("sgd nesterov", default=True)
     adam_beta1: float = _help("adam/adamw beta1", default=0.9)
