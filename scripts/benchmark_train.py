@@ -222,21 +222,27 @@ def all_methods(args, argv) -> int:
             lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
             if proc.returncode == 0 and lines:
                 result = json.loads(lines[-1])
-                note = "" if model == args.model_config else f"(own model {model})"
+                note = "" if model == args.model_config else "(its own preferred model)"
                 break
             note = (proc.stderr.strip().splitlines() or ["failed"])[-1][:120]
         rows.append((name, result, note))
         print(f"{name}: {result['compute_ms'] if result else 'failed'} ms {note}", file=sys.stderr, flush=True)
     ref = next((r for n, r, _ in rows if n == "supervised" and r), None)
-    print("\n| method | model | rows/step | compute ms/step | CPU ms/step | x supervised | peak RSS MB | load 1 min |\n|---|---|---|---|---|---|---|---|")
+    teacher = next((r for n, r, _ in rows if n == "mean_teacher" and r), None)  # the L2I family's reference
+
+    def ratio(r, reference, key):
+        return f"{r[key] / reference[key]:.2f}" if reference else "-"
+
+    print("\n| method | model | rows/step | compute ms/step | CPU ms/step | x supervised | x mean_teacher | "
+          "peak RSS MB | RSS x mean_teacher | load 1 min |\n|---|---|---|---|---|---|---|---|---|---|")
     for name, r, note in rows:
         if r is None:
-            print(f"| {name} | - | - | failed: {note} | - | - | - | - |")
+            print(f"| {name} | - | - | failed: {note} | - | - | - | - | - | - |")
             continue
-        rel = f"{r['compute_ms'] / ref['compute_ms']:.2f}" if ref else "-"
-        rows_per_step = r["batch"] * (1 + r["mu"])
-        print(f"| {name} | {r['model']} {note} | {rows_per_step} | {r['compute_ms']} | {r['compute_cpu_ms']} | {rel} | "
-              f"{r['peak_rss_mb']} | {r['load_average_1min'][1]} |")
+        rows_per_step = r["batch"] * (1 + r["mu"]) if METHODS[name].unlabeled_views else r["batch"]
+        print(f"| {name} | {r['model']} {note} | {rows_per_step} | {r['compute_ms']} | {r['compute_cpu_ms']} | "
+              f"{ratio(r, ref, 'compute_ms')} | {ratio(r, teacher, 'compute_ms')} | {r['peak_rss_mb']} | "
+              f"{ratio(r, teacher, 'peak_rss_mb')} | {r['load_average_1min'][1]} |")
     return 0
 
 
