@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     from modeling_stil.methods.base import TrainState
     from modeling_stil.training.arguments import parse_run_arguments
     from modeling_stil.training.job import assemble
-    from modeling_stil.training.trainer import _to_channels_last, build_optimizer, make_accelerator
+    from modeling_stil.training.trainer import _to_channels_last, build_optimizer, compile_model, make_accelerator
 
     argv_run = [
         "--method", args.method, "--model", args.model_config, "--per_device_train_batch_size", str(args.batch),
@@ -100,6 +100,8 @@ def main(argv=None) -> int:
     if args.channels_last:
         method.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(method, run.training, accelerator.device.type)
+    if args.compile:
+        compile_model(method)
     method, optimizer = accelerator.prepare(method, optimizer)
     unwrapped = accelerator.unwrap_model(method)
     epoch = args.epoch

@@ -301,3 +301,23 @@ def test_cli_default_job_end_to_end(tmp_path):
         assert (out / name).is_file(), name
     events = list((out / "logs").rglob("events.out.tfevents.*"))
     assert events, "TensorBoard is the default tracker"
+
+
+def test_compile_model_compiles_the_model_not_the_method_and_keeps_parameter_names():
+    import torch
+
+    from modeling_stil.methods.base import get_method_class
+    from modeling_stil.presets import create_model
+    from modeling_stil.training.trainer import compile_model
+
+    torch.manual_seed(0)
+    model = create_model("image-tiny", num_labels=3)
+    method = get_method_class("fixmatch")(model)
+    names = list(method.state_dict())
+    pixel_values = torch.randn(2, 3, 32, 32)
+    model.eval()
+    expected = model(pixel_values=pixel_values).logits
+    compile_model(method, backend="eager")
+    assert model._compiled_call_impl is not None and method._compiled_call_impl is None
+    assert list(method.state_dict()) == names  # checkpoints and exports keep their keys
+    torch.testing.assert_close(model(pixel_values=pixel_values).logits, expected)
