@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .base import MethodArguments, SSLMethod, TrainState, register_method
-from .common import EMATeacher, concat_views, confidence_mask, cross_entropy, model_inputs, pseudo_label_logs
+from .common import EMATeacher, concat_views, confidence_mask, cross_entropy, head_logits, model_inputs, pseudo_label_logs
 from .mmatch import check_unimodal_heads
 
 
@@ -130,9 +130,4 @@ class CoTraining(SSLMethod):
 
     @torch.no_grad()
     def evaluation_step(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
-        out = model(**self.eval_inputs(batch))
-        result = {"logits": out.logits}
-        if getattr(out, "image_logits", None) is not None:
-            result["image_logits"] = out.image_logits
-            result["tabular_logits"] = out.tabular_logits
-        return result
+        return head_logits(model(**self.eval_inputs(batch)))

@@ -410,6 +410,18 @@ def pseudo_label_logs(
     return logs
 
 
+def head_logits(output) -> dict[str, torch.Tensor]:
+    """A model output's ``logits`` plus each unimodal head's (``image_logits``, ``tabular_logits``)
+    that the model has, for a method's ``evaluation_step``: every head is then scored at evaluation
+    (``image/accuracy``, ``tabular/accuracy``)."""
+    result = {"logits": output.logits}
+    for name in ("image_logits", "tabular_logits"):
+        value = getattr(output, name, None)
+        if value is not None:
+            result[name] = value
+    return result
+
+
 # ======================================================================================== match-a: Match-family network
 # (SimMatch / CoMatch; helper "match-a"). The model plus an optional projection head owned by the method.
 class ProjectedNet(nn.Module):

@@ -35,6 +35,7 @@ from .common import (
     concat_views,
     cross_entropy,
     gather_no_grad,
+    head_logits,
     model_inputs,
     pseudo_label_logs,
     unwrap_model,
@@ -189,9 +190,4 @@ class MMatch(SSLMethod):
 
     @torch.no_grad()
     def evaluation_step(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
-        out = model(**self.eval_inputs(batch))
-        result = {"logits": out.logits}
-        if getattr(out, "image_logits", None) is not None:
-            result["image_logits"] = out.image_logits
-            result["tabular_logits"] = out.tabular_logits
-        return result
+        return head_logits(model(**self.eval_inputs(batch)))
