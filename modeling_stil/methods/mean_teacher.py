@@ -218,6 +218,14 @@ def regression_pseudo_label_logs(targets: torch.Tensor, monitor: torch.Tensor | 
 
 
 # ---------------------------------------------------------------------------------------- the method
+def resolved_student_weight_decay(value: float | None, task: str) -> float:
+    """The student's decoupled weight-decay coefficient: ``value``, or the originals' default
+    (0.02 in the classification scripts; the regression scripts have the line commented out)."""
+    if value is not None:
+        return float(value)
+    return 0.02 if task == TASK_CLASSIFICATION else 0.0
+
+
 @dataclass
 class MeanTeacherArguments(MethodArguments):
     """Defaults = WeiHongLee/Learning-to-impute Classification/train-MT.py; the regression script's
@@ -263,9 +271,7 @@ class MeanTeacherArguments(MethodArguments):
         return 50.0 if task == TASK_CLASSIFICATION else 75.0
 
     def resolved_student_weight_decay(self, task: str) -> float:
-        if self.student_weight_decay is not None:
-            return float(self.student_weight_decay)
-        return 0.02 if task == TASK_CLASSIFICATION else 0.0
+        return resolved_student_weight_decay(self.student_weight_decay, task)
 
 
 @register_method

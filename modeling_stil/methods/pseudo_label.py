@@ -43,6 +43,7 @@ from .mean_teacher import (
     interleaved_logits,
     regression_pseudo_label_logs,
     resolve_view,
+    resolved_student_weight_decay,
     transfer_to_view,
 )
 
@@ -81,9 +82,7 @@ class PseudoLabelArguments(MethodArguments):
         return 1.0 if task == TASK_CLASSIFICATION else 75.0
 
     def resolved_student_weight_decay(self, task: str) -> float:
-        if self.student_weight_decay is not None:
-            return float(self.student_weight_decay)
-        return 0.02 if task == TASK_CLASSIFICATION else 0.0
+        return resolved_student_weight_decay(self.student_weight_decay, task)
 
 
 @register_method
