@@ -214,3 +214,62 @@ def test_main_end_to_end_with_fake_runner(repo, capsys):
 def test_parse_metrics_merges_json_lines():
     out = 'noise\n{"best_step": 3, "probe": {"probe_accuracy": 0.4}}\n{"best_step": 3, "test": {"accuracy": 0.9}}\n{bad\n'
     assert suite.parse_metrics(out) == {"best_step": 3, "probe": {"probe_accuracy": 0.4}, "test": {"accuracy": 0.9}}
+
+
+def test_entry_needing_uncached_weights_is_skipped_with_the_fix_and_runs_once_cached(repo, tmp_path, monkeypatch):
+    gated = Entry("pretrained", "toy", "recipes/sup.yaml", {}, "baseline", requires_cached=("timm/some_model", "model.safetensors"))
+    monkeypatch.setattr(suite, "is_cached", lambda repo_id, filename: False)
+    runs, skipped = _plan(repo, seeds=(0,), entries=[ENTRIES[0], gated])
+    assert [r.entry.name for r in runs] == ["supervised"]
+    (entry, why), = skipped
+    assert entry is gated and "timm/some_model/model.safetensors" in why and "huggingface-cli download" in why
+    monkeypatch.setattr(suite, "is_cached", lambda repo_id, filename: (repo_id, filename) == ("timm/some_model", "model.safetensors"))
+    runs, skipped = _plan(repo, seeds=(0,), entries=[ENTRIES[0], gated])
+    assert [r.entry.name for r in runs] == ["supervised", "pretrained"] and not skipped
+
+
+def test_is_cached_reads_the_local_hub_cache_only(tmp_path, monkeypatch):
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    assert not suite.is_cached("timm/test_resnet.r160_in1k", "model.safetensors")
+    _fake_cache_entry(tmp_path, "timm/test_resnet.r160_in1k", "model.safetensors", b"x")
+    assert suite.is_cached("timm/test_resnet.r160_in1k", "model.safetensors")
+
+
+def _fake_cache_entry(cache: Path, repo_id: str, filename: str, payload: bytes) -> Path:
+    """Lay out one file as huggingface_hub's cache does (refs/main -> snapshots/<commit>/<file>)."""
+    folder = cache / ("models--" + repo_id.replace("/", "--"))
+    commit = "0" * 40
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    snapshot = folder / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (snapshot / filename).write_bytes(payload)
+    return snapshot / filename
+
+
+def test_pretrained_baseline_overrides_load_cached_timm_weights_into_the_image_encoder(tmp_path, monkeypatch):
+    """What the suite's pretrained entries pass (--model_overrides image_pretrained) loads the cached weights."""
+    import huggingface_hub.constants as constants
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from modeling_stil.presets import create_model
+
+    reference = timm.create_model("test_resnet", pretrained=False, num_classes=0)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.uniform_(-1, 1)  # far from any initialisation, so a load is unmistakable
+    repo_id, filename = suite.PRETRAINED_TIMM
+    path = _fake_cache_entry(tmp_path, repo_id, filename, b"")
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert suite.is_cached(repo_id, filename)
+    model = create_model("image-tiny", **suite.PRETRAINED_IMAGE["model_overrides"])
+    loaded = model.encoder_imaging.state_dict()
+    for name, tensor in reference.state_dict().items():
+        torch.testing.assert_close(loaded[name], tensor, msg=name)
