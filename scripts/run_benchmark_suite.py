@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULT_FILE = "suite_result.json"
 FAILED_FILE = "suite_failed.json"
 DEFAULT_SEEDS = (0, 1, 2)
+ANALYSIS_FILE = "results_analysis.md"  # hand-written reading of the report, linked from it when present
 
 
 # ==================================================================================================
@@ -54,6 +55,7 @@ class Dataset:
     title: str
     data: dict[str, Any]  # synthetic_task, synthetic_num_samples, synthetic_image_size, labeled_fraction
     budget: dict[str, Any] = field(default_factory=dict)  # max_steps / eval_steps for every run (entries may override)
+    reference: str = "supervised"  # the baseline entry every row is compared with (the report's delta column)
 
 
 @dataclass(frozen=True)
@@ -89,8 +91,10 @@ MM = dict(synthetic_task="multimodal", synthetic_num_samples=6000, synthetic_ima
 BUDGET = dict(max_steps=400, eval_steps=100)
 DATASETS = {
     d.name: d for d in [
-        Dataset("multimodal_1pct", "synthetic multimodal (image + table), 1 % labelled", dict(MM, labeled_fraction=0.01), BUDGET),
-        Dataset("multimodal_10pct", "synthetic multimodal (image + table), 10 % labelled", dict(MM, labeled_fraction=0.1), BUDGET),
+        Dataset("multimodal_1pct", "synthetic multimodal (image + table), 1 % labelled", dict(MM, labeled_fraction=0.01), BUDGET,
+                "supervised_multimodal"),
+        Dataset("multimodal_10pct", "synthetic multimodal (image + table), 10 % labelled", dict(MM, labeled_fraction=0.1), BUDGET,
+                "supervised_multimodal"),
         Dataset("image", "synthetic image (CIFAR-like, 10 classes), 5 % labelled",
                 dict(synthetic_task="image", synthetic_num_samples=4000, synthetic_image_size=32, labeled_fraction=0.05), BUDGET),
         Dataset("landmarks", "synthetic landmarks (AFLW-like faces, 5 keypoints), 10 % labelled",
@@ -193,6 +197,40 @@ def _landmark_entries() -> list[Entry]:
 
 
 SUITE: list[Entry] = _multimodal_entries() + _image_entries() + _landmark_entries()
+
+
+@dataclass(frozen=True)
+class Check:
+    """An ordering the literature leads users to expect: ``better`` beats ``worse`` on ``dataset``.
+    The report states whether the measured numbers show it; nothing is tuned to make it hold."""
+
+    dataset: str
+    better: str
+    worse: str
+    why: str
+
+
+def _expected_orderings() -> list[Check]:
+    out = []
+    for ds in MULTIMODAL:
+        out += [
+            Check(ds, "supervised_multimodal_all_labels", "supervised_multimodal", "the fully labelled ceiling is above the few-label baseline"),
+            Check(ds, "supervised_multimodal", "supervised_image", "the label depends on image and table jointly"),
+            Check(ds, "supervised_multimodal", "supervised_tabular", "the label depends on image and table jointly"),
+            Check(ds, "supervised_tip_init", "supervised_stil_net", "TIP pretraining on the unlabelled rows helps fine-tuning"),
+            Check(ds, "stil", "supervised_multimodal", "STiL (CVPR 2025) beats the supervised multimodal baseline"),
+            Check(ds, "stil", "supervised_tip_init", "STiL beats TIP fine-tuning on the labels alone"),
+        ]
+        out += [Check(ds, f"{m}_multimodal", f"{m}_image", "the multimodal variant beats the image-only one") for m in MATCH_RECIPES]
+    out += [Check("image", m, "supervised", "SSL beats the supervised baseline")
+            for m in ("fixmatch", "simmatch", "comatch", "freematch", "mean_teacher", "mixmatch", "pseudo_label", "l2i_o", "l2i_l")]
+    out += [Check("landmarks", m, "supervised", "SSL beats the supervised baseline") for m in ("pseudo_label", "mean_teacher", "l2i_o", "l2i_l")]
+    out += [Check("landmarks", "l2i_o", "mean_teacher", "L2I improves on its Mean Teacher base"),
+            Check("landmarks", "l2i_l", "mean_teacher", "L2I improves on its Mean Teacher base")]
+    return out
+
+
+EXPECTED: list[Check] = _expected_orderings()
 
 # --quick: every run short (a smoke check of the whole pipeline, numbers meaningless)
 QUICK_OVERRIDES = {"max_steps": 40, "eval_steps": 20}
@@ -496,22 +534,50 @@ def aggregate(runs: list[Run], results: dict[str, dict[str, Any]], entries: list
     return table
 
 
+def compare(better: Row, worse: Row) -> tuple[float, float, str]:
+    """(difference in the metric's good direction, its standard error, verdict). The ordering holds when
+    the difference exceeds two standard errors of the difference of the two seed means, fails when it is
+    below minus two, and is "not separated" in between (with one seed there is no noise estimate)."""
+    sign = -1.0 if (better.metric or "") in LOWER_IS_BETTER else 1.0
+    diff = sign * (better.mean - worse.mean)
+    se = math.sqrt(better.std ** 2 / max(len(better.values), 1) + worse.std ** 2 / max(len(worse.values), 1))
+    if diff > 2 * se:
+        verdict = "holds"
+    elif diff < -2 * se:
+        verdict = "does not hold"
+    else:
+        verdict = "not separated"
+    return diff, se, verdict
+
+
 def _fmt(value: float, digits: int = 3) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
 def write_markdown(path: Path, table: dict[str, list[Row]], skipped: list[tuple[Entry, str]], seeds: list[int],
                    quick: bool, total_seconds: float, datasets: dict[str, Dataset] | None = None,
-                   plot_files: dict[str, Path] | None = None) -> None:
+                   plot_files: dict[str, Path] | None = None, checks: list[Check] | None = None,
+                   notes: str | None = None) -> None:
     datasets = datasets or DATASETS
     plot_files = plot_files or {}
+    checks = EXPECTED if checks is None else checks
+    # the cost of the whole table: every run once (a run shared by two datasets' tables is counted once)
+    counted: dict[str, float] = {}
+    for rows in table.values():
+        for row in rows:
+            counted[row.entry.key] = sum(w for w in row.walls if not math.isnan(w))
+    compute = sum(counted.values())
     lines = ["# Benchmark results", ""]
     lines += [
         "Produced by `python scripts/run_benchmark_suite.py" + (" --quick" if quick else "") + "` (do not edit by hand). "
         f"Seeds {', '.join(map(str, seeds))}; each cell is the mean ± standard deviation over seeds of the **test** "
-        "metric of the model selected on validation; wall time is per run, on this machine. "
-        f"Total wall time of this invocation: {total_seconds / 60:.1f} min (runs already done were skipped).", "",
+        "metric of the model selected on validation; Δ is the difference of means to the dataset's supervised "
+        "baseline; wall time is per run (start-up, training, evaluation), on this machine. "
+        f"Sum of the wall times of every run in the table: **{compute / 60:.1f} min** ({compute / 3600:.2f} h); "
+        f"this invocation: {total_seconds / 60:.1f} min (runs already done were skipped).", "",
     ]
+    if notes:
+        lines += [notes, ""]
     if quick:
         lines += ["**Quick mode: a smoke check with a few dozen steps per run; the numbers are not results.**", ""]
     for ds_name, rows in table.items():
@@ -521,14 +587,33 @@ def write_markdown(path: Path, table: dict[str, list[Row]], skipped: list[tuple[
         lines += [f"Data: {data}. Budget: {', '.join(f'{k} {v}' for k, v in ds.budget.items())} unless a line says otherwise.", ""]
         if ds_name in plot_files:
             lines += [f"![{ds.title}]({os.path.relpath(plot_files[ds_name], path.parent)})", ""]
-        lines += ["| method | kind | test metric | mean ± std | seeds | wall time / run | note |", "|---|---|---|---|---|---|---|"]
+        reference = next((r for r in rows if r.entry.name == ds.reference and r.values), None)
+        lower = (reference.metric if reference else "") in LOWER_IS_BETTER
+        lines += [f"| method | kind | test metric | mean ± std | seeds | Δ vs {ds.reference}{' (lower is better)' if lower else ''} "
+                  "| wall time / run | note |", "|---|---|---|---|---|---|---|---|"]
         for row in rows:
             cell = f"{_fmt(row.mean)} ± {_fmt(row.std)}" if row.values else "failed"
+            delta = (f"{row.mean - reference.mean:+.3f}" if reference is not None and row.values and row.metric == reference.metric
+                     and row is not reference else "")
             note = row.entry.note
             if row.failures:
                 note = (note + "; " if note else "") + "failed: " + "; ".join(row.failures)
             lines.append(f"| {row.entry.name} | {row.entry.kind} | {row.metric or 'n/a'} | {cell} | {len(row.values)} | "
-                         f"{_fmt(row.wall, 0)} s | {note} |")
+                         f"{delta} | {_fmt(row.wall, 0)} s | {note} |")
+        lines.append("")
+    by_name = {(ds_name, row.entry.name): row for ds_name, rows in table.items() for row in rows if row.values}
+    measured = [(c, by_name[(c.dataset, c.better)], by_name[(c.dataset, c.worse)]) for c in checks
+                if (c.dataset, c.better) in by_name and (c.dataset, c.worse) in by_name]
+    if measured:
+        lines += ["## Expected orderings, checked", "",
+                  "What the papers lead one to expect, against these numbers: an ordering *holds* when the better "
+                  "method's mean is ahead by more than two standard errors of the difference (seed noise), *does not "
+                  "hold* when it is behind by as much, and is *not separated* in between. Nothing was tuned to make "
+                  "an ordering hold.", "",
+                  "| dataset | expected | because | difference ± s.e. | verdict |", "|---|---|---|---|---|"]
+        for c, better, worse in measured:
+            diff, se, verdict = compare(better, worse)
+            lines.append(f"| {c.dataset} | {c.better} > {c.worse} | {c.why} | {diff:+.3f} ± {se:.3f} | **{verdict}** |")
         lines.append("")
     if skipped:
         lines += ["## Skipped", "", "| dataset | method | why |", "|---|---|---|"]
@@ -636,7 +721,11 @@ def main(argv: list[str] | None = None, runner: Callable[[Run, Path], dict[str, 
     reported = [run for run in everything if run.id in results]
     table = aggregate(reported, results, entries)
     plots = write_plots(output.parent / "results", table, datasets)
-    write_markdown(output, table, skipped_all, seeds, args.quick, time.perf_counter() - started, datasets, plots)
+    analysis = output.parent / ANALYSIS_FILE
+    notes = (f"Why the orderings below come out as they do, with the evidence: [{ANALYSIS_FILE}]({ANALYSIS_FILE})."
+             if analysis.is_file() and not args.quick else None)
+    write_markdown(output, table, skipped_all, seeds, args.quick, time.perf_counter() - started, datasets, plots,
+                   EXPECTED if entries is SUITE else [], notes)
     failed = [rid for rid, r in results.items() if r.get("status") != "ok"]
     print(f"wrote {output} and {len(plots)} plot(s); {len(runs) - len(failed)} of {len(runs)} runs ok"
           + (f"; failed: {', '.join(failed)}" if failed else ""))

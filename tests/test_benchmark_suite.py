@@ -273,3 +273,46 @@ def test_pretrained_baseline_overrides_load_cached_timm_weights_into_the_image_e
     loaded = model.encoder_imaging.state_dict()
     for name, tensor in reference.state_dict().items():
         torch.testing.assert_close(loaded[name], tensor, msg=name)
+
+
+def _row(name, values, metric="accuracy", dataset="toy"):
+    return suite.Row(Entry(name, dataset, "recipes/sup.yaml"), metric, list(values), [10.0] * len(values), [], "cmd")
+
+
+def test_compare_verdicts_by_hand():
+    worse = _row("supervised", [0.5, 0.6, 0.7])  # mean 0.6, std 0.1
+    better = _row("ssl", [0.80, 0.82, 0.84])  # mean 0.82, std 0.02
+    se = ((0.02 ** 2) / 3 + (0.1 ** 2) / 3) ** 0.5  # 0.0589
+    diff, got_se, verdict = suite.compare(better, worse)
+    assert diff == pytest.approx(0.22) and got_se == pytest.approx(se) and verdict == "holds"
+    assert suite.compare(worse, better)[2] == "does not hold"
+    assert suite.compare(_row("close", [0.62, 0.64, 0.66]), worse)[2] == "not separated"  # 0.04 < 2 x 0.0589
+    # lower is better: a smaller NME is the better one
+    lm_sup, lm_ssl = _row("supervised", [0.20, 0.21, 0.22], "nme"), _row("ssl", [0.10, 0.11, 0.12], "nme")
+    diff, _, verdict = suite.compare(lm_ssl, lm_sup)
+    assert diff == pytest.approx(0.10) and verdict == "holds"
+
+
+def test_report_has_delta_column_expected_orderings_and_total_cost(repo):
+    table = {"toy": [_row("supervised", [0.5, 0.6, 0.7]), _row("ssl", [0.80, 0.82, 0.84]), _row("other", [0.1, 0.2, 0.3])],
+             "toy_lm": [_row("supervised", [0.20, 0.21, 0.22], "nme", "toy_lm"), _row("ssl", [0.10, 0.11, 0.12], "nme", "toy_lm")]}
+    checks = [suite.Check("toy", "ssl", "supervised", "why 1"), suite.Check("toy", "other", "supervised", "why 2"),
+              suite.Check("toy_lm", "ssl", "supervised", "why 3"), suite.Check("toy", "missing", "supervised", "never")]
+    out = repo / "results.md"
+    suite.write_markdown(out, table, [], [0, 1, 2], False, 60.0, DATASETS, {}, checks, "See [analysis](a.md).")
+    text = out.read_text()
+    assert "| ssl | ssl | accuracy | 0.820 ± 0.020 | 3 | +0.220 | 10 s |" in text
+    assert "| supervised | ssl | accuracy | 0.600 ± 0.100 | 3 |  | 10 s |" in text  # no delta against itself
+    assert "Δ vs supervised (lower is better)" in text and "| ssl | ssl | nme | 0.110 ± 0.010 | 3 | -0.100 |" in text
+    assert "| toy | ssl > supervised | why 1 | +0.220 ± 0.059 | **holds** |" in text
+    assert "| toy | other > supervised | why 2 | -0.400 ± 0.082 | **does not hold** |" in text
+    assert "| toy_lm | ssl > supervised | why 3 | +0.100 ± 0.008 | **holds** |" in text
+    assert "never" not in text  # a check whose rows were not run is left out
+    assert "every run in the table: **2.5 min** (0.04 h)" in text and "See [analysis](a.md)." in text  # 5 runs x 3 seeds x 10 s
+
+
+def test_real_table_expectations_name_real_entries():
+    names = {(e.dataset, e.name) for e in suite.SUITE}
+    for check in suite.EXPECTED:
+        assert (check.dataset, check.better) in names and (check.dataset, check.worse) in names, check
+    assert all(suite.DATASETS[d].reference in {e.name for e in suite.SUITE if e.dataset == d} for d in suite.DATASETS)
