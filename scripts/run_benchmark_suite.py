@@ -118,6 +118,9 @@ EARLY_GATE = {"start_epoch": 1}
 # used only when already in the local Hugging Face cache (the suite never downloads).
 PRETRAINED_TIMM = ("timm/test_resnet.r160_in1k", "model.safetensors")
 PRETRAINED_IMAGE = {"model_overrides": {"image_pretrained": "test_resnet.r160_in1k"}}
+# the SSL methods of the image-only and landmark tables (their entries and their expected orderings)
+IMAGE_SSL = ("fixmatch", "simmatch", "comatch", "freematch", "mean_teacher", "mixmatch", "pseudo_label", "l2i_o", "l2i_l")
+LANDMARK_SSL = ("pseudo_label", "mean_teacher", "l2i_o", "l2i_l")
 # method -> (image-only recipe, multimodal recipe): the recipe names the method helpers use
 MATCH_RECIPES = {
     "fixmatch": ("fixmatch_synthetic_image.yaml", "fixmatch_synthetic_multimodal.yaml"),
@@ -178,7 +181,7 @@ def _image_entries() -> list[Entry]:
     recipes = {m: image for m, (image, _) in MATCH_RECIPES.items()}
     out.append(Entry("supervised_pretrained", "image", "recipes/supervised_synthetic_image.yaml", PRETRAINED_IMAGE, "baseline",
                      "timm's ImageNet-pretrained backbone fine-tuned on the labelled rows", requires_cached=PRETRAINED_TIMM))
-    for method in ("fixmatch", "simmatch", "comatch", "freematch", "mean_teacher", "mixmatch", "pseudo_label", "l2i_o", "l2i_l"):
+    for method in IMAGE_SSL:
         overrides = MU if method in recipes else {}
         out.append(Entry(method, "image", f"recipes/{recipes.get(method, f'{method}_synthetic_image.yaml')}", overrides, "ssl"))
     return out
@@ -191,7 +194,7 @@ def _landmark_entries() -> list[Entry]:
         Entry("supervised_all_labels", "landmarks", sup, {}, "ceiling", "every train row labelled",
               data_overrides={"labeled_fraction": 1.0}),
     ]
-    for method in ("pseudo_label", "mean_teacher", "l2i_o", "l2i_l"):
+    for method in LANDMARK_SSL:
         out.append(Entry(method, "landmarks", f"recipes/{method}_synthetic_landmarks.yaml", {}, "ssl"))
     return out
 
@@ -222,9 +225,8 @@ def _expected_orderings() -> list[Check]:
             Check(ds, "stil", "supervised_tip_init", "STiL beats TIP fine-tuning on the labels alone"),
         ]
         out += [Check(ds, f"{m}_multimodal", f"{m}_image", "the multimodal variant beats the image-only one") for m in MATCH_RECIPES]
-    out += [Check("image", m, "supervised", "SSL beats the supervised baseline")
-            for m in ("fixmatch", "simmatch", "comatch", "freematch", "mean_teacher", "mixmatch", "pseudo_label", "l2i_o", "l2i_l")]
-    out += [Check("landmarks", m, "supervised", "SSL beats the supervised baseline") for m in ("pseudo_label", "mean_teacher", "l2i_o", "l2i_l")]
+    out += [Check("image", m, "supervised", "SSL beats the supervised baseline") for m in IMAGE_SSL]
+    out += [Check("landmarks", m, "supervised", "SSL beats the supervised baseline") for m in LANDMARK_SSL]
     out += [Check("landmarks", "l2i_o", "mean_teacher", "L2I improves on its Mean Teacher base"),
             Check("landmarks", "l2i_l", "mean_teacher", "L2I improves on its Mean Teacher base")]
     return out
