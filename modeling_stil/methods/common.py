@@ -202,6 +202,21 @@ def warmup_momentum(momentum: float, step: int) -> float:
     return min(momentum, (1.0 + step) / (10.0 + step))
 
 
+def ema_momentum(momentum: float, step: int, warmup: bool) -> float:
+    """The momentum of an EMA update at ``step``: warmed up (``warmup_momentum``) or constant."""
+    return warmup_momentum(momentum, step) if warmup else momentum
+
+
+def check_num_labels(method_name: str, model, num_labels) -> None:
+    """Stop when the model's classifier does not have the data's number of classes."""
+    model_labels = int(getattr(unwrap_model(model).config, "num_labels", 0) or 0)
+    if num_labels and model_labels and model_labels != int(num_labels):
+        raise ValueError(
+            f"{method_name}: the model predicts {model_labels} classes but the data has {num_labels}; "
+            "build the model for this dataset (a preset, or --model_overrides num_labels=...)"
+        )
+
+
 def sigmoid_rampup(current: float, length: float) -> float:
     """Laine & Aila's ramp-up ``exp(-5 (1 - t)^2)`` with ``t = clip(current / length, 0, 1)``
     (Mean Teacher, MixMatch-style consistency weights); 1 when ``length`` is 0."""

@@ -44,15 +44,15 @@ import torch.nn.functional as F
 
 from .base import DataInfo, MethodArguments, SSLMethod, TrainState, register_method
 from .common import (
-    EMA_MODES,
     EMATeacher,
+    EMA_MODES,
     concat_views,
     cross_entropy,
+    ema_momentum,
     model_inputs,
     pseudo_label_logs,
     unwrap_model,
     view_targets,
-    warmup_momentum,
 )
 
 PSEUDO_LABEL_SOURCES = ("student", "teacher")
@@ -254,10 +254,7 @@ class FreeMatch(SSLMethod):
     def after_optimizer_step(self, state: TrainState) -> None:
         if self.ema is None:
             return
-        momentum = self.args.ema_momentum
-        if self.args.ema_warmup:
-            momentum = warmup_momentum(momentum, state.step)
-        self.ema.update(self.model, momentum)
+        self.ema.update(self.model, ema_momentum(self.args.ema_momentum, state.step, self.args.ema_warmup))
 
     def eval_model(self):
         if self.ema is not None and self.args.eval_with_ema:

@@ -45,15 +45,16 @@ from .common import (
     EMATeacher,
     ProjectedNet,
     check_image_only_model,
+    check_num_labels,
     concat_views,
     cross_entropy,
+    ema_momentum,
     gather_no_grad,
     model_inputs,
     model_projection_head,
     pseudo_label_logs,
     soft_cross_entropy,
     unwrap_model,
-    warmup_momentum,
 )
 
 TEACHERS = ("online", "eman")
@@ -149,12 +150,7 @@ class SimMatch(SSLMethod):
     # ------------------------------------------------------------------ set-up
     def setup(self, info: DataInfo) -> None:
         """The labelled bank: K = number of labelled rows, random unit rows, labels 0 (as the originals)."""
-        model_labels = int(getattr(unwrap_model(self.model).config, "num_labels", 0) or 0)
-        if info.num_labels and model_labels and model_labels != int(info.num_labels):
-            raise ValueError(
-                f"{self.name}: the model predicts {model_labels} classes but the data has {info.num_labels}; "
-                "build the model for this dataset (a preset, or --model_overrides num_labels=...)"
-            )
+        check_num_labels(self.name, self.model, info.num_labels)
         k = int(info.num_labeled)
         if k <= 0:
             raise ValueError(f"{self.name} needs labelled rows for its memory bank (num_labeled = {k})")
@@ -270,8 +266,7 @@ class SimMatch(SSLMethod):
     # ------------------------------------------------------------------ hooks
     @torch.no_grad()
     def after_optimizer_step(self, state: TrainState) -> None:
-        m = warmup_momentum(self.args.ema_momentum, state.step) if self.args.ema_warmup else self.args.ema_momentum
-        self.ema.update(self._net(), m)
+        self.ema.update(self._net(), ema_momentum(self.args.ema_momentum, state.step, self.args.ema_warmup))
 
     def eval_model(self):
         return self.ema.module.model if self.args.eval_with_ema else self.model
