@@ -2,13 +2,15 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# Exact versions the suite passed with; `make install` installs exactly these, `make lock` refreshes them.
+LOCK := constraints.txt
 
-.PHONY: install train baseline test
+.PHONY: install train baseline test lock
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+$(VENV)/.installed: setup.cfg pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -c $(LOCK) -e ".[test]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -26,3 +28,18 @@ baseline: install
 
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --durations=15 $(ARGS)
+
+# Refresh the lock: the newest releases the registry offers, in a fresh venv beside the project's; the
+# suite must pass with them before they replace $(LOCK). Then `make test` reinstalls from the new lock.
+LOCK_VENV := .venv-lock
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LOCK_VENV)/bin/python -m pip install --quiet -e ".[test]"
+	HF_HUB_OFFLINE=1 $(LOCK_VENV)/bin/python -m pytest -q -n 2 -p no:cacheprovider
+	{ echo "# Exact versions the test suite passed with ($$($(LOCK_VENV)/bin/python -c 'import platform; print("Python", platform.python_version(), platform.machine())'), $$(date +%F))."; \
+	  echo "# make install / make test / .ci/run install these (pip -c). Refresh: make lock (README, 'Two commands')."; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf $(LOCK_VENV)

@@ -1,8 +1,9 @@
 """What every stil model shares (the model side of configuration_common.py).
 
 * `DataCompatibilityMixin`: ``check_data_compatibility`` (raises `DataCompatibilityError`, a
-  ``ValueError``), the task loss ``compute_loss`` following ``config.problem_type`` and extra
-  ``auto_map`` entries on ``save_pretrained``. Used by every model (WRN and TCDCNN mix it into their
+  ``ValueError``), the task loss ``compute_loss`` following ``config.problem_type``, extra
+  ``auto_map`` entries on ``save_pretrained``, and a ``from_pretrained`` that hands back weights in
+  memory the model owns (`own_aligned_memory`; docs/models.md, "Loading"). Used by every model (WRN and TCDCNN mix it into their
   own PreTrainedModel with their own initialisation).
 * `StilPreTrainedModel`: the mixin + PreTrainedModel with ``encoders.init_module_weights`` (timm
   modules keep timm's initialisation, TIP modules TIP's) and the encoder builders; the base of STiL,
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
+from torch import nn
 from transformers import PreTrainedModel
 
 from .configuration_common import check_data_compatibility
@@ -54,6 +57,29 @@ def build_tabular_encoder(config) -> TabularTransformerEncoder:
     )
 
 
+def own_aligned_memory(model: nn.Module) -> nn.Module:
+    """Copy every CPU parameter and buffer into fresh memory the model owns, in place.
+
+    transformers assigns tensors that point into the memory-mapped safetensors file, at the file's
+    byte offsets (e.g. 4 mod 64). CPU kernels then take unaligned vectorised paths: slower, and with
+    one thread not bit-equal to the same weights in allocator memory (64-byte aligned). A copy also
+    detaches the model from the file, which may be overwritten or deleted while the model lives.
+    Parameter objects are kept (``.data`` is replaced), so tied weights stay tied.
+    """
+    copies: dict[int, torch.Tensor] = {}  # by id: a tied parameter or shared buffer is copied once
+    with torch.no_grad():
+        for module in model.modules():
+            for name, param in module._parameters.items():
+                if param is not None and param.device.type == "cpu" and id(param) not in copies:
+                    param.data = copies[id(param)] = param.data.clone(memory_format=torch.contiguous_format)
+            for name, buffer in module._buffers.items():
+                if buffer is not None and buffer.device.type == "cpu":
+                    if id(buffer) not in copies:
+                        copies[id(buffer)] = buffer.clone(memory_format=torch.contiguous_format)
+                    module._buffers[name] = copies[id(buffer)]
+    return model
+
+
 class DataCompatibilityMixin:
     """Adds ``check_data_compatibility``, the task loss and extra ``auto_map`` entries to a PreTrainedModel.
 
@@ -68,6 +94,14 @@ class DataCompatibilityMixin:
     _extra_auto_classes: tuple = ()
     _needs_labels = True
     _strict_data_check = True
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """``PreTrainedModel.from_pretrained``, then `own_aligned_memory` (see there for why)."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
+        own_aligned_memory(model)
+        return loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         if self._extra_auto_classes:

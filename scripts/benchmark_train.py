@@ -11,7 +11,7 @@ Accelerate preparation, autocast, backward, clipping, optimizer) on the machine 
 data time and compute time per step, samples/s (labelled + unlabelled rows), peak memory (process
 RSS; CUDA max allocated on GPU). ``--markdown`` prints a table row for docs/benchmarks.md.
 
-Side by side with the original STiL (docs/benchmarks.md; ../shared/bench/original_step_bench.py):
+Side by side with the original STiL (docs/benchmarks.md; scripts/benchmark_original.py):
 
     python scripts/benchmark_train.py --method stil --model-config stil-dvm --batch 8 --mu 7 --image-size 128 \
         --optimizer adam --max-grad-norm 0 [--mixed-precision bf16 --channels-last]
@@ -28,12 +28,15 @@ runs every registered method (one subprocess each, same batch) and prints step t
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
-import subprocess
 import resource
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -71,6 +74,8 @@ def main(argv=None) -> int:
     import torch
     from accelerate.utils import send_to_device, set_seed
 
+    output_dir = tempfile.mkdtemp(prefix="stil-benchmark-")  # a fresh folder per run, removed at exit
+    atexit.register(shutil.rmtree, output_dir, ignore_errors=True)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -83,7 +88,7 @@ def main(argv=None) -> int:
         "--method", args.method, "--model", args.model_config, "--per_device_train_batch_size", str(args.batch),
         "--mu", str(args.mu), "--synthetic_task", args.synthetic_task, "--synthetic_num_samples", str(args.num_samples),
         "--synthetic_image_size", str(args.image_size), "--dataloader_num_workers", str(args.workers),
-        "--mixed_precision", args.mixed_precision, "--report_to", "none", "--output_dir", "/tmp/stil-benchmark",
+        "--mixed_precision", args.mixed_precision, "--report_to", "none", "--output_dir", output_dir,
         "--learning_rate", str(args.learning_rate),
     ]
     if args.optimizer:

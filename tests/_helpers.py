@@ -24,6 +24,25 @@ TOY_SCHEMA = TabularSchema(
 TOY_METADATA = DatasetMetadata(label_names=["cat", "dog", "bird"])
 
 
+def assert_same_up_to_kernel_choice(actual, expected, ulps: int = 16, msg: str = "") -> None:
+    """Equal up to a few ulps of the output's scale.
+
+    For the same weights on the same input computed where CPU kernels may legitimately differ: a
+    reloaded model in another process, another thread count, another vectorised path. Those sum in
+    another order, and float results then differ by a few roundings of the largest term (measured:
+    1.5e-8 on logits of order 1 in float32, under one ulp), never bitwise-equal by promise. The
+    tolerance, ulps * eps(dtype) * max(1, max|expected|), is 2e-6 for float32 logits of order 1:
+    far below what a single wrong weight, a missing layer or a swapped input moves (>1e-3).
+    """
+    import torch
+
+    expected = torch.as_tensor(expected).detach()
+    actual = torch.as_tensor(actual).detach()
+    scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
+    atol = ulps * torch.finfo(expected.dtype).eps * scale
+    torch.testing.assert_close(actual, expected, rtol=0, atol=atol, msg=msg or None)
+
+
 def load_script(name: str):
     """Import a CLI from scripts/ as a module without putting scripts/ on sys.path.
 

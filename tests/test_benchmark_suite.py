@@ -99,7 +99,7 @@ def test_plan_skips_missing_recipes_orders_dependencies_and_fills_placeholders(r
     assert pre[pre.index("--max_steps") + 1] == str(suite.QUICK_OVERRIDES["max_steps"])
 
 
-def test_filters():
+def test_filters(tmp_path):
     chosen = suite.select_entries(ENTRIES, ["ssl"], None)
     assert [e.name for e in chosen] == ["pretrain", "ssl_image"]  # its dependency comes along, in table order
     assert [e.name for e in suite.select_entries(ENTRIES, None, ["toy_lm"])] == ["supervised"]
@@ -109,7 +109,7 @@ def test_filters():
     for method in ("stil", "fixmatch", "simmatch", "comatch", "freematch", "mmatch", "co_training", "mean_teacher",
                    "mixmatch", "pseudo_label", "l2i_o", "l2i_l", "tip_pretrain", "supervised_tip_init"):
         assert method in names, method
-    runs, _ = suite.plan_runs(suite.SUITE, [0], Path("/tmp/x"), root=Path("/nonexistent"))
+    runs, _ = suite.plan_runs(suite.SUITE, [0], tmp_path / "runs", root=tmp_path / "no-repository")
     assert runs == []  # no recipe found: everything skipped, nothing planned
 
 

@@ -1,5 +1,5 @@
-"""CoMatch / Multimodal CoMatch (modeling_stil/methods/comatch.py) against the spec
-(/work/shared/reference/stil_baselines.md §3, USB's comatch): queue writes with both overflow rules
+"""CoMatch / Multimodal CoMatch (modeling_stil/methods/comatch.py) against docs/methods.md
+("comatch", USB's comatch): queue writes with both overflow rules
 and the pseudo-label graph by hand, every term re-computed independently from the network outputs,
 gradient routing per term and per teacher flavour, the contrastive-weight ramp, the momentum encoder,
 save/resume of the queues, bad input, a short run whose loss falls with the unlabelled terms on, one

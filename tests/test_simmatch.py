@@ -1,5 +1,5 @@
-"""SimMatch / Multimodal SimMatch (modeling_stil/methods/simmatch.py) against the spec
-(/work/shared/reference/stil_baselines.md §2, USB's simmatch): unfolding / aggregation and the bank
+"""SimMatch / Multimodal SimMatch (modeling_stil/methods/simmatch.py) against docs/methods.md
+("simmatch", USB's simmatch): unfolding / aggregation and the bank
 by hand, every loss term re-computed independently from the network outputs, gradient routing of
 each term (which views, which sub-modules), warm-up gates, save/resume of the bank, bad input, and
 one tiny train.py run that resumes bit-exactly, exports and reloads."""

@@ -1,4 +1,4 @@
-"""STiL method (modeling_stil/methods/stil.py) against the spec (/work/shared/reference/stil_method.md):
+"""STiL method (modeling_stil/methods/stil.py) against docs/methods.md "stil":
 an independent float64 re-computation of every loss term, gradient routing of each term, CGPL / PGLS /
 prototypes by hand, start_epoch gating, the EMAN teacher, monitor_labels, method-state loading."""
 

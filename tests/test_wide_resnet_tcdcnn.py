@@ -186,8 +186,10 @@ for folder, auto in zip(sys.argv[1::2], sys.argv[2::2]):
     model = cls.from_pretrained(folder, trust_remote_code=True).eval()
     assert type(model).__module__.startswith('transformers_modules'), type(model).__module__
     expected = torch.load(folder + '/expected.pt', weights_only=True)
-    with torch.no_grad():
-        assert torch.equal(model(**expected['inputs']).logits, expected['logits']), folder
+    with torch.no_grad():  # another process may run other kernels: 16 ulps of the logits' scale
+        logits = model(**expected['inputs']).logits
+    atol = 16 * torch.finfo(logits.dtype).eps * max(1.0, expected['logits'].abs().max().item())
+    torch.testing.assert_close(logits, expected['logits'], rtol=0, atol=atol, msg=folder)
 print('remote ok')
 """
 

@@ -1,6 +1,6 @@
 """`comatch` and `multimodal_comatch`: CoMatch (Li, Xiong, Hoi, ICCV 2021).
 
-Reference: /work/shared/reference/stil_baselines.md §3 (the STiL repository's port of
+Reference: docs/methods.md, "comatch" (the STiL repository's port of
 salesforce/CoMatch's ImageNet code) and USB's ``semilearn/algorithms/comatch``. One step, B_l
 labelled rows, B_u unlabelled rows with a weak view u_w and two strong views u_s0, u_s1::
 

@@ -1,7 +1,7 @@
 """`l2i_o` and `l2i_l`: Learning to Impute (Li, Foo & Bilen, arXiv 1912.10364) on top of Mean Teacher.
 
-Reference: /work/shared/reference/l2i_methods.md (§3.6, §3.7 classification; §4.7, §4.8 landmarks;
-§5 the four meta steps; §7 re-implementation). Each iteration has two optimisation phases with the
+Reference: docs/methods.md, "l2i_o / l2i_l" (classification, landmarks, the four meta steps, the
+re-implementation). Each iteration has two optimisation phases with the
 same optimizer (``num_phases = 2``; the trainer steps after each):
 
 **Phase 0** is exactly the Mean-Teacher step (`mean_teacher.MeanTeacher.training_step`).

@@ -1,6 +1,6 @@
 """`mean_teacher`: Mean Teacher (Tarvainen & Valpola, NeurIPS 2017) as the Learning-to-Impute code runs it.
 
-Reference: /work/shared/reference/l2i_methods.md (§3.3, §3.4 classification; §4.3, §4.6 regression).
+Reference: docs/methods.md, "mean_teacher" (classification and regression).
 Per step, with a labelled batch (x, y) and an unlabelled batch in two independent views
 u1 (the student's) and u2 (the teacher's)::
 

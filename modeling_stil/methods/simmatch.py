@@ -1,6 +1,6 @@
 """`simmatch` and `multimodal_simmatch`: SimMatch (Zheng et al., CVPR 2022).
 
-Reference: /work/shared/reference/stil_baselines.md §2 (the STiL repository's port) and USB's
+Reference: docs/methods.md, "simmatch" (the STiL repository's port) and USB's
 ``semilearn/algorithms/simmatch``. One step, B_l labelled rows (bank positions ``k_l``), B_u
 unlabelled rows with a weak and a strong view, a labelled memory bank ``bank`` (K x P unit rows) with
 labels ``y_bank`` (K = number of labelled rows)::

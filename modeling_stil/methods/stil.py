@@ -1,6 +1,6 @@
 """`stil`: STiL (Du, Luo, O'Regan, Qin, CVPR 2025), faithful to siyi-wind/STiL (STiLModel.py).
 
-Reference: /work/shared/reference/stil_method.md (section numbers below). One step, with B_l labelled
+Reference: docs/methods.md, "stil". One step, with B_l labelled
 and B_u unlabelled rows forwarded together (one view per row, recipe ``stil``: the same augmented image
 and corrupted table for student and teacher, §3.1, §9.1)::
 

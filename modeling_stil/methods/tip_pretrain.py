@@ -1,5 +1,5 @@
 """`tip_pretrain`: TIP's self-supervised pretraining (Du et al., ECCV 2024; siyi-wind/TIP ``TIP3Loss``),
-the stage STiL starts from. Reference: /work/shared/reference/tip_and_data.md §2.5-2.7.
+the stage STiL starts from. Reference: docs/methods.md, "tip_pretrain".
 
 No label is read: the stream iterates over every train row (``label_free``). Per row, one augmented
 image x (augmented with probability ``augmentation_rate``), the row with 30 % of its fields replaced
