@@ -1,0 +1,33 @@
+"""Reading golden fixtures (scripts/golden/golden_io.py writes them) and comparing our step with them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+
+
+def load_golden(name: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, meta) of ``tests/golden/<name>``; tensors by key, meta the generator's record."""
+    from safetensors.torch import load_file
+
+    return load_file(str(GOLDEN / f"{name}.safetensors")), json.loads((GOLDEN / f"{name}.json").read_text())
+
+
+def with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The fixture's tensors under ``prefix`` (e.g. "grad."), with the prefix removed."""
+    return {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+
+
+def assert_matches_original(ours, theirs, name: str, rtol: float = 1e-9, atol: float = 1e-12) -> None:
+    """Our value equals the original's recorded one: both float64 computations of the same formula on
+    the same numbers, so they agree to rounding (rtol 1e-9: summation order and fused kernels move a
+    float64 result by ~1e-15 relative per operation; a real difference in a formula moves it by far
+    more). Shape and finiteness are checked first, with the term named."""
+    ours = torch.as_tensor(ours).detach().to(torch.float64)
+    theirs = torch.as_tensor(theirs).detach().to(torch.float64)
+    assert ours.shape == theirs.shape, f"{name}: shape {tuple(ours.shape)} vs original {tuple(theirs.shape)}"
+    torch.testing.assert_close(ours, theirs, rtol=rtol, atol=atol, msg=lambda m: f"{name} vs original: {m}")
