@@ -198,6 +198,8 @@ class TrainingArguments:
 
 
 ARGUMENT_CLASSES = (DataArguments, ModelArguments, TrainingArguments)
+# never written to a file, a tracker or a printed line
+SECRET_SETTINGS = ("hub_token",)
 
 
 @dataclass
@@ -222,14 +224,21 @@ class RunArguments:
             flat.update(values)
         return flat
 
+    def recorded_dict(self) -> dict[str, Any]:
+        """`flat_dict` as any file, log line or tracker may record it: secrets (`SECRET_SETTINGS`) are None."""
+        values = self.flat_dict()
+        for key in SECRET_SETTINGS:
+            if key in values:
+                values[key] = None
+        return values
+
     def save_yaml(self, path: str | os.PathLike) -> Path:
         """Write the resolved configuration as a recipe that reproduces the run (flat keys)."""
         path = Path(path)
         text = "# resolved configuration of this run; `train.py THIS_FILE` reproduces it\n"
-        values = self.flat_dict()
-        if values.get("hub_token"):  # secrets never reach the run folder (it is what push_to_hub uploads)
-            values["hub_token"] = None
-            text += "# hub_token: given on the command line, not recorded\n"
+        if any(self.flat_dict().get(key) for key in SECRET_SETTINGS):  # never in the run folder (push_to_hub uploads it)
+            text += f"# {', '.join(SECRET_SETTINGS)}: given on the command line, not recorded\n"
+        values = self.recorded_dict()
         text += yaml.safe_dump(values, sort_keys=False)
         path.write_text(text)
         return path
