@@ -118,12 +118,13 @@ class TrainingArguments:
     method: str = _help("SSL method name (modeling_stil.methods registry)", default=DEFAULT_METHOD)
     output_dir: str = _help("run folder: checkpoints, logs, plots, export", default="runs/default")
     overwrite_output_dir: bool = _help(
-        "start a fresh run in an output_dir that holds a run: only what a run writes (checkpoints/, logs/, plots/, "
-        "run files, the export) is removed; other files make it refuse unless allow_foreign_files", default=False
+        "start a fresh run in an output_dir that holds a run: only the paths the previous run listed in its "
+        ".stil_manifest.json (checkpoints, logs, plots, run files, the export) are removed; other files make it "
+        "refuse unless allow_foreign_files", default=False
     )
     allow_foreign_files: bool = _help(
-        "with overwrite_output_dir: go ahead although output_dir holds files a run does not write (they are kept, "
-        "never deleted)", default=False
+        "with overwrite_output_dir: go ahead although output_dir holds files stil did not write (they are kept, "
+        "never deleted or replaced)", default=False
     )
     per_device_train_batch_size: int = _help("labelled batch per process", default=32)
     per_device_eval_batch_size: int = _help("eval batch per process", default=128)
@@ -181,7 +182,7 @@ class TrainingArguments:
     push_to_hub: bool = _help("upload the exported folder to hub_model_id at the end", default=False)
     hub_model_id: str | None = _help("Hub repository for push_to_hub (user/name)", default=None)
     hub_private: bool = _help("create the Hub repository as private", default=False)
-    hub_token: str | None = _help("Hub token (default: the logged-in token)", default=None)
+    hub_token: str | None = _help("Hub token (default: the logged-in token); never written to any file", default=None)
     torch_compile: bool = _help("torch.compile the model (GPU recommended)", default=False)
     channels_last: bool = _help("channels_last memory format (GPU convolution speed-up)", default=False)
     disable_tqdm: bool = _help("no progress bar", default=False)

@@ -79,7 +79,8 @@ def upload_contents(folder: Path, names: list[str], secrets: list[str]) -> dict[
 
     Raises `HubUploadError` naming a file that still holds a secret or the folder's absolute path."""
     contents: dict[str, bytes | str] = {}
-    private = [s.encode() for s in secrets if s] + [str(folder.absolute()).encode(), str(folder.resolve()).encode()]
+    # a secret shorter than a real token (hf_ + 34 characters) would match ordinary text such as "token"
+    private = [s.encode() for s in secrets if s and len(s) >= 8] + [str(folder.absolute()).encode(), str(folder.resolve()).encode()]
     for rel in names:
         path = folder / rel
         if rel.endswith(TEXT_SUFFIXES):
