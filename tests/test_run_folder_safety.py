@@ -236,3 +236,17 @@ def test_weights_and_every_written_file_follow_the_umask(pushed_run):
     modes = {name: stat.S_IMODE((out / name).stat().st_mode) for name in files_under(out)}
     assert "model.safetensors" in modes and "checkpoints/checkpoint-4/model.safetensors" in modes
     assert {name: oct(mode) for name, mode in modes.items() if mode != 0o644} == {}
+
+
+def test_sent_text_has_relative_paths_and_keeps_urls(tmp_path):
+    from modeling_stil.training.hub import public_text
+
+    folder = tmp_path / "my run"
+    text = (f"output_dir: {folder}\nresumed: \"{folder}/checkpoints/checkpoint-2\"\ncache: /data/someone/cache\n"
+            "see https://huggingface.co/someone/cars, plots/losses.png, 36/180 rows, image/tabular, a / b\n"
+            f"home: {Path.home()}/projects/z\nerror: cannot read /srv/data/a.arrow: bad")
+    assert public_text(text, folder).splitlines() == [
+        "output_dir: my run", 'resumed: "checkpoints/checkpoint-2"', "cache: cache",
+        "see https://huggingface.co/someone/cars, plots/losses.png, 36/180 rows, image/tabular, a / b",
+        "home: ~/projects/z", "error: cannot read a.arrow: bad",
+    ]
