@@ -10,11 +10,12 @@ What is sent is a reviewed allow-list (`UPLOAD_FILES`, `UPLOAD_PATTERNS`), never
 Never sent: checkpoints (resumable training state), tracker folders such as TensorBoard's
 ``logs/<run name>/`` (event-file names carry the host name and process id, and TensorBoard's hparams
 carry this machine's paths; ``logs/metrics.jsonl`` holds the same scalars), hidden and partial files,
-and any file the run's manifest does not list (a user's own files in the folder). In the text files
-sent (JSON, YAML, JSONL, Markdown) a path inside the run folder becomes relative to it and any other
-absolute path is reduced to its last name; the token is never written to any file (arguments.py), and
-a last check refuses the upload, naming the file, if a sent file still holds the token or the folder's
-absolute path. The upload prints the list of what it sends.
+and any file the run's manifest does not list (a user's own files in the folder). In the run's
+record (`RECORD_FILES`: run_config.yaml, run_info.json, eval_results.json, logs/metrics.jsonl) a path
+inside the run folder becomes relative to it and any other absolute path is reduced to its last name;
+the token is never written to any file (arguments.py), and a last check refuses the upload, naming
+the file, if a sent file still holds the token or the folder's absolute path. The upload prints the
+list of what it sends.
 
 Everything is saved locally before this is called; a failure here (offline, no token, no rights)
 becomes one `HubUploadError` line that says what was not uploaded and where the files are.
@@ -33,7 +34,10 @@ UPLOAD_FILES = ("config.json", "generation_config.json", "model.safetensors", "m
                 "processor_config.json", "README.md", "eval_results.json", "run_config.yaml", "run_info.json",
                 "logs/metrics.jsonl")
 UPLOAD_PATTERNS = ("model-*-of-*.safetensors", "plots/*.png")
-TEXT_SUFFIXES = (".json", ".yaml", ".yml", ".jsonl", ".md")
+# the run's record, where this machine's paths are written (output_dir, dataset, cache, resumed_from, ...);
+# the model files and the card are sent as written (they record names, not paths: a label such as
+# "/m/01g317" must not be rewritten)
+RECORD_FILES = ("run_config.yaml", "run_info.json", "eval_results.json", "logs/metrics.jsonl")
 # an absolute POSIX path not preceded by a word, a dot, a tilde or a URL's "scheme:" / "//"
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/\\-])/(?:[\w.@+-]+/)*[\w.@+-]+")
 
@@ -75,7 +79,7 @@ def public_text(text: str, folder: Path) -> str:
 
 
 def upload_contents(folder: Path, names: list[str], secrets: list[str]) -> dict[str, bytes | str]:
-    """What each sent file holds: text files with `public_text` applied (bytes), weights by path.
+    """What each sent file holds: the run's record with `public_text` applied (bytes), other files by path.
 
     Raises `HubUploadError` naming a file that still holds a secret or the folder's absolute path."""
     contents: dict[str, bytes | str] = {}
@@ -83,7 +87,7 @@ def upload_contents(folder: Path, names: list[str], secrets: list[str]) -> dict[
     private = [s.encode() for s in secrets if s and len(s) >= 8] + [str(folder.absolute()).encode(), str(folder.resolve()).encode()]
     for rel in names:
         path = folder / rel
-        if rel.endswith(TEXT_SUFFIXES):
+        if rel in RECORD_FILES:
             data = public_text(path.read_text(errors="replace"), folder).encode()
             contents[rel] = data
         else:
