@@ -358,6 +358,10 @@ def _save(model, output_dir, report: dict, method_state: Optional[dict] = None) 
         save_file({k: v.detach().contiguous().clone() for k, v in method_state.items()}, str(out / METHOD_STATE_FILENAME))
         report["method_state_file"] = METHOD_STATE_FILENAME
     (out / CONVERSION_REPORT).write_text(json.dumps(report, indent=2))
+    from data_utils.permissions import files_like_umask
+
+    written = [*out.glob("model*.safetensors"), *([out / METHOD_STATE_FILENAME] if method_state else [])]
+    files_like_umask(written)  # safetensors writes 0600 whatever the umask
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

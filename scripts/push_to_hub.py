@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Upload an exported run folder (model, processor, model card, plots, logs) to the Hub.
+"""Upload an exported run folder (model, processor, model card, run config and info, metrics, plots) to the Hub.
 
     python scripts/push_to_hub.py --folder runs/default --repo-id user/stil-default [--private]
 
-Checkpoints (resumable training state) are never uploaded. Offline or unauthorised, it fails
-with one line and leaves the folder untouched.
+Only a reviewed allow-list of the files the run wrote is sent (modeling_stil/training/hub.py; printed
+before sending), with paths made relative: never checkpoints, TensorBoard event files or files the run
+did not write. Offline or unauthorised, it fails with one line and leaves the folder untouched.
 """
 
 from __future__ import annotations

@@ -126,7 +126,6 @@ def test_evaluate_script_prints_and_writes(offline_push_run, tmp_path):
 
 def test_push_sends_the_export_without_checkpoints(offline_push_run, monkeypatch):
     import huggingface_hub
-    from huggingface_hub.utils import filter_repo_objects
 
     from modeling_stil.training.hub import push_folder
 
@@ -141,10 +140,10 @@ def test_push_sends_the_export_without_checkpoints(offline_push_run, monkeypatch
         def create_repo(self, repo_id, **kwargs):
             sent["create"] = (repo_id, kwargs)
 
-        def upload_folder(self, *, repo_id, folder_path, ignore_patterns, **kwargs):
-            files = [str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file()]
-            sent["files"] = sorted(filter_repo_objects(files, ignore_patterns=ignore_patterns))
-            sent["card"] = (Path(folder_path) / "README.md").read_text()
+        def create_commit(self, *, repo_id, operations, **kwargs):
+            sent["files"] = sorted(op.path_in_repo for op in operations)
+            card = next(op.path_or_fileobj for op in operations if op.path_in_repo == "README.md")
+            sent["card"] = card.decode() if isinstance(card, bytes) else Path(card).read_text()
             sent["repo_id"] = repo_id
             return "https://huggingface.co/someone/stil-tiny/commit/abc"
 

@@ -354,8 +354,8 @@ def test_card_after_push_names_the_repo_and_its_snippet_predicts_from_raw_inputs
         def create_repo(self, repo_id, **kwargs):
             pass
 
-        def upload_folder(self, *, repo_id, folder_path, **kwargs):
-            sent["card"] = (Path(folder_path) / "README.md").read_text()
+        def create_commit(self, *, repo_id, operations, **kwargs):
+            sent["card"] = next(op.path_or_fileobj for op in operations if op.path_in_repo == "README.md").decode()
             return "https://huggingface.co/someone/cars/commit/abc"
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)

@@ -118,12 +118,13 @@ class TrainingArguments:
     method: str = _help("SSL method name (modeling_stil.methods registry)", default=DEFAULT_METHOD)
     output_dir: str = _help("run folder: checkpoints, logs, plots, export", default="runs/default")
     overwrite_output_dir: bool = _help(
-        "start a fresh run in an output_dir that holds a run: only what a run writes (checkpoints/, logs/, plots/, "
-        "run files, the export) is removed; other files make it refuse unless allow_foreign_files", default=False
+        "start a fresh run in an output_dir that holds a run: only the paths the previous run listed in its "
+        ".stil_manifest.json (checkpoints, logs, plots, run files, the export) are removed; other files make it "
+        "refuse unless allow_foreign_files", default=False
     )
     allow_foreign_files: bool = _help(
-        "with overwrite_output_dir: go ahead although output_dir holds files a run does not write (they are kept, "
-        "never deleted)", default=False
+        "with overwrite_output_dir: go ahead although output_dir holds files stil did not write (they are kept, "
+        "never deleted or replaced)", default=False
     )
     per_device_train_batch_size: int = _help("labelled batch per process", default=32)
     per_device_eval_batch_size: int = _help("eval batch per process", default=128)
@@ -181,7 +182,7 @@ class TrainingArguments:
     push_to_hub: bool = _help("upload the exported folder to hub_model_id at the end", default=False)
     hub_model_id: str | None = _help("Hub repository for push_to_hub (user/name)", default=None)
     hub_private: bool = _help("create the Hub repository as private", default=False)
-    hub_token: str | None = _help("Hub token (default: the logged-in token)", default=None)
+    hub_token: str | None = _help("Hub token (default: the logged-in token); never written to any file", default=None)
     torch_compile: bool = _help("torch.compile the model (GPU recommended)", default=False)
     channels_last: bool = _help("channels_last memory format (GPU convolution speed-up)", default=False)
     disable_tqdm: bool = _help("no progress bar", default=False)
@@ -198,6 +199,8 @@ class TrainingArguments:
 
 
 ARGUMENT_CLASSES = (DataArguments, ModelArguments, TrainingArguments)
+# never written to a file, a tracker or a printed line
+SECRET_SETTINGS = ("hub_token",)
 
 
 @dataclass
@@ -222,14 +225,21 @@ class RunArguments:
             flat.update(values)
         return flat
 
+    def recorded_dict(self) -> dict[str, Any]:
+        """`flat_dict` as any file, log line or tracker may record it: secrets (`SECRET_SETTINGS`) are None."""
+        values = self.flat_dict()
+        for key in SECRET_SETTINGS:
+            if key in values:
+                values[key] = None
+        return values
+
     def save_yaml(self, path: str | os.PathLike) -> Path:
         """Write the resolved configuration as a recipe that reproduces the run (flat keys)."""
         path = Path(path)
         text = "# resolved configuration of this run; `train.py THIS_FILE` reproduces it\n"
-        values = self.flat_dict()
-        if values.get("hub_token"):  # secrets never reach the run folder (it is what push_to_hub uploads)
-            values["hub_token"] = None
-            text += "# hub_token: given on the command line, not recorded\n"
+        if any(self.flat_dict().get(key) for key in SECRET_SETTINGS):  # never in the run folder (push_to_hub uploads it)
+            text += f"# {', '.join(SECRET_SETTINGS)}: given on the command line, not recorded\n"
+        values = self.recorded_dict()
         text += yaml.safe_dump(values, sort_keys=False)
         path.write_text(text)
         return path

@@ -5,7 +5,8 @@ module = model + teachers/banks/buffers as ``model.safetensors``, optimizer and 
 every rank's RNG states) plus ``trainer_state.json``: the `TrainerProgress` (loop position, best
 checkpoint, run fingerprint) as JSON. A checkpoint is first written to ``.checkpoint-<step>.partial``
 and renamed into place only when every rank has finished, so a crash never leaves a half checkpoint
-that ``--resume_from_checkpoint latest`` would pick up.
+that ``--resume_from_checkpoint latest`` would pick up. Each checkpoint folder is listed in the run's
+manifest (manifest.py) before it is written; its files get the umask's mode (safetensors writes 0600).
 
 Loading is safe (`load_checkpoint`): no file is unpickled with ``weights_only=False``, so a
 checkpoint folder from elsewhere cannot run code. Weights come from safetensors; optimizer,
@@ -154,11 +155,17 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, progress: Traine
     `load_checkpoint`.
 
     Must be called on every process (each rank writes its RNG state)."""
+    from data_utils.permissions import files_like_umask
+
+    from . import manifest
+
     root = checkpoints_root(output_dir)
     final = root / f"checkpoint-{progress.step}"
     partial = root / f".checkpoint-{progress.step}.partial"
+    trash = root / f".checkpoint-{progress.step}.old"
+    names = [f"{CHECKPOINTS_DIRNAME}/{p.name}" for p in (partial, final, trash)]
     if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
+        manifest.claim_all(output_dir, names, kind="tree")  # refuses a folder of these names stil did not write
         if partial.exists():
             shutil.rmtree(partial)
     accelerator.wait_for_everyone()
@@ -168,14 +175,15 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, progress: Traine
         state = dict(extra or {})
         state.update(progress.state_dict())  # the progress is what load_checkpoint restores: it wins
         (partial / STATE_FILENAME).write_text(json.dumps(state, indent=2, default=str))
+        files_like_umask(p for p in partial.rglob("*") if p.is_file())  # safetensors writes 0600
         if final.exists():  # same step saved twice (e.g. best + periodic): keep the newer
-            trash = root / f".checkpoint-{progress.step}.old"
             shutil.rmtree(trash, ignore_errors=True)
             final.rename(trash)
             partial.rename(final)
             shutil.rmtree(trash, ignore_errors=True)
         else:
             partial.rename(final)
+        manifest.forget(output_dir, [names[0], names[2]])
     accelerator.wait_for_everyone()
     return final
 
@@ -247,13 +255,19 @@ def load_checkpoint(accelerator, path: str | os.PathLike, progress: TrainerProgr
 
 
 def rotate_checkpoints(output_dir: str | os.PathLike, keep_last: int | None, protect: set[str] | None = None) -> list[Path]:
-    """Delete all but the newest ``keep_last`` checkpoints, never those named in ``protect``."""
+    """Delete all but the newest ``keep_last`` checkpoints, never those named in ``protect``; in a run
+    folder with a manifest only the checkpoints it lists (a copied-in checkpoint is not the run's)."""
+    from . import manifest
+
     if keep_last is None:
         return []
     protect = protect or set()
-    found = list_checkpoints(checkpoints_root(output_dir))
+    listed = manifest.read(output_dir)
+    found = [p for p in list_checkpoints(checkpoints_root(output_dir))
+             if listed is None or manifest.owns(listed, f"{CHECKPOINTS_DIRNAME}/{p.name}")]
     candidates = [p for p in found if p.name not in protect]
     doomed = candidates[: max(0, len(candidates) - keep_last)]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
+    manifest.forget(output_dir, [f"{CHECKPOINTS_DIRNAME}/{p.name}" for p in doomed])
     return doomed

@@ -1,5 +1,8 @@
 """The export: ``save_pretrained`` (safetensors) + processor + model card + eval_results.json, then a
-reload with ``AutoModel.from_pretrained`` that must reproduce the reported metrics."""
+reload with ``AutoModel.from_pretrained`` that must reproduce the reported metrics.
+
+Every file is listed in the run's manifest (manifest.py) before it is moved into the output_dir, none
+replaces a file stil did not write, and the weights get the umask's mode (safetensors writes 0600)."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from typing import Any
 
 import torch
 
+from . import manifest
 from .job import library_versions
 from .trainer import Trainer
 
@@ -26,10 +30,13 @@ def export_run(trainer: Trainer, args, metadata, source: str, results: dict[str,
     state_dict = trainer.export_state_dict()  # every process (collective under FSDP)
     eval_model = trainer.unwrapped.eval_model()
     if acc.is_main_process:
-        eval_model.save_pretrained(out, state_dict={k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, is_main_process=True)
+        # written into a staging folder, then moved into place: the export's file names (shards, custom code)
+        # are known only once written, and none may replace a file stil did not write
+        stage = manifest.begin_staging(out, name=".export.partial")
+        eval_model.save_pretrained(stage, state_dict={k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, is_main_process=True)
         # the raw table's image column (what predict.py and users pass), not only the arrow column's name
         source_column = (getattr(metadata, "source", None) or {}).get("image_column")
-        StilProcessor.from_model_config(eval_model.config, image_column=source_column or metadata.image_column).save_pretrained(out)
+        StilProcessor.from_model_config(eval_model.config, image_column=source_column or metadata.image_column).save_pretrained(stage)
         labeled_description = f"{results.get('num_labeled', trainer.run_info.get('num_labeled', '?'))} labelled training rows"
         n_labeled = len(trainer.run_info.get("labeled_indices", []))
         n_train = trainer.run_info.get("split_sizes", {}).get("train")
@@ -67,7 +74,8 @@ def export_run(trainer: Trainer, args, metadata, source: str, results: dict[str,
             mixed_precision=str(acc.mixed_precision),
             modalities=(["image"] if metadata.image_column else []) + (["tabular"] if eval_model.config.to_dict().get("tabular_schema") else []),
         )
-        card.save(str(out / "README.md"))
+        card.save(str(stage / "README.md"))
+        manifest.finish_staging(out, stage)
     acc.wait_for_everyone()
 
     reloaded = AutoModel.from_pretrained(str(out), dtype=torch.float32).to(acc.device)
@@ -79,6 +87,7 @@ def export_run(trainer: Trainer, args, metadata, source: str, results: dict[str,
         raise RuntimeError(f"the exported model in {out} does not reproduce the {check_split} metrics after reloading: {mismatched}")
     results["reload_check"] = {"split": check_split, "metrics": reloaded_metrics, "matches": True}
     if acc.is_main_process:
+        manifest.claim_all(out, ["eval_results.json", "eval_results.json.tmp"])
         write_eval_results(out / "eval_results.json", {
             "model": str(out), "dataset": source, "method": targs.method, "best_step": results.get("best_step"),
             "metric_for_best_model": trainer.best_metric_name, "validation": results.get("validation"),

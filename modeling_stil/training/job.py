@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from . import checkpointing as ckpt
-from .logging import resolve_trackers, tracker_config
+from . import manifest
+from .logging import JSONL_LOG, resolve_trackers, tracker_config
 from .trainer import JobError, Trainer, _move, make_accelerator, schedule_lengths
 
 def library_versions() -> dict[str, str]:
@@ -474,76 +475,128 @@ def check_modalities(model, method_cls, model_name: str) -> None:
 
 
 def write_run_files(args, output_dir: Path, info: dict[str, Any]) -> None:
-    output_dir.mkdir(parents=True, exist_ok=True)
+    manifest.claim_all(output_dir, [*RUN_FILES, ".run_info.json.tmp"])
     args.save_yaml(output_dir / "run_config.yaml")
     tmp = output_dir / ".run_info.json.tmp"
     tmp.write_text(json.dumps(info, indent=2, default=str))
     os.replace(tmp, output_dir / "run_info.json")
 
 
-# What a run writes into its output_dir (and --overwrite_output_dir may remove): nothing else is touched.
-RUN_DIRS = ("checkpoints", "logs", "plots")
-RUN_FILES = ("run_config.yaml", "run_info.json", "config.json", "generation_config.json", "model.safetensors",
-             "model.safetensors.index.json", "processor_config.json", "eval_results.json", "method_state.safetensors")
+# Names a run writes at the top of its output_dir (besides checkpoints/, logs/, plots/). Which files are
+# the run's is decided by its manifest (manifest.py), never by these names: they serve the check before
+# a run starts (`planned_outputs`), the adoption of a run folder written before manifests existed, and
+# push_to_hub's allow-list (hub.py).
+RUN_FILES = ("run_config.yaml", "run_info.json")
+EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                "processor_config.json", "README.md", "eval_results.json")
 
 
-def _is_run_output(path: Path) -> bool:
-    name = path.name
-    if path.is_dir():
-        return name in RUN_DIRS
-    if name in RUN_FILES or name.endswith(".tmp") or (name.startswith("model-") and name.endswith(".safetensors")):
-        return True
-    if name.endswith(".py"):  # the export's custom-code copies (auto_map): files of modeling_stil
-        return (Path(__file__).resolve().parents[1] / name).is_file()
-    if name == "README.md":  # the model card, not a user's README
-        head = path.read_text(errors="replace")[:2000]
-        return head.startswith("---") and "stil" in head
-    return False
+def stil_module_files() -> list[str]:
+    """The files an export may copy next to its weights (custom code for ``auto_map``): modeling_stil's modules."""
+    return sorted(p.name for p in Path(__file__).resolve().parents[1].glob("*.py") if p.name != "__init__.py")
 
 
-def output_dir_contents(out: Path) -> tuple[list[Path], list[Path]]:
-    """(entries a run writes, foreign entries) at the top of ``out``."""
-    if not out.is_dir():
-        return [], []
-    entries = sorted(out.iterdir())
-    ours = [p for p in entries if _is_run_output(p)]
-    return ours, [p for p in entries if p not in ours]
+def tracker_run_name(targs) -> str:
+    """The folder under logs/ where Accelerate's trackers (TensorBoard) write: the run name."""
+    return targs.run_name or Path(targs.output_dir).name
 
 
-def clean_output_dir(out: Path) -> list[Path]:
-    """--overwrite_output_dir: remove what a previous run wrote, and only that."""
-    import shutil
+def planned_outputs(targs) -> list[str]:
+    """Paths this run will write whose names are known before it starts (relative to output_dir)."""
+    from .plots import PLOT_FILES
 
-    ours, _ = output_dir_contents(out)
-    for path in ours:
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    return ours
+    out = Path(targs.output_dir)
+    names = [*RUN_FILES, JSONL_LOG]
+    report_to = [targs.report_to] if isinstance(targs.report_to, str) else list(targs.report_to or [])
+    if [name for name in report_to if str(name).strip().lower() not in ("", "none", "jsonl")]:
+        names.append(f"logs/{tracker_run_name(targs)}")
+    if targs.plots:
+        names += [f"plots/{name}" for name in PLOT_FILES]
+    if targs.export:
+        names += [*EXPORT_FILES, *stil_module_files(), *(p.name for p in out.glob("model-*.safetensors"))]
+    return names
+
+
+def holds_unlisted_run(out: Path) -> bool:
+    """A run folder written before run manifests existed: its run files or a complete checkpoint (a
+    ``config.json`` alone is not a run: it may be anyone's)."""
+    from . import checkpointing
+
+    return bool(checkpointing.list_checkpoints(checkpointing.checkpoints_root(out))) or all((out / n).is_file() for n in RUN_FILES)
+
+
+def adopt_unlisted_run(targs) -> list[str]:
+    """Resuming a run folder written before manifests: list the files that run wrote, recognised by the
+    names it used (the only rule those versions had), so the resumed run may replace them. Only on a
+    resume: the user named the folder as a stil run."""
+    from . import checkpointing
+    from .plots import PLOT_FILES
+
+    out = Path(targs.output_dir)
+    trees = [f"{checkpointing.CHECKPOINTS_DIRNAME}/{p.name}" for p in checkpointing.list_checkpoints(checkpointing.checkpoints_root(out))]
+    if (out / "logs" / tracker_run_name(targs)).is_dir():
+        trees.append(f"logs/{tracker_run_name(targs)}")
+    candidates = [*RUN_FILES, JSONL_LOG, *(f"plots/{n}" for n in PLOT_FILES), *EXPORT_FILES, *stil_module_files(),
+                  *(p.name for p in out.glob("model-*.safetensors"))]
+    files = [rel for rel in candidates if (out / rel).is_file()]
+    if "README.md" in files:  # the model card, not a user's README
+        head = (out / "README.md").read_text(errors="replace")[:2000]
+        if not (head.startswith("---") and "stil" in head):
+            files.remove("README.md")
+    manifest.claim_all(out, trees, kind="tree")
+    manifest.claim_all(out, files)
+    print(f"resume: {out} was written without a run manifest; listed {len(trees) + len(files)} of its paths as this "
+          f"run's in {manifest.MANIFEST_FILENAME} (checkpoints, run files, logs, plots, export)")
+    return trees + files
+
+
+def clean_output_dir(out: Path) -> list[str]:
+    """--overwrite_output_dir: remove what the previous run wrote (its manifest's paths), and only that."""
+    kept = len(manifest.unlisted_files(out))
+    removed = manifest.remove_listed(out)
+    print(f"--overwrite_output_dir: removed the previous run's {len(removed)} listed paths from {out}"
+          + (f"; kept {kept} files stil did not write" if kept else ""))
+    return removed
 
 
 def check_output_dir(targs) -> None:
-    from . import checkpointing
-
+    """Before anything is built or written: a run folder is never entered by mistake, a previous run is
+    removed only when asked (and only its listed files), and no file stil did not write stands where
+    this run will write."""
     out = Path(targs.output_dir)
-    if targs.resume_from_checkpoint or not out.exists():
+    if not out.exists():
         return
-    if targs.overwrite_output_dir:
-        ours, foreign = output_dir_contents(out)
-        if ours and foreign and not targs.allow_foreign_files:
+    if not out.is_dir():
+        raise FileExistsError(f"output_dir {out} is a file, not a folder; choose another --output_dir")
+    listed = manifest.read(out)
+    unlisted_run = listed is None and holds_unlisted_run(out)
+    if targs.resume_from_checkpoint and unlisted_run:
+        return  # its files are adopted before the resumed run writes (adopt_unlisted_run)
+    if not targs.resume_from_checkpoint and (listed or unlisted_run):
+        if not targs.overwrite_output_dir:
             raise FileExistsError(
-                f"--overwrite_output_dir would remove the previous run in {out}, which also holds files a run does not "
-                f"write: {', '.join(p.name for p in foreign[:10])}{' ...' if len(foreign) > 10 else ''}; move them, "
-                "choose another --output_dir, or pass --allow_foreign_files true (they are kept; only the run's "
-                "checkpoints, logs, plots, run files and export are removed)"
+                f"output_dir {out} already holds a run; pass --resume_from_checkpoint latest to continue it, "
+                "--overwrite_output_dir to start again there, or choose another --output_dir"
             )
-        return
-    if checkpointing.list_checkpoints(checkpointing.checkpoints_root(out)) or (out / "config.json").exists():
-        raise FileExistsError(
-            f"output_dir {out} already holds a run; pass --resume_from_checkpoint latest to continue it, "
-            "--overwrite_output_dir to start again there, or choose another --output_dir"
-        )
+        if unlisted_run:
+            raise FileExistsError(
+                f"output_dir {out} holds a run written without a manifest ({manifest.MANIFEST_FILENAME}, by an older stil), "
+                "so stil cannot tell its files from yours and removes none: delete that run's files yourself or choose "
+                "another --output_dir"
+            )
+        foreign = manifest.unlisted_files(out)
+        if foreign and not targs.allow_foreign_files:
+            raise FileExistsError(
+                f"--overwrite_output_dir would remove the previous run in {out}, which also holds files stil did not "
+                f"write: {', '.join(foreign[:10])}{' ...' if len(foreign) > 10 else ''}; move them, choose another "
+                "--output_dir, or pass --allow_foreign_files true (they are kept: only the paths listed in "
+                f"{manifest.MANIFEST_FILENAME} are removed)"
+            )
+    collisions = [rel for rel in planned_outputs(targs) if not manifest.owns(listed, rel) and (out / rel).exists()]
+    if collisions:
+        export_only = all(rel in EXPORT_FILES or rel.endswith((".py", ".safetensors")) for rel in collisions)
+        raise manifest.ForeignFileError(out, collisions, "this run writes files of those names"
+                                        + (" (its export; --export false writes none)" if export_only else ""))
 
 
 # Settings a resumed run may change: they are applied from the resume on (with a warning). Every other
@@ -580,7 +633,7 @@ def preflight_resume(args) -> dict[str, Any] | None:
         problems.append(f"method: checkpoint {fingerprint.get('method')!r}, this run {targs.method!r}")
     run_config = path.parent.parent / "run_config.yaml"
     previous = yaml.safe_load(run_config.read_text()) if run_config.is_file() else None
-    current = args.flat_dict()
+    current = args.recorded_dict()  # no secret is compared, printed or recorded
     changed: dict[str, tuple[Any, Any]] = {}
     if isinstance(previous, dict):
         if args.model.model is None and previous.get("model"):
@@ -699,8 +752,10 @@ def build_and_train(args) -> dict[str, Any]:
     fingerprint = ckpt.make_fingerprint(targs.method, model.config.to_dict(), dataset_fingerprint(source, dataset_dict, metadata, schema, labeled))
     if resume is not None:  # the whole fingerprint (architecture, labelled split) before run files are rewritten
         ckpt.check_compatible(resume["checkpoint"], fingerprint)
+        if accelerator.is_main_process and manifest.read(output_dir) is None:
+            adopt_unlisted_run(targs)
     elif targs.overwrite_output_dir and accelerator.is_main_process and output_dir.exists():
-        clean_output_dir(output_dir)  # only what a run writes; validated by check_output_dir
+        clean_output_dir(output_dir)  # only the paths its manifest lists; validated by check_output_dir
     accelerator.wait_for_everyone()
     info = {
         "seed": targs.seed,
@@ -724,7 +779,9 @@ def build_and_train(args) -> dict[str, Any]:
     if accelerator.is_main_process:
         write_run_files(args, output_dir, info)
     if accelerator.trackers or resolve_trackers(targs.report_to):
-        accelerator.init_trackers(targs.run_name or output_dir.name, config=tracker_config(args.flat_dict()))
+        if accelerator.is_main_process:  # TensorBoard writes its event files and hparams.yml in logs/<run name>/
+            manifest.claim(output_dir, f"logs/{tracker_run_name(targs)}", kind="tree")
+        accelerator.init_trackers(tracker_run_name(targs), config=tracker_config(args.recorded_dict()))
 
     trainer = Trainer(
         args, method, job["train_stream"], job["eval_loaders"], task=metadata.task, num_labels=metadata.num_labels,

@@ -34,6 +34,9 @@ TRACKER_PACKAGES = {
 }
 
 
+JSONL_LOG = "logs/metrics.jsonl"  # the run's JSONL record, inside its output_dir
+
+
 class TrackerUnavailableError(ImportError):
     pass
 
@@ -65,9 +68,14 @@ def resolve_trackers(report_to: Sequence[str] | str | None) -> list[str]:
 
 
 def tracker_config(flat: dict[str, Any]) -> dict[str, Any]:
-    """Hyper-parameters in a form every tracker accepts (TensorBoard hparams want scalars/strings)."""
+    """Hyper-parameters in a form every tracker accepts (TensorBoard hparams want scalars/strings);
+    secrets (``hub_token``) are left out: trackers write them into files (hparams.yml, event files)."""
+    from .arguments import SECRET_SETTINGS
+
     out = {}
     for key, value in flat.items():
+        if key in SECRET_SETTINGS:
+            continue
         if value is None:
             out[key] = "None"
         elif isinstance(value, (bool, int, float, str)):

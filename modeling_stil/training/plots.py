@@ -25,6 +25,9 @@ PSEUDO_LABEL_NAMES = {
     "pseudo_label_accuracy": "accuracy, all rows",
     "pseudo_label_accuracy_masked": "accuracy, kept rows",
 }
+# every file name write_plots and write_prediction_plots may write (what a run checks before it starts)
+PLOT_FILES = ("losses.png", "learning_rate.png", "validation.png", "pseudo_labels.png", "confusion_matrix.png",
+              "landmarks.png", "predictions.png")
 _SKIP_EVAL_KEYS = {"step", "epoch", "split", "time", "runtime_seconds", "samples", "num_samples", "auroc_skipped_classes"}
 
 

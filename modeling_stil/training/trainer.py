@@ -24,7 +24,8 @@ from torch import nn
 
 from ..methods.base import MODEL_INPUT_KEYS, TASK_CLASSIFICATION, TASK_LANDMARKS, SSLMethod, TrainState
 from . import checkpointing as ckpt
-from .logging import JsonlLogger, LogAccumulator, format_postfix, resolve_trackers
+from . import manifest
+from .logging import JSONL_LOG, JsonlLogger, LogAccumulator, format_postfix, resolve_trackers
 
 LOWER_IS_BETTER = {"nme", "rmse", "mse", "mae", "loss", "failure_rate", "error"}
 
@@ -225,7 +226,9 @@ class Trainer:
             reduce_sum=self._reduce_sum,
         )
         self.logs = LogAccumulator()
-        self.jsonl = JsonlLogger(self.output_dir / "logs" / "metrics.jsonl", enabled=acc.is_main_process)
+        if acc.is_main_process:  # listed in the run's manifest before it is written (and its truncation's temporary file)
+            manifest.claim_all(self.output_dir, [JSONL_LOG, JSONL_LOG + ".tmp"])
+        self.jsonl = JsonlLogger(self.output_dir / JSONL_LOG, enabled=acc.is_main_process)
         self.last_checkpoint: Path | None = None
         self.results: dict[str, Any] = {}
         # divergence diagnosis: the loss / gradient norm of the first step, and of the step right after each
@@ -469,25 +472,30 @@ class Trainer:
     def write_plots(self) -> list[Path]:
         if not (self.targs.plots and self.accelerator.is_main_process):
             return []
+        import warnings
+
         from .plots import write_plots
 
-        written = write_plots(self.jsonl.history(), self.output_dir / "plots", title=self.targs.method)
-        last = getattr(self, "last_predictions", None)
-        if last is not None and last["split"] == "validation":
-            from .plots import write_prediction_plots
+        try:  # drawn into a staging folder, then moved into plots/: never over a picture stil did not draw
+            with manifest.staged(self.output_dir, "plots") as stage:
+                written = write_plots(self.jsonl.history(), stage, title=self.targs.method)
+                last = getattr(self, "last_predictions", None)
+                if last is not None and last["split"] == "validation":
+                    from .plots import write_prediction_plots
 
-            config = getattr(self.unwrapped.eval_model(), "config", None)
-            id2label = getattr(config, "id2label", None) or {}
-            names = [id2label.get(i, id2label.get(str(i), str(i))) for i in range(self.num_labels)] if id2label else None
-            try:  # a picture must never end a long run
-                written += write_prediction_plots(self.task, last["logits"].numpy(), last["references"].numpy(),
-                                                  self.output_dir / "plots", num_labels=self.num_labels, label_names=names,
-                                                  images=last["images"], title=self.targs.method)
-            except Exception as error:  # noqa: BLE001
-                import warnings
-
-                warnings.warn(f"prediction plots skipped: {type(error).__name__}: {error}")
-        return written
+                    config = getattr(self.unwrapped.eval_model(), "config", None)
+                    id2label = getattr(config, "id2label", None) or {}
+                    names = [id2label.get(i, id2label.get(str(i), str(i))) for i in range(self.num_labels)] if id2label else None
+                    try:  # a picture must never end a long run
+                        written += write_prediction_plots(self.task, last["logits"].numpy(), last["references"].numpy(),
+                                                          stage, num_labels=self.num_labels, label_names=names,
+                                                          images=last["images"], title=self.targs.method)
+                    except Exception as error:  # noqa: BLE001
+                        warnings.warn(f"prediction plots skipped: {type(error).__name__}: {error}")
+        except manifest.ForeignFileError as error:
+            warnings.warn(f"plots not written: {error}")
+            return []
+        return [self.output_dir / "plots" / path.name for path in written]
 
     # ------------------------------------------------------------------ the loop
     def _prepare_batch(self, batch: dict | None) -> dict | None:
