@@ -257,6 +257,26 @@ def test_init_from_refuses_a_vocabulary_that_differs_by_value(tmp_path):
     init_from_pretrained(create_model("tabular-tiny", schema=TOY_SCHEMA, metadata=TOY_METADATA), tmp_path / "pre")
 
 
+def test_a_refused_resume_names_the_column_whose_vocabulary_changed(tmp_path, capsys):
+    make_table(tmp_path, n=30)
+    code, _, err = build(tmp_path / "table.csv", tmp_path / "ds", "--val-fraction", "0.2", "--test-fraction", "0.2")
+    assert code == 0, err
+    argv = ["--dataset", str(tmp_path / "ds"), "--output_dir", str(tmp_path / "run"), "--model", "tabular-tiny",
+            "--max_steps", "2", "--eval_steps", "1", "--per_device_train_batch_size", "4", "--report_to", "none",
+            "--disable_tqdm", "true", "--export", "false", "--plots", "false"]
+    assert run_train(argv + ["--stop_after_steps", "1"]) == 0
+    df = pd.read_csv(tmp_path / "table.csv")
+    df["color"] = df["color"].replace({"red": "crimson"})  # the same size, other values
+    df.to_csv(tmp_path / "table.csv", index=False)
+    code, _, err = build(tmp_path / "table.csv", tmp_path / "ds", "--val-fraction", "0.2", "--test-fraction", "0.2",
+                         "--overwrite")
+    assert code == 0, err
+    capsys.readouterr()
+    assert run_train(argv + ["--resume_from_checkpoint", "latest"]) == 1
+    err = capsys.readouterr().err
+    assert "'color'" in err and "'red'" in err and "'crimson'" in err and "Traceback" not in err, err
+
+
 def test_resume_names_the_column_whose_vocabulary_changed(tmp_path):
     from modeling_stil.training.job import changed_vocabularies
 
@@ -368,12 +388,15 @@ def test_the_run_prints_how_many_rows_are_labelled(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------- item 11
-def test_supervised_on_landmark_data_uses_the_landmark_views(tmp_path, capsys):
+def test_views_follow_the_task():
     from data_utils.views import preset_for_task
 
     assert preset_for_task("default", "landmarks") == "aflw"
     assert preset_for_task("dvm", "landmarks") == "dvm"  # a preset named explicitly is kept
     assert preset_for_task("default", "classification") == "default"
+
+
+def test_supervised_on_landmark_data_uses_the_landmark_views(tmp_path, capsys):
     code = run_train(["--synthetic_task", "landmarks", "--synthetic_num_samples", "120", "--synthetic_image_size", "32",
                       "--dataset_cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "run"),
                       "--method", "supervised", "--max_steps", "2", "--eval_steps", "2", "--per_device_train_batch_size", "4",

@@ -257,8 +257,8 @@ def read_image_file(path: str | os.PathLike, where: str, mode: str | None = "RGB
     except UnidentifiedImageError:
         # PIL's own message names its in-memory buffer (<_io.BytesIO object at 0x...>), not the file
         raise BuildError(
-            f"{where}: {path} is not an image file PIL can read (PNG, JPEG, TIFF, BMP...); replace the file or "
-            "remove the row"
+            f"{where}: image file {path} is unreadable or corrupt: not an image file PIL can read (PNG, JPEG, TIFF, "
+            "BMP...); replace the file or remove the row"
         ) from None
     except ImageDepthError as error:
         raise BuildError(f"{where}: image file {path}: {error}") from None

@@ -713,7 +713,7 @@ def changed_vocabularies(source: str, description: dict[str, Any]) -> list[str]:
     except (OSError, ValueError, KeyError, TypeError):
         return []  # an unreadable schema is reported when the dataset is loaded
     checkpoint = {"fields": [{"name": n, "kind": "categorical", "categories": c} for n, c in saved.items()]}
-    return vocabulary_differences(checkpoint, current, model="the checkpoint's data", data=source)
+    return vocabulary_differences(checkpoint, current, model="the checkpoint's data", data="this dataset")
 
 
 def assemble(args, accelerator):
