@@ -280,8 +280,6 @@ def dataset_fingerprint(source: str, dataset_dict, metadata, schema, labeled: li
         "labeled": ckpt.digest(labeled),
         "num_labeled": len(labeled),
         "schema": ckpt.digest(schema.to_dict()) if schema is not None else None,
-        # by value, so a refused resume can name the column whose categories changed
-        "vocabularies": {f.name: list(f.categories) for f in schema.categorical_fields} if schema is not None else {},
     }
 
 
@@ -788,6 +786,9 @@ def build_and_train(args) -> dict[str, Any]:
     source, dataset_dict, metadata, schema = job["source"], job["dataset_dict"], job["metadata"], job["schema"]
     model, method, labeled = job["model"], job["method"], job["labeled"]
     fingerprint = ckpt.make_fingerprint(targs.method, model.config.to_dict(), dataset_fingerprint(source, dataset_dict, metadata, schema, labeled))
+    # recorded by value (outside the digest, so older checkpoints still resume): a refused resume names the column
+    fingerprint["dataset_description"]["vocabularies"] = (
+        {f.name: list(f.categories) for f in schema.categorical_fields} if schema is not None else {})
     if resume is not None:  # the whole fingerprint (architecture, labelled split) before run files are rewritten
         ckpt.check_compatible(resume["checkpoint"], fingerprint)
     elif targs.overwrite_output_dir and accelerator.is_main_process and output_dir.exists():
