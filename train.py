@@ -61,16 +61,66 @@ def requested_cpu_processes() -> int:
         return 1
 
 
-def spawn_cpu_workers(n: int, argv: list[str]) -> int:
-    import subprocess
+ERROR_FILE_ENV = "STIL_WORKER_ERROR_FILE"
 
-    env = dict(os.environ, ACCELERATE_USE_CPU="True")
-    command = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--nnodes=1",
-        f"--master_addr={os.environ['MASTER_ADDR']}", f"--master_port={os.environ.get('MASTER_PORT', '29500')}",
-        os.path.abspath(__file__), *argv,
-    ]
-    return subprocess.call(command, env=env)
+
+def spawn_cpu_workers(n: int, argv: list[str]) -> int:
+    """Start ``n`` gloo workers on this machine (the static rendezvous torchrun would set up: RANK,
+    WORLD_SIZE, MASTER_ADDR/PORT) and wait for them.
+
+    Started directly rather than through torchrun, so a failed run ends with the error line of the
+    main process only, not torchrun's ChildFailedError report. When one worker fails the others are
+    stopped (they would wait for it forever); a line that only another rank printed (its error file)
+    is printed here, once."""
+    import glob
+    import shutil
+    import subprocess
+    import tempfile
+    import time
+
+    folder = tempfile.mkdtemp(prefix="stil-workers-")
+    base = dict(os.environ, ACCELERATE_USE_CPU="True", MASTER_PORT=os.environ.get("MASTER_PORT", "29500"),
+                WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n), GROUP_RANK="0")
+    workers = []
+    for rank in range(n):
+        env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank), **{ERROR_FILE_ENV: os.path.join(folder, f"rank{rank}.txt")})
+        workers.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], env=env))
+    failed_at = None
+    try:
+        while any(w.poll() is None for w in workers):
+            if failed_at is None and any(w.poll() not in (None, 0) for w in workers):
+                failed_at = time.monotonic()
+            if failed_at is not None and time.monotonic() - failed_at > 10:  # the others are stuck in a collective
+                for w in workers:
+                    if w.poll() is None:
+                        w.terminate()
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        for w in workers:
+            w.terminate()
+        raise
+    finally:
+        for w in workers:
+            w.wait()
+        codes = [w.returncode for w in workers]
+        lines = [open(p).read().strip() for p in sorted(glob.glob(os.path.join(folder, "rank*.txt")))]
+        shutil.rmtree(folder, ignore_errors=True)
+    if all(c == 0 for c in codes):
+        return 0
+    if codes[0] <= 0 and lines:  # the main process printed nothing (stopped, or it did not fail): another rank's line
+        print(lines[0], file=sys.stderr)
+    return next((c for c in codes if c > 0), 1)
+
+
+def report_error(message: str) -> None:
+    """The one error line: printed by the main process; another rank writes it to the file its launcher
+    reads (``spawn_cpu_workers``) so that a multi-process run prints it once."""
+    rank = int(os.environ.get("RANK", "0") or 0)
+    if rank == 0:
+        print(message, file=sys.stderr)
+    elif os.environ.get(ERROR_FILE_ENV):
+        with open(os.environ[ERROR_FILE_ENV], "w") as handle:
+            handle.write(message + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         print(request.text)  # help is asked for: stdout, exit status 0
         return 0
     except ArgumentError as error:
-        print(f"train.py: {error}", file=sys.stderr)
+        report_error(f"train.py: {error}")
         return 2
     try:
         results = build_and_train(args)
@@ -102,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             FileNotFoundError, LoaderError, SchemaError, SplitError, SyntheticConfigError, ViewError,
             DataCompatibilityError, JobError, InitFromError) as error:
         # Bad input and failed runs end with one line naming the problem and the fix, not a traceback.
-        print(f"train.py: error: {error}", file=sys.stderr)
+        report_error(f"train.py: error: {error}")
         return 1
     summary = {k: results.get(k) for k in ("stopped_at_step", "best_step", "metric_for_best_model", "validation", "test", "train_seconds") if k in results}
     if results.get("reload_check"):
@@ -111,6 +161,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def check_arguments(argv: list[str]) -> int | None:
+    """Before starting workers: a recipe/argument error (or --help) is answered once, by this process."""
+    from modeling_stil.training.arguments import ArgumentError, HelpRequested, parse_run_arguments
+
+    try:
+        parse_run_arguments(argv)
+    except HelpRequested as request:
+        print(request.text)
+        return 0
+    except ArgumentError as error:
+        print(f"train.py: {error}", file=sys.stderr)
+        return 2
+    return None
+
+
 if __name__ == "__main__":
     workers = requested_cpu_processes()
-    sys.exit(spawn_cpu_workers(workers, sys.argv[1:]) if workers > 1 else main())
+    if workers > 1:
+        answered = check_arguments(sys.argv[1:])
+        sys.exit(answered if answered is not None else spawn_cpu_workers(workers, sys.argv[1:]))
+    sys.exit(main())

@@ -165,9 +165,14 @@ def _local_dataset(path: Path):
         raise DatasetError(f"dataset folder {path} is not readable (permissions); {DATASET_LAYOUT}")
     if not (path / METADATA_FILENAME).is_file():
         saved = (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
-        what = "a datasets save_to_disk folder without stil metadata" if saved else f"{_folder_contents(path)}"
+        contents = _folder_contents(path)
+        what = ("is a datasets save_to_disk folder without stil metadata" if saved
+                else contents if contents.startswith("holds") else f"is {contents}")
+        tables = sorted(p.name for p in path.glob("*") if p.suffix.lower() in (".csv", ".parquet", ".tsv", ".jsonl"))
+        hint = (f"; to train on {tables[0]}, turn it into a dataset with scripts/prepare_dataset.py --table "
+                f"{path / tables[0]}" if tables and not saved else "")
         raise DatasetError(
-            f"{path} is not a stil dataset (no {METADATA_FILENAME}; the folder is {what}); {DATASET_LAYOUT}"
+            f"{path} is not a stil dataset (no {METADATA_FILENAME}; the folder {what}){hint}; {DATASET_LAYOUT}"
         )
     metadata_dict = _read_json(path / METADATA_FILENAME, "dataset metadata")
     try:

@@ -206,11 +206,16 @@ def decode_image(value: Any, num_channels: int, size: int | None) -> tuple[torch
     """
     from PIL import Image
 
+    from .images import scaled_notice, to_8bit
+
     image = open_stored_image(value)
     stored_size = image.size
     mode = "RGB" if num_channels == 3 else "L"
     if size is not None and image.format == "JPEG":
         image.draft(mode, (size, size))
+    image, scaled = to_8bit(image)  # convert() would clip 16-bit pixels at 255
+    if scaled:
+        scaled_notice("the dataset")
     if image.mode != mode:
         image = image.convert(mode)
     if size is not None and image.size != (size, size):

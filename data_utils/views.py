@@ -48,6 +48,8 @@ Decisions (deliberate; the architecture table in docs/architecture.md summarises
   17 * 0.5 = 8.5 -> 8, as TIP), zeroes their values and sets ``missing_mask``; the view also carries
   ``masked_fields`` (B, F) bool: which cells the view masked (truly missing cells are not in it), the
   targets of TIP's masked reconstruction.
+* Every view that flips does so horizontally with p 0.5; ``hflip=False`` (recipe key ``hflip: false``)
+  removes the flip from every view of every preset (digits, text, many medical images).
 * Landmarks (``aflw`` preset or task ``landmarks``) only allow views that keep geometry (``eval``)
   or move it with their targets (``translate``; ``weak`` is ``translate`` in the ``aflw`` preset).
 """
@@ -88,6 +90,8 @@ class ViewConfig:
     preset: str = "default"  # default | dvm | cardiac | cifar | aflw: augmentation strengths
     augmentation_rate: float = 0.95  # p of augmenting in stil/masked (image) and hard (joint)
     translate_pixels: int = 4  # translate view: max |shift| in pixels (AFLW: 4 at 60 px)
+    # False: no view flips horizontally (digits, text, many medical images: a mirror image is another class)
+    hflip: bool = True
     # Resize every image to image_size right after decoding (as the originals' .npy pipeline did:
     # DVM/cardiac arrays were stored at 128 px). None keeps the stored size until a view resizes it.
     decode_to_image_size: bool = True
@@ -132,6 +136,13 @@ class ViewConfig:
     @property
     def landmarks(self) -> bool:
         return self.preset == "aflw"
+
+
+def preset_for_task(preset: str, task: str) -> str:
+    """Views follow the task as the model follows the data: on landmark data the ``default`` preset
+    becomes ``aflw`` (``weak`` = ``translate``, the one augmentation that moves the targets with the
+    pixels), whatever the method; a preset named explicitly is kept."""
+    return "aflw" if task == "landmarks" and preset == "default" else preset
 
 
 def _per_channel(values, channels: int, name: str):
@@ -283,16 +294,18 @@ def _gray(cfg: ViewConfig, p: float) -> list:
     return [v2.RandomGrayscale(p=p)] if cfg.num_channels == 3 else []
 
 
+def _flip(cfg: ViewConfig) -> list:
+    return [v2.RandomHorizontalFlip()] if cfg.hflip else []
+
+
 def _crop_flip(cfg: ViewConfig, scale: tuple[float, float]) -> list:
-    return [v2.RandomResizedCrop(cfg.image_size, scale=scale, ratio=(3 / 4, 4 / 3), antialias=True),
-            v2.RandomHorizontalFlip()]
+    return [v2.RandomResizedCrop(cfg.image_size, scale=scale, ratio=(3 / 4, 4 / 3), antialias=True), *_flip(cfg)]
 
 
 def _pad_crop_flip(cfg: ViewConfig) -> list:
     size = cfg.image_size
     return [v2.Resize((size, size), antialias=True),
-            v2.RandomCrop(size, padding=max(1, round(size / 8)), padding_mode="reflect"),
-            v2.RandomHorizontalFlip()]
+            v2.RandomCrop(size, padding=max(1, round(size / 8)), padding_mode="reflect"), *_flip(cfg)]
 
 
 def _uses_pad_crop(cfg: ViewConfig) -> bool:
@@ -306,7 +319,7 @@ def _weak(cfg: ViewConfig) -> list:
 def _contrastive(cfg: ViewConfig, crop_scale: tuple[float, float]) -> list:
     """STiL/TIP's contrastive augmentation (stil_method.md §4.3); ``hard`` uses crop scale 0.6-1."""
     if cfg.preset == "cardiac":
-        return [v2.RandomHorizontalFlip(), v2.RandomApply([RandomRotateReflect(45)], p=0.5),
+        return [*_flip(cfg), v2.RandomApply([RandomRotateReflect(45)], p=0.5),
                 _jitter(cfg, 0.5, 0.2, p=0.5),
                 v2.RandomResizedCrop(cfg.image_size, scale=(max(crop_scale[0], 0.2), 1.0), antialias=True)]
     return [_jitter(cfg, 0.8, 0.2, p=0.8), *_gray(cfg, 0.2), _scaled_blur(cfg, 29, p=0.5),

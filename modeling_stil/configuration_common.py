@@ -5,9 +5,9 @@
   normalisation, labels and problem type, and the tabular layout helpers (``cardinalities``,
   ``num_continuous``...). Families choose their defaults through class attributes
   (``default_image_mean``, ``default_problem_type``, ``uses_tabular``...).
-* `data_differences` is the single model/data comparison (field counts, cardinalities, column names,
-  labels, problem type, image channels); `check_data_compatibility` raises `DataCompatibilityError`
-  (a ``ValueError``) listing them.
+* `data_differences` is the single model/data comparison (field counts, cardinalities, categorical
+  vocabularies and class names by value, column names, problem type, image channels);
+  `check_data_compatibility` raises `DataCompatibilityError` (a ``ValueError``) listing them.
 * Schema helpers: `schema_to_dict`, `schema_summary`, `schema_layout`, `placeholder_schema`,
   `layout_from_field_lengths`; `config_overrides_from_data` gives the config fields a dataset implies.
 
@@ -68,6 +68,34 @@ def schema_summary(schema: Mapping[str, Any] | None, model_order: bool = False) 
         "num_categorical": len(categorical),
         "num_continuous": len(continuous),
     }
+
+
+def vocabulary_differences(model_schema: Any, data_schema: Any, model: str = "the model", data: str = "the data") -> list[str]:
+    """Categorical columns whose vocabularies differ BY VALUE (same size or not): a data code means
+    another category to the model. One line per column, naming it, the differing values and the fix.
+
+    Compared by column name; placeholder schemas (made-up names and categories) are skipped."""
+    mine, theirs = schema_to_dict(model_schema), schema_to_dict(data_schema)
+    if not mine or not theirs or mine.get("placeholder") or theirs.get("placeholder"):
+        return []
+    theirs_by_name = {f["name"]: f for f in theirs["fields"] if f.get("kind") == "categorical"}
+    lines = []
+    for field in mine["fields"]:
+        other = theirs_by_name.get(field["name"])
+        if field.get("kind") != "categorical" or other is None:
+            continue
+        a, b = [str(c) for c in field.get("categories") or []], [str(c) for c in other.get("categories") or []]
+        if a == b:
+            continue
+        only_a, only_b = [c for c in a if c not in b], [c for c in b if c not in a]
+        detail = (f"only in {model}: {only_a[:10]}, only in {data}: {only_b[:10]}" if only_a or only_b
+                  else "the same categories in another order")
+        lines.append(
+            f"categorical column {field['name']!r}: vocabulary of {model} {a[:10]} vs {data} {b[:10]} ({detail}); codes "
+            "would mean other categories: rebuild the data with the model's vocabulary (scripts/prepare_dataset.py "
+            "--schema with the training dataset's tabular_schema.json)"
+        )
+    return lines
 
 
 def schema_layout(schema: Mapping[str, Any]) -> tuple[list[int], int, list[str]]:
@@ -243,6 +271,8 @@ def data_differences(config, schema=None, metadata=None, num_channels: int | Non
                     f"categorical cardinalities: model {mine['cardinalities']} vs data {theirs['cardinalities']}"
                     + (f" ({'; '.join(fields)})" if fields else "")
                 )
+            elif not config.tabular_schema.get("placeholder"):  # same sizes: the values must agree too
+                diffs += vocabulary_differences(config.tabular_schema, schema)
 
     channels = num_channels
     if metadata is not None:

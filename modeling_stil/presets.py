@@ -220,6 +220,37 @@ def create_model(name_or_path, *, schema=None, metadata=None, **overrides):
     return model
 
 
+def load_saved_model(name_or_path, **kwargs):
+    """``AutoModel.from_pretrained`` for the scripts (evaluate, predict): a missing folder, a folder that
+    is not a saved model, or an unreachable Hub id is a one-line ValueError saying which, not the Hub
+    client's repo-id rules."""
+    import modeling_stil  # noqa: F401  (registers our Auto classes)
+    from transformers import AutoModel
+
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if path.is_file():
+        raise ValueError(f"{name} is a file; give the folder written by save_pretrained (config.json, model.safetensors)")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ValueError(f"{name} is a folder but not a saved model (no config.json); give a finished run's folder "
+                         "(export: true writes config.json and model.safetensors there) or a Hub model id")
+    if not path.exists() and not _looks_like_hub_id(name):
+        raise ValueError(f"no such folder {name} (and not a Hub model id 'owner/name'); check the path")
+    try:
+        return AutoModel.from_pretrained(str(path) if path.is_dir() else name, **kwargs)
+    except OSError as error:
+        if path.is_dir():
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(f"cannot load the saved model in {name}: {first}") from None
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            reason = "the Hub is offline (HF_HUB_OFFLINE=1) and the model is not in the Hub cache"
+        else:
+            reason = "the Hub could not be reached or has no such model"
+        raise ValueError(f"no such folder {name}, and {reason}; give an exported run folder or a reachable Hub id") from None
+
+
 # --------------------------------------------------------------------------------- model follows data
 # The preset `default_preset_for` picks per kind of data, in order of preference; tiny presets first, as
 # for the CLI default (multimodal-concat-tiny). Any other preset that fits comes after these.
@@ -348,5 +379,5 @@ def check_preset_fits(name: str, schema=None, metadata=None, required_modalities
 
 __all__ = [
     "PRESETS", "ALIASES", "Preset", "create_model", "list_presets", "preset_config", "default_preset_for",
-    "check_preset_fits", "fitting_presets", "preset_misfit", "data_modalities",
+    "check_preset_fits", "fitting_presets", "preset_misfit", "data_modalities", "load_saved_model",
 ]

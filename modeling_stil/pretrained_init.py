@@ -66,6 +66,13 @@ def _schema_fields(config: dict) -> list | None:
     return [(f.get("name"), f.get("kind"), len(f.get("categories") or [])) for f in schema["fields"]]
 
 
+def _class_names(config: dict) -> list[str] | None:
+    """Class names in id order; None where they are the generic LABEL_i (nothing to compare)."""
+    id2label = config.get("id2label") or {}
+    names = [str(id2label.get(i, id2label.get(str(i)))) for i in range(len(id2label))]
+    return None if not names or all(n.startswith("LABEL_") for n in names) else names
+
+
 def _field_names(config: dict) -> list[str]:
     schema = config.get("tabular_schema") or {}
     return [f.get("name", "?") if isinstance(f, dict) else str(f) for f in schema.get("fields", [])]
@@ -84,11 +91,25 @@ def init_from_pretrained(model: nn.Module, source: str | Path) -> dict[str, list
             f"{_field_names(config)[:6]}...) than this data ({len(ours)} fields: {_field_names(own_config)[:6]}...); "
             "pretrain on this dataset (method tip_pretrain) or use a matching dataset"
         )
+    if theirs is not None and ours is not None:
+        from .configuration_common import vocabulary_differences
+
+        renamed = vocabulary_differences(config.get("tabular_schema"), own_config.get("tabular_schema"),
+                                         model=f"--init_from {source}", data="this data")
+        if renamed:
+            raise InitFromError(renamed[0])
     theirs_classes, ours_classes = len(config.get("id2label") or {}), len(own_config.get("id2label") or {})
     if same_family and theirs_classes != ours_classes:
         raise InitFromError(
             f"--init_from {source} has {theirs_classes} classes but this model has {ours_classes}; "
             "initialise from a model of the same class count, or from a pretraining (tip_pretrain) run"
+        )
+    theirs_names, ours_names = _class_names(config), _class_names(own_config)
+    if same_family and theirs_names and ours_names and theirs_names != ours_names:
+        raise InitFromError(
+            f"--init_from {source} has the classes {theirs_names[:10]} but this data has {ours_names[:10]}: its head "
+            "would predict the wrong class names; initialise from a model with the same classes in the same order, "
+            "or from a pretraining (tip_pretrain) run"
         )
 
     own = model.state_dict()

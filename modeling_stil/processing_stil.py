@@ -159,6 +159,11 @@ class StilProcessor:
             with Image.open(image) as handle:
                 image = handle.copy()
         if isinstance(image, Image.Image):
+            from data_utils.images import scaled_notice, to_8bit
+
+            image, scaled = to_8bit(image)  # convert() would clip 16-bit pixels at 255
+            if scaled:
+                scaled_notice("StilProcessor")
             image = image.convert("RGB" if self.num_channels == 3 else "L")
             return TF.pil_to_tensor(image)
         if isinstance(image, np.ndarray):

@@ -65,14 +65,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import torch
-    from transformers import AutoModel
 
-    import modeling_stil  # noqa: F401  (registers the Auto classes)
     from data_utils.io import load_dataset
+    from modeling_stil.presets import load_saved_model
 
     try:
-        model = AutoModel.from_pretrained(args.model, dtype=torch.float32)
-    except OSError as error:
+        model = load_saved_model(args.model, dtype=torch.float32)
+    except ValueError as error:
         print(f"evaluate.py: cannot load model {args.model!r}: {error}", file=sys.stderr)
         return 1
     try:

@@ -41,18 +41,23 @@ def fatal(message: str):
 
 def read_table(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
-    if suffix == ".csv":
-        with path.open(newline="") as handle:
-            return [dict(row) for row in csv.DictReader(handle)]
-    if suffix in (".jsonl", ".json"):
-        lines = path.read_text().splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
-    if suffix == ".parquet":
+    if suffix not in (".csv", ".jsonl", ".json", ".parquet"):
+        fatal(f"unsupported table format {suffix!r}: use .csv, .jsonl or .parquet")
+    if not path.is_file():
+        fatal(f"--table {path}: {'is a folder, not a table' if path.is_dir() else 'no such file'}")
+    try:
+        if suffix == ".csv":
+            with path.open(newline="") as handle:
+                return [dict(row) for row in csv.DictReader(handle)]
+        if suffix in (".jsonl", ".json"):
+            lines = path.read_text().splitlines()
+            return [json.loads(line) for line in lines if line.strip()]
         import pandas as pd
 
         frame = pd.read_parquet(path)
         return [{k: (None if v != v else v) for k, v in row.items()} for row in frame.to_dict("records")]
-    fatal(f"unsupported table format {suffix!r}: use .csv, .jsonl or .parquet")
+    except (OSError, UnicodeDecodeError, ValueError, csv.Error) as error:  # unreadable or malformed file
+        fatal(f"cannot read --table {path}: {type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}")
 
 
 def parse_args(argv=None):
@@ -96,9 +101,14 @@ def check_row(row: dict, processor, *, uses_images: bool, uses_tabular: bool, im
         path = path if path.is_absolute() else images_root / path
         if not path.is_file():
             raise RowError(image_column, f"image file {path} not found (check --images-root)")
+        from data_utils.images import ImageDepthError, to_8bit
+
         try:
             with Image.open(path) as handle:
                 handle.load()
+                to_8bit(handle)  # 16-bit is scaled later; a float image has no range to scale by
+        except ImageDepthError as error:
+            raise RowError(image_column, f"image {path}: {error}") from None
         except Exception as error:  # noqa: BLE001 -- PIL raises many types for an unreadable image
             raise RowError(image_column, f"cannot read image {path}: {type(error).__name__}: {error}") from None
     if uses_tabular:
@@ -131,14 +141,16 @@ def check_row(row: dict, processor, *, uses_images: bool, uses_tabular: bool, im
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
-    from transformers import AutoModel
 
-    import modeling_stil  # noqa: F401  (registers our model classes)
+    from modeling_stil.presets import load_saved_model
     from modeling_stil.processing_stil import StilProcessor
 
-    model = AutoModel.from_pretrained(args.model, dtype=torch.float32).to(args.device).eval()
+    rows = read_table(args.table)  # a missing table is said before the model is loaded
+    try:
+        model = load_saved_model(args.model, dtype=torch.float32).to(args.device).eval()
+    except ValueError as error:
+        fatal(f"--model {args.model}: {error}")
     processor = StilProcessor.from_pretrained(args.model)
-    rows = read_table(args.table)
     if not rows:
         fatal(f"{args.table} has no rows")
     image_column = args.image_column or processor.image_column

@@ -224,13 +224,20 @@ def _numpy_safe_globals() -> list:
 
 
 # ------------------------------------------------------------------------------------------- images
+# Image files a build scaled from 16 to 8 bits (`read_image_file`); `write_dataset` says how many, once.
+SCALED_IMAGES: list[Path] = []
+
+
 def read_image_file(path: str | os.PathLike, where: str, mode: str | None = "RGB") -> dict:
     """Check an image file and return the ``datasets.Image`` cell ``{"bytes", "path"}``.
 
     The original bytes are embedded unchanged when the file is a JPEG/PNG already in ``mode``
-    (``None``: keep RGB or L as stored); anything else is converted and re-encoded as PNG.
+    (``None``: keep RGB or L as stored); anything else is converted and re-encoded as PNG. 16-bit
+    images are scaled to 8 bits first (`data_utils.images.to_8bit`; recorded in `SCALED_IMAGES`).
     """
     from PIL import Image, UnidentifiedImageError
+
+    from ..images import ImageDepthError, to_8bit
 
     path = Path(path)
     if not path.is_file():
@@ -240,11 +247,22 @@ def read_image_file(path: str | os.PathLike, where: str, mode: str | None = "RGB
         with Image.open(io.BytesIO(data)) as image:
             image.load()
             fmt, stored_mode = image.format, image.mode
-            target = mode or (stored_mode if stored_mode in ("RGB", "L") else "RGB")
+            image, scaled = to_8bit(image)
+            if scaled:
+                SCALED_IMAGES.append(path)
+            target = mode or (image.mode if image.mode in ("RGB", "L") else "RGB")
             if fmt in ("JPEG", "PNG") and stored_mode == target:
                 return {"bytes": data, "path": path.name}
             converted = image.convert(target)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except UnidentifiedImageError:
+        # PIL's own message names its in-memory buffer (<_io.BytesIO object at 0x...>), not the file
+        raise BuildError(
+            f"{where}: image file {path} is unreadable or corrupt: not an image file PIL can read (PNG, JPEG, TIFF, "
+            "BMP...); replace the file or remove the row"
+        ) from None
+    except ImageDepthError as error:
+        raise BuildError(f"{where}: image file {path}: {error}") from None
+    except (OSError, SyntaxError, ValueError) as error:
         raise BuildError(
             f"{where}: image file {path} is unreadable or corrupt ({error}); replace the file or remove the row"
         ) from None
@@ -359,6 +377,7 @@ def write_dataset(
 
     previous = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
+    SCALED_IMAGES.clear()
     try:
         with tempfile.TemporaryDirectory(prefix="stil-build-") as cache:
             built = {}
@@ -378,8 +397,13 @@ def write_dataset(
             dataset_dict = datasets.DatasetDict(built)
             from ..permissions import share_like_umask
 
-            return share_like_umask(save_dataset(dataset_dict, output, metadata, schema=schema, overwrite=overwrite))
+            written = share_like_umask(save_dataset(dataset_dict, output, metadata, schema=schema, overwrite=overwrite))
+        if SCALED_IMAGES:
+            print(f"note: {len(set(SCALED_IMAGES))} 16-bit image(s) (first: {SCALED_IMAGES[0]}) were scaled to 8 bits "
+                  "(value / 257, the full 16-bit range; see docs/data.md)")
+        return written
     finally:
+        SCALED_IMAGES.clear()
         if previous:
             datasets.enable_progress_bars()
 

@@ -269,9 +269,14 @@ def build_from_table(
                 "id_column": id_column, "vocabulary_from": "schema" if given_schema is not None else vocabulary_from,
                 "image_mode": image_mode},
     )
+    table_row = {path: i for i, path in enumerate(image_paths)}  # unique (checked above)
+
+    def load_image(image_path, _split_row):  # messages name the table's row, as every other check does
+        return read_image_file(image_path, f"{where} row {table_row[image_path]}", mode=image_mode)
+
     return write_dataset(
         splits, features, output, metadata, schema=schema_out, overwrite=overwrite,
-        image_loader=lambda p, w: read_image_file(p, f"{where} {w}", mode=image_mode), progress=progress,
+        image_loader=load_image, progress=progress,
     )
 
 

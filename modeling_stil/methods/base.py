@@ -147,6 +147,8 @@ class SSLMethod(nn.Module):
     required_modalities: ClassVar[tuple[str, ...]] = ()
     # preset used when the recipe names no model and it fits the data (e.g. "stil-tiny")
     preferred_model: ClassVar[str | None] = None
+    # trains on the images alone (SimMatch, CoMatch): a model that reads the table is refused
+    image_only: ClassVar[bool] = False
     # optimisation steps per iteration with the same optimizer; >1 for meta-learning (L2I)
     num_phases: ClassVar[int] = 1
     # view the evaluation loaders produce: {view key: recipe}; evaluation_step reads it

@@ -68,6 +68,10 @@ class DataArguments:
     view_preset: Literal["default", "dvm", "cardiac", "cifar", "aflw"] = _help(
         "augmentation strengths of data_utils.views (dvm/cardiac/cifar/aflw: the originals' settings)", default="default"
     )
+    hflip: bool = _help(
+        "image views flip horizontally (p 0.5) in every preset; false for data where a mirror image is another "
+        "thing (digits, text, many medical images)", default=True
+    )
     mu: int = _help("unlabelled batch size = mu * labelled batch size", default=7)
     dataloader_num_workers: int = _help("DataLoader worker processes per loader", default=0)
     max_eval_samples: int | None = _help("evaluate on at most this many rows of validation/test", default=None)
@@ -212,6 +216,7 @@ class RunArguments:
     training: TrainingArguments
     method: Any  # the method's MethodArguments subclass instance
     recipe: str | None = None
+    command_line: tuple[str, ...] = ()  # keys given as --key value (not from the recipe): what the user asked for now
 
     def groups(self) -> dict[str, Any]:
         return {"data": self.data, "model": self.model, "training": self.training, "method": self.method}
@@ -462,7 +467,8 @@ def parse_run_arguments(argv: Sequence[str] | None = None, recipe_values: dict[s
             built[group] = cls(**kwargs)
         except (TypeError, ValueError) as error:
             raise ArgumentError(f"invalid {group} arguments: {error}") from None
-    run = RunArguments(data=built["data"], model=built["model"], training=built["training"], method=built["method"], recipe=recipe)
+    run = RunArguments(data=built["data"], model=built["model"], training=built["training"], method=built["method"], recipe=recipe,
+                       command_line=tuple(overrides))
     validate(run)
     return run
 

@@ -189,15 +189,42 @@ def check_images(dataset_dict, metadata, mode: str, accelerator=None):
     return dataset_dict
 
 
+REDRAW_KEYS = ("labeled_fraction", "labeled_per_class")
+
+
 def labeled_indices_for(args, dataset_dict, metadata) -> list[int]:
     """Training rows that keep their label: re-drawn when asked, else the dataset's own split."""
+    return labeled_split(args, dataset_dict, metadata)[0]
+
+
+def labeled_split(args, dataset_dict, metadata) -> tuple[list[int], str]:
+    """(training rows that keep their label, how they were chosen, for the run's "labelled rows" line).
+
+    A dataset's own labelled split is kept unless the labels are re-drawn on purpose: ``labeled_fraction``
+    / ``labeled_per_class`` given on the command line, or by the same recipe that names the dataset (a
+    protocol such as recipes/supervised_aflw_10pct.yaml). A recipe's fraction meeting a ``--dataset`` from
+    the command line does not replace that dataset's own labels. Without a dataset the fraction is a
+    parameter of the synthetic dataset's build."""
     import numpy as np
     from data_utils.splits import check_labeled_split, select_labeled
 
     train = dataset_dict["train"]
     data = args.data
-    redraw = data.dataset is not None and (data.labeled_fraction is not None or data.labeled_per_class is not None)
+    command_line = set(getattr(args, "command_line", ()) or ())
+    asked = {k: getattr(data, k) for k in REDRAW_KEYS if getattr(data, k) is not None}
+    redraw = data.dataset is not None and bool(asked) and (bool(command_line & set(asked)) or "dataset" not in command_line)
     labels = np.asarray(train[metadata.label_column]) if metadata.task == "classification" else None
+    if data.dataset is None:
+        fraction = data.labeled_fraction if data.labeled_fraction is not None else 0.1
+        how = f"the synthetic dataset's split, built with labeled_fraction {fraction:g}"
+    elif redraw:
+        how = "re-drawn: " + ", ".join(f"{k} {v:g}" for k, v in asked.items()) + f", seed {args.training.seed}"
+    else:
+        how = "dataset's own split"
+        if asked:
+            key, value = next(iter(asked.items()))
+            how += (f"; the recipe's {key} {value:g} is not applied to a --dataset: pass --{key} {value:g} on the "
+                    "command line to re-draw the labels")
     if redraw:
         if metadata.task != "classification":
             n = len(train)
@@ -217,7 +244,7 @@ def labeled_indices_for(args, dataset_dict, metadata) -> list[int]:
         mask = np.zeros(len(train), dtype=bool)
         mask[indices] = True
         check_labeled_split(labels, mask, num_classes=metadata.num_labels)
-    return [int(i) for i in indices]
+    return [int(i) for i in indices], how
 
 
 def dataset_content_digest(source: str) -> str:
@@ -294,10 +321,12 @@ def build_loaders(args, method, model_config, dataset_dict, metadata, schema, ac
     from dataclasses import replace
 
     from data_utils.loaders import build_eval_loader, build_train_loaders
-    from data_utils.views import ViewConfig
+    from data_utils.views import ViewConfig, preset_for_task
 
     options = stream_options(args, method)
-    view_config = ViewConfig.from_model_config(model_config, preset=args.data.view_preset, seed=args.training.seed)
+    preset = preset_for_task(args.data.view_preset, metadata.task)  # landmarks: weak = translate, for every method
+    view_config = ViewConfig.from_model_config(model_config, preset=preset, seed=args.training.seed,
+                                               hflip=args.data.hflip)
     if options["augmentation_rate"] is not None:
         view_config = replace(view_config, augmentation_rate=float(options["augmentation_rate"]))
     data = args.data
@@ -378,7 +407,7 @@ def labeled_target_stats(dataset_dict, metadata, labeled: list[int]) -> tuple[to
     return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
 
 
-def build_model(args, schema, metadata, method_cls=None):
+def build_model(args, schema, metadata, method_cls=None, say=print):
     """The model: ``--model`` (a preset, folder or Hub id), checked against the data and the method,
     then ``--init_from`` encoders (a report of loaded / skipped tensors is printed and returned)."""
     from modeling_stil.presets import create_model
@@ -386,6 +415,7 @@ def build_model(args, schema, metadata, method_cls=None):
     from modeling_stil.configuration_common import DataCompatibilityError
 
     overrides = dict(args.model.model_overrides or {})
+    named = args.model.model is not None
     name = choose_model(args, schema, metadata, method_cls)
     try:
         model = create_model(name, schema=schema, metadata=metadata, **overrides)
@@ -401,7 +431,11 @@ def build_model(args, schema, metadata, method_cls=None):
     check_data_modalities(model, name, schema, metadata)
     if method_cls is not None:
         check_modalities(model, method_cls, name)
+        check_image_only(model, method_cls, name, named)
         check_prediction_head(model, method_cls, name)
+    ignored = ignored_columns_note(model, name, named, method_cls, schema)
+    if ignored:
+        say(ignored)
     return model
 
 
@@ -458,6 +492,41 @@ def check_prediction_head(model, method_cls, model_name: str) -> None:
         f"but method {method_cls.name!r} trains on labels; choose a classifier (e.g. --model multimodal-tip-tiny or "
         f"stil-tiny), or pretrain with a label-free method and start a classifier from it with --init_from"
     )
+
+
+def _multimodal_variant(method_cls) -> str | None:
+    from ..methods.base import METHODS
+
+    name = f"multimodal_{method_cls.name}" if method_cls is not None else None
+    return name if name in METHODS else None
+
+
+def check_image_only(model, method_cls, model_name: str, named: bool) -> None:
+    """An image-only method (SimMatch, CoMatch) refuses a model that reads the table, in one line with the fix."""
+    reads = set(getattr(model, "input_modalities", ()) or ())
+    if not getattr(method_cls, "image_only", False) or "tabular" not in reads:
+        return
+    variant = _multimodal_variant(method_cls)
+    raise JobError(
+        f"method {method_cls.name!r} trains on the images alone but --model {model_name} reads image+tabular input"
+        + (f"; use --method {variant} with this model" if variant else "")
+        + (" or an image model (drop --model: an image model is chosen and the table is ignored)" if named
+           else " or an image model (--model image-tiny)")
+    )
+
+
+def ignored_columns_note(model, model_name: str, named: bool, method_cls, schema) -> str | None:
+    """One line when the model reads only the images of image+tabular data: which model, and which columns
+    it ignores (an image-only method's model leaves the table out; the user should know)."""
+    reads = set(getattr(model, "input_modalities", ()) or ())
+    if schema is None or not schema.names or not reads or "tabular" in reads:
+        return None
+    why = "named by --model" if named else (f"chosen for method {method_cls.name!r}" if method_cls is not None else "chosen")
+    variant = _multimodal_variant(method_cls)
+    columns = schema.names
+    shown = ", ".join(columns[:12]) + (f" and {len(columns) - 12} more" if len(columns) > 12 else "")
+    return (f"model {model_name} ({why}) reads only the images: it ignores the tabular columns {shown}"
+            + (f"; --method {variant} uses them" if variant else "; an image+tabular model uses them"))
 
 
 def check_modalities(model, method_cls, model_name: str) -> None:
@@ -655,6 +724,7 @@ def preflight_resume(args) -> dict[str, Any] | None:
         if content != description["content"]:
             problems.append(f"dataset: {source} has other content than the dataset the checkpoint was trained on "
                             f"(content digest {content} vs {description['content']})")
+            problems += changed_vocabularies(source, description)
     if refused:
         problems.append(
             "settings differ from the run being resumed (the checkpoint restores the optimizer, schedule, data "
@@ -681,6 +751,22 @@ def preflight_resume(args) -> dict[str, Any] | None:
     return {"checkpoint": str(path), "changed_settings": {k: list(v) for k, v in applied.items()}}
 
 
+def changed_vocabularies(source: str, description: dict[str, Any]) -> list[str]:
+    """The categorical columns of ``source`` whose vocabularies differ by value from the checkpoint's data."""
+    from data_utils.schema import SCHEMA_FILENAME, TabularSchema
+    from modeling_stil.configuration_common import vocabulary_differences
+
+    saved = description.get("vocabularies")
+    if not saved or not (Path(source) / SCHEMA_FILENAME).is_file():
+        return []
+    try:
+        current = TabularSchema.load(source)
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # an unreadable schema is reported when the dataset is loaded
+    checkpoint = {"fields": [{"name": n, "kind": "categorical", "categories": c} for n, c in saved.items()]}
+    return vocabulary_differences(checkpoint, current, model="the checkpoint's data", data="this dataset")
+
+
 def assemble(args, accelerator):
     """Dataset, labelled split, model (+ ``--init_from``), method (+ ``setup``) and loaders.
 
@@ -693,9 +779,12 @@ def assemble(args, accelerator):
     source, dataset_dict, metadata, schema = prepare_dataset(args, accelerator)
     method_cls = get_method_class(targs.method)
     method_cls.check_task(metadata.task)
-    labeled = [] if method_cls.label_free else labeled_indices_for(args, dataset_dict, metadata)
+    labeled = []
+    if not method_cls.label_free:
+        labeled, how = labeled_split(args, dataset_dict, metadata)
+        accelerator.print(f"labelled rows: {len(labeled)} of {len(dataset_dict['train'])} ({how})")
     set_seed(targs.seed)
-    model = build_model(args, schema, metadata, method_cls)
+    model = build_model(args, schema, metadata, method_cls, say=accelerator.print)
     init_report = None
     if args.model.init_from:
         from ..pretrained_init import init_from_pretrained
@@ -750,6 +839,9 @@ def build_and_train(args) -> dict[str, Any]:
     source, dataset_dict, metadata, schema = job["source"], job["dataset_dict"], job["metadata"], job["schema"]
     model, method, labeled = job["model"], job["method"], job["labeled"]
     fingerprint = ckpt.make_fingerprint(targs.method, model.config.to_dict(), dataset_fingerprint(source, dataset_dict, metadata, schema, labeled))
+    # recorded by value (outside the digest, so older checkpoints still resume): a refused resume names the column
+    fingerprint["dataset_description"]["vocabularies"] = (
+        {f.name: list(f.categories) for f in schema.categorical_fields} if schema is not None else {})
     if resume is not None:  # the whole fingerprint (architecture, labelled split) before run files are rewritten
         ckpt.check_compatible(resume["checkpoint"], fingerprint)
         if accelerator.is_main_process and manifest.read(output_dir) is None:
