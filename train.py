@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     from data_utils.views import ViewError
     from modeling_stil.configuration_common import DataCompatibilityError
     from modeling_stil.training.arguments import ArgumentError, HelpRequested, parse_run_arguments
-    from modeling_stil.training.checkpointing import IncompatibleCheckpointError
+    from modeling_stil.training.checkpointing import CheckpointWriteError, IncompatibleCheckpointError
     from modeling_stil.training.hub import HubUploadError
     from modeling_stil.training.logging import TrackerUnavailableError
     from modeling_stil.training.job import build_and_train
@@ -150,9 +150,18 @@ def main(argv: list[str] | None = None) -> int:
         results = build_and_train(args)
     except (NonFiniteLossError, IncompatibleCheckpointError, TrackerUnavailableError, HubUploadError, FileExistsError,
             FileNotFoundError, LoaderError, SchemaError, SplitError, SyntheticConfigError, ViewError,
-            DataCompatibilityError, JobError, InitFromError) as error:
+            DataCompatibilityError, JobError, InitFromError, CheckpointWriteError) as error:
         # Bad input and failed runs end with one line naming the problem and the fix, not a traceback.
         report_error(f"train.py: error: {error}")
+        return 1
+    except OSError as error:  # a full disk while writing a log, a plot or the export (checkpoints: above)
+        import errno
+
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"train.py: error: {(error.strerror or str(error)).lower()} while writing {error.filename or 'the run files'} "
+              f"(--output_dir {args.training.output_dir}); free space there or choose an --output_dir on a larger disk",
+              file=sys.stderr)
         return 1
     summary = {k: results.get(k) for k in ("stopped_at_step", "best_step", "metric_for_best_model", "validation", "test", "train_seconds") if k in results}
     if results.get("reload_check"):

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -60,10 +65,70 @@ def test_crash_during_save_leaves_no_checkpoint(tmp_path, accelerator, monkeypat
     monkeypatch.setattr(accelerator, "save_state", crashing)
     with pytest.raises(OSError, match="disk full"):
         ckpt.save_checkpoint(accelerator, tmp_path, progress)
-    # the half-written folder is invisible: 'latest' is still step 1
-    assert (tmp_path / "checkpoints" / ".checkpoint-2.partial").exists()
+    # the half-written folder is removed: 'latest' is still step 1
+    assert not (tmp_path / "checkpoints" / ".checkpoint-2.partial").exists()
     assert ckpt.resolve_checkpoint("latest", tmp_path).name == "checkpoint-1"
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == ["checkpoint-1"]
+
+
+@pytest.mark.parametrize("failure", ["torch_zip_writer", "os_error"])
+def test_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, accelerator, monkeypatch, failure):
+    """A disk that fills up while optimizer.bin is written: torch's zip writer says only "unexpected pos"
+    (the disk is then nearly full), a plain write raises ENOSPC. One line names the reason, the file and
+    the folder; the partial checkpoint is removed; the previous checkpoint still loads."""
+    model, opt, progress = _prepared(accelerator)
+    progress.step = 5
+    ckpt.save_checkpoint(accelerator, tmp_path, progress)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    progress.step = 10
+    real = accelerator.save_state
+
+    def filling_the_disk(output_dir=None, **kwargs):
+        real(output_dir, **kwargs)
+        short = Path(output_dir) / "optimizer.bin"  # the file being written when the disk filled up
+        short.write_bytes(short.read_bytes()[:64])
+        later = time.time_ns() + 10**9
+        os.utime(short, ns=(later, later))
+        if failure == "torch_zip_writer":
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 811584 vs 811488")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(accelerator, "save_state", filling_the_disk)
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: SimpleNamespace(total=4 * 2**20, used=4 * 2**20 - 512, free=512))
+    with pytest.raises(ckpt.CheckpointWriteError) as error:
+        ckpt.save_checkpoint(accelerator, tmp_path, progress)
+    message = str(error.value)
+    assert "\n" not in message and error.value.__suppress_context__  # one line, no chained traceback
+    assert message.startswith("no space left on device while writing checkpoint-10/optimizer.bin in "
+                              f"{tmp_path / 'checkpoints'}:")
+    assert "partial checkpoint was removed" in message and "checkpoint-5, is intact" in message
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-5"]
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ckpt.load_checkpoint(accelerator, ckpt.resolve_checkpoint("latest", tmp_path), progress)
+    assert progress.step == 5 and torch.equal(model.state_dict()["weight"], saved["weight"])
+
+
+def test_a_failed_checkpoint_write_ends_train_py_with_one_line(monkeypatch, capsys):
+    from modeling_stil.training import job
+    from tests._helpers import run_train
+
+    def full_disk(args):
+        raise ckpt.CheckpointWriteError("no space left on device while writing checkpoint-5/optimizer.bin in runs/x/checkpoints: ...")
+
+    monkeypatch.setattr(job, "build_and_train", full_disk)
+    assert run_train(["--max_steps", "1", "--report_to", "none"]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "train.py: error: no space left on device while writing checkpoint-5/optimizer.bin in runs/x/checkpoints: ..."]
+
+    def full_disk_in_the_log(args):  # any other file of the run
+        raise OSError(errno.ENOSPC, "No space left on device", "runs/x/logs/metrics.jsonl")
+
+    monkeypatch.setattr(job, "build_and_train", full_disk_in_the_log)
+    assert run_train(["--max_steps", "1", "--report_to", "none", "--output_dir", "runs/x"]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "train.py: error: no space left on device while writing runs/x/logs/metrics.jsonl (--output_dir runs/x); "
+        "free space there or choose an --output_dir on a larger disk"]
 
 
 def _fake_checkpoints(tmp_path, steps):

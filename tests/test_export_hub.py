@@ -102,6 +102,10 @@ def test_model_card_metadata_and_plots(offline_push_run):
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", card.text)
     assert "plots/losses.png" in images and all((out / p).is_file() for p in images)
     assert "seed: 3" in card.text and "torch" in card.text and "max_steps: 6" in card.text
+    config = yaml.safe_load((out / "run_config.yaml").read_text())  # the card states the settings the run used
+    assert (f"- optimizer: {config['optimizer']} (weight decay {config['weight_decay']}), learning rate "
+            f"{config['learning_rate']}, schedule {config['lr_scheduler']} per {config['lr_scheduler_interval']}, "
+            f"warm-up {config['warmup']} of the steps") in card.text
 
 
 def test_evaluate_script_prints_and_writes(offline_push_run, tmp_path):

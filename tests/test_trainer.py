@@ -144,6 +144,32 @@ def test_resume_is_exact(tmp_path):
     assert train_steps == sorted(set(train_steps)) and train_steps[-1] == 8
 
 
+def _logged(run_dir):
+    """The JSONL records without the timing (samples/s is the only value a resume may change)."""
+    records = [json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "samples_per_second"} for r in records]
+
+
+def test_resumed_run_logs_the_numbers_of_an_uninterrupted_run(tmp_path):
+    """Checkpoints fall inside a logging window (every 3 steps, logs every 4): the first window logged
+    after a resume averages all its steps, whether the run was killed or stopped with stop_after_steps."""
+    settings = dict(optimizer="adamw", logging_steps=4, save_steps=3, save_total_limit=None)
+    make_trainer(tmp_path / "a", **settings).train()
+    straight = _logged(tmp_path / "a" / "run")
+    assert [r["step"] for r in straight if r["split"] == "train"] == [4, 8]
+
+    # killed after checkpoint-6 (steps 5 and 6 of the window 5-8 were trained): resume from it
+    make_trainer(tmp_path / "b", **settings).train()
+    checkpoint = tmp_path / "b" / "run" / "checkpoints" / "checkpoint-6"
+    make_trainer(tmp_path / "b", **settings, resume_from_checkpoint=str(checkpoint)).train()
+    assert _logged(tmp_path / "b" / "run") == straight
+
+    # stopped at step 6 (stop_after_steps), then resumed
+    make_trainer(tmp_path / "c", **settings, stop_after_steps=6).train()
+    make_trainer(tmp_path / "c", **settings, resume_from_checkpoint="latest").train()
+    assert _logged(tmp_path / "c" / "run") == straight
+
+
 def test_resume_without_restoring_state_differs(tmp_path):
     """Guards the test above: a fresh run on the second half does NOT match (state matters)."""
     full = make_trainer(tmp_path / "a")

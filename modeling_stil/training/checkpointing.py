@@ -5,8 +5,10 @@ module = model + teachers/banks/buffers as ``model.safetensors``, optimizer and 
 every rank's RNG states) plus ``trainer_state.json``: the `TrainerProgress` (loop position, best
 checkpoint, run fingerprint) as JSON. A checkpoint is first written to ``.checkpoint-<step>.partial``
 and renamed into place only when every rank has finished, so a crash never leaves a half checkpoint
-that ``--resume_from_checkpoint latest`` would pick up. Each checkpoint folder is listed in the run's
-manifest (manifest.py) before it is written; its files get the umask's mode (safetensors writes 0600).
+that ``--resume_from_checkpoint latest`` would pick up; a write that fails (a full disk) removes the
+partial folder and raises one `CheckpointWriteError` line naming the reason, the file and the folder.
+Each checkpoint folder is listed in the run's manifest (manifest.py) before it is written; its files
+get the umask's mode (safetensors writes 0600).
 
 Loading is safe (`load_checkpoint`): no file is unpickled with ``weights_only=False``, so a
 checkpoint folder from elsewhere cannot run code. Weights come from safetensors; optimizer,
@@ -37,6 +39,10 @@ _PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 class IncompatibleCheckpointError(RuntimeError):
     pass
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a quota); its partial folder was removed."""
 
 
 @dataclass
@@ -169,12 +175,14 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, progress: Traine
         if partial.exists():
             shutil.rmtree(partial)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
+    with _failed_write_removes(partial, final):
+        accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = dict(extra or {})
         state.update(progress.state_dict())  # the progress is what load_checkpoint restores: it wins
-        (partial / STATE_FILENAME).write_text(json.dumps(state, indent=2, default=str))
+        with _failed_write_removes(partial, final):
+            (partial / STATE_FILENAME).write_text(json.dumps(state, indent=2, default=str))
         files_like_umask(p for p in partial.rglob("*") if p.is_file())  # safetensors writes 0600
         if final.exists():  # same step saved twice (e.g. best + periodic): keep the newer
             shutil.rmtree(trash, ignore_errors=True)
@@ -186,6 +194,78 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, progress: Traine
         manifest.forget(output_dir, [names[0], names[2]])
     accelerator.wait_for_everyone()
     return final
+
+
+# torch's zip writer reports a short write only as "unexpected pos" (the OS reason is lost); safetensors
+# and plain file writes keep it ("No space left on device (os error 28)")
+_WRITE_FAILURE_TEXT = ("unexpected pos", "failed writing file", "file write failed")
+_NO_SPACE_TEXT = ("no space left on device", "os error 28", "storagefull")
+_NEARLY_FULL_BYTES = 4 * 2**20
+
+
+def _write_failure_reason(error: BaseException, folder: Path) -> str | None:
+    """Why writing into ``folder`` failed, in words; None when ``error`` is not a failed write."""
+    import errno
+
+    code = getattr(error, "errno", None)
+    text = str(error).lower()
+    if code == errno.ENOSPC or any(t in text for t in _NO_SPACE_TEXT):
+        return "no space left on device"
+    if code == errno.EDQUOT or "disk quota exceeded" in text:
+        return "disk quota exceeded"
+    if isinstance(error, OSError):
+        return os.strerror(code) if code else (str(error) or type(error).__name__)
+    if any(t in text for t in _WRITE_FAILURE_TEXT):
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            free = None
+        if free is not None and free < _NEARLY_FULL_BYTES:
+            return "no space left on device"
+        return f"the file could not be written ({str(error).strip().splitlines()[0]})"
+    return None
+
+
+def _file_being_written(folder: Path) -> str | None:
+    """The newest file under ``folder`` (the one a failed write left short), relative to it."""
+    try:
+        files = [p for p in folder.rglob("*") if p.is_file()]
+        newest = max(files, key=lambda p: p.stat().st_mtime_ns, default=None)
+    except OSError:
+        return None
+    return None if newest is None else str(newest.relative_to(folder))
+
+
+@contextlib.contextmanager
+def _failed_write_removes(partial: Path, final: Path):
+    """A write into the ``partial`` checkpoint that fails removes it and, for a failed write (full disk,
+    quota), raises one `CheckpointWriteError` line naming the reason, the file, the folder and the last
+    complete checkpoint, which is untouched."""
+    try:
+        yield
+    except BaseException as error:
+        reason = _write_failure_reason(error, partial.parent)
+        file = getattr(error, "filename", None) or _file_being_written(partial)
+        shutil.rmtree(partial, ignore_errors=True)
+        if reason is None:
+            raise
+        if file and Path(file).is_absolute():
+            file = Path(file).relative_to(partial) if Path(file).is_relative_to(partial) else Path(file).name
+        if file:
+            what = f"{final.name}/{file}"
+        elif type(error).__name__ == "SafetensorError":  # safetensors deletes the short file and names none
+            what = f"the model weights (safetensors) of {final.name}"
+        else:
+            what = final.name
+        complete = list_checkpoints(partial.parent)
+        kept = (f"the last complete checkpoint, {complete[-1].name}, is intact; free space there (or choose an "
+                "--output_dir on a larger disk) and resume with --resume_from_checkpoint latest") if complete else (
+                "no complete checkpoint was written before it; free space there (or choose an --output_dir on a "
+                "larger disk) and start again")
+        raise CheckpointWriteError(
+            f"{reason} while writing {what} in {partial.parent}: the partial checkpoint "
+            f"was removed; {kept}"
+        ) from None
 
 
 def _safe_load(file: str | os.PathLike, **kwargs):

@@ -117,15 +117,27 @@ class LogAccumulator:
     def __bool__(self) -> bool:
         return bool(self.sums)
 
+    def stacked(self, device: torch.device | None = None) -> tuple[list[str], torch.Tensor]:
+        """(sorted keys, one 1-D tensor: the sums of those keys, then their counts)."""
+        keys = sorted(self.sums)
+        device = device or self.sums[keys[0]].device
+        return keys, torch.stack([self.sums[k].to(device) for k in keys] + [self.counts[k].to(device) for k in keys])
+
+    def restore(self, keys: Sequence[str], values: Sequence[float], device: torch.device | None = None) -> None:
+        """Continue a window from `stacked` values (a checkpoint's): the sums then the counts of ``keys``."""
+        n = len(keys)
+        if len(values) != 2 * n:
+            raise ValueError(f"a log window of {n} keys needs {2 * n} values, got {len(values)}")
+        self.sums = {k: torch.tensor(float(values[i]), dtype=torch.float32, device=device) for i, k in enumerate(keys)}
+        self.counts = {k: torch.tensor(float(values[n + i]), dtype=torch.float32, device=device) for i, k in enumerate(keys)}
+
     def reduce(self, reduce_fn=None, device: torch.device | None = None) -> dict[str, float]:
         """Mean of every key; ``reduce_fn`` sums a 1-D tensor over processes (one collective call).
 
         Every process must hold the same keys (methods log the same terms at every step)."""
         if not self.sums:
             return {}
-        keys = sorted(self.sums)
-        device = device or self.sums[keys[0]].device
-        stacked = torch.stack([self.sums[k].to(device) for k in keys] + [self.counts[k].to(device) for k in keys])
+        keys, stacked = self.stacked(device)
         if reduce_fn is not None:
             stacked = reduce_fn(stacked)
         values = stacked.cpu().tolist()

@@ -54,7 +54,7 @@ The model selected on the validation split ({{ selection }}) was evaluated once 
 
 - method: `{{ method }}`; model: `{{ model_source }}`; seed: {{ seed }}
 - steps: {{ steps }} (best at step {{ best_step }}); global batch: {{ global_batch }} labelled{{ unlabeled_batch }}
-- optimizer: {{ optimizer }}, learning rate {{ learning_rate }}, schedule {{ schedule }}
+- optimizer: {{ optimizer }}, learning rate {{ learning_rate }}, schedule {{ schedule }}, warm-up {{ warmup }}
 - processes: {{ num_processes }}; mixed precision: {{ mixed_precision }}
 - git commit: {{ git_commit }}
 
@@ -147,7 +147,7 @@ def build_model_card(
         if metrics:
             rows.append("| " + split + " | " + " | ".join(_fmt(metrics.get(m)) for m in metric_names) + " |")
     plot_lines = "\n\n".join(f"![{Path(p).stem}]({p})" for p in plots) or "(no plots)"
-    t = recipe
+    t = resolved_settings(recipe)
     card = ModelCard.from_template(
         card_data,
         template_str=TEMPLATE,
@@ -171,9 +171,10 @@ def build_model_card(
         best_step=best_step,
         global_batch=global_batch,
         unlabeled_batch=f" + {unlabeled_batch} unlabelled" if unlabeled_batch else "",
-        optimizer=t.get("optimizer"),
+        optimizer=optimizer_text(t),
         learning_rate=t.get("learning_rate"),
-        schedule=f"{t.get('lr_scheduler')} per {t.get('lr_scheduler_interval')}, warm-up {t.get('warmup')}",
+        schedule=schedule_text(t),
+        warmup=warmup_text(t, steps),
         num_processes=num_processes,
         mixed_precision=mixed_precision or t.get("mixed_precision") or "no",
         git_commit=git_commit or "unknown",
@@ -182,6 +183,46 @@ def build_model_card(
         plots=plot_lines,
     )
     return card
+
+
+def resolved_settings(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The values the run used: `card_recipe` leaves out every setting at its default, so a key it lacks
+    is the argument default (what run_config.yaml records)."""
+    import dataclasses
+
+    from .arguments import ARGUMENT_CLASSES
+
+    defaults: dict[str, Any] = {}
+    for cls in ARGUMENT_CLASSES:
+        defaults.update(dataclasses.asdict(cls()))
+    return {**defaults, **recipe}
+
+
+def optimizer_text(t: dict[str, Any]) -> str:
+    text = f"{t.get('optimizer')} (weight decay {t.get('weight_decay')}"
+    if t.get("optimizer") == "sgd":
+        text += f", momentum {t.get('momentum')}{', nesterov' if t.get('nesterov') else ''}"
+    return text + ")"
+
+
+def schedule_text(t: dict[str, Any]) -> str:
+    text = f"{t.get('lr_scheduler')} per {t.get('lr_scheduler_interval')}"
+    if t.get("lr_scheduler") == "multistep":
+        text += f" (times {t.get('lr_gamma')} at {t.get('lr_milestones')})"
+    return text
+
+
+def warmup_text(t: dict[str, Any], steps: int | None = None) -> str:
+    """As the trainer reads it: warmup_epochs wins; a warmup below 1 is a fraction of the schedule's
+    steps (max_steps, or ``steps`` trained when the schedule ran in epochs)."""
+    if t.get("warmup_epochs") is not None:
+        return f"{t['warmup_epochs']} epochs"
+    warmup, total = t.get("warmup") or 0, t.get("max_steps")
+    if not (isinstance(total, int) and total > 0):
+        total = steps
+    if warmup < 1:
+        return f"{warmup} of the steps" + (f" ({int(round(warmup * total))} steps)" if total else "")
+    return f"{int(warmup)} steps"
 
 
 def usage_snippet(repo: str, modalities: list[str], example_row: dict[str, Any] | None, image_column: str | None,

@@ -2,14 +2,19 @@
 
 Written into ``<run>/plots/`` at every evaluation (main process):
 
-* ``losses.png``: every training loss term (keys containing ``loss``); the total ``loss`` is the wide
-  translucent black line under the terms, so it stays visible where it equals one of them;
+* ``losses.png``: every training loss term (keys containing ``loss``), each in its own colour (and,
+  past ten terms, line style) whatever their number; the total ``loss`` is the wide translucent black
+  line under the terms, so it stays visible where it equals one of them;
 * ``learning_rate.png``;
-* ``validation.png``: one panel per validation metric;
+* ``validation.png``: one panel per validation metric (not the ``auroc_skipped_classes`` counters); a
+  score in [0, 1] gets a y range of at least 0.1, so noise in the third decimal does not look like a
+  trend;
 * ``pseudo_labels.png``: ``mask_ratio``, ``pseudo_label_accuracy`` (all unlabelled rows) and
-  ``pseudo_label_accuracy_masked`` (the confident, kept rows) when the method logs them.
+  ``pseudo_label_accuracy_masked`` (the confident, kept rows, dashed: visible where it equals the
+  accuracy on all rows) when the method logs them.
 
-Undefined values (JSON null, e.g. the masked accuracy before any row is confident) are gaps.
+Legends sit outside the axes, never over the curves. Undefined values (JSON null, e.g. the masked
+accuracy before any row is confident) are gaps.
 """
 
 from __future__ import annotations
@@ -29,6 +34,39 @@ PSEUDO_LABEL_NAMES = {
 PLOT_FILES = ("losses.png", "learning_rate.png", "validation.png", "pseudo_labels.png", "confusion_matrix.png",
               "landmarks.png", "predictions.png")
 _SKIP_EVAL_KEYS = {"step", "epoch", "split", "time", "runtime_seconds", "samples", "num_samples", "auroc_skipped_classes"}
+_MIN_SCORE_SPAN = 0.1  # y range of a [0, 1] score panel
+
+
+def series_styles(n: int) -> list[tuple[tuple[float, float, float], str]]:
+    """(colour, line style) for ``n`` series, every colour different: tab10, then tab20's light shades
+    (dashed), past twenty evenly spaced hues with alternating brightness (dash-dotted)."""
+    import matplotlib
+    from matplotlib.colors import hsv_to_rgb, to_rgb
+
+    if n <= 20:
+        tab20 = [to_rgb(c) for c in matplotlib.colormaps["tab20"].colors]
+        palette = tab20[0::2] + tab20[1::2]  # the ten strong colours first
+        return [(palette[i], "-" if i < 10 else "--") for i in range(n)]
+    return [(tuple(float(v) for v in hsv_to_rgb((i / n, 0.85, 0.9 if i % 2 == 0 else 0.6))), "-" if i % 2 == 0 else "-.")
+            for i in range(n)]
+
+
+def _legend_outside(ax) -> None:
+    """The legend to the right of the axes (``_save`` keeps it in the picture)."""
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
+
+
+def _score_range(ax, ys: Sequence[float]) -> None:
+    """A score in [0, 1] spans at least `_MIN_SCORE_SPAN` of the y axis (autoscale would blow a change
+    of 0.0001 up to the full height)."""
+    finite = [y for y in ys if math.isfinite(y)]
+    if not finite or min(finite) < 0.0 or max(finite) > 1.0:
+        return
+    low, high = min(finite), max(finite)
+    if high - low >= _MIN_SCORE_SPAN:
+        return
+    middle = min(max((low + high) / 2, _MIN_SCORE_SPAN / 2), 1.0 - _MIN_SCORE_SPAN / 2)
+    ax.set_ylim(middle - _MIN_SCORE_SPAN / 2 - 0.005, middle + _MIN_SCORE_SPAN / 2 + 0.005)
 
 
 def _series(records: Sequence[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -59,7 +97,7 @@ def _figure(n_panels: int):
 def _save(plt, fig, path: Path) -> Path:
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
+    fig.savefig(tmp, dpi=90, bbox_inches="tight")  # "tight": legends outside the axes stay in the picture
     plt.close(fig)
     os.replace(tmp, path)
     return path
@@ -76,17 +114,21 @@ def write_plots(history: Sequence[dict[str, Any]], plot_dir: str | os.PathLike, 
     loss_keys = sorted({k for r in train for k in r if "loss" in k}, key=lambda k: (k != "loss", k))
     if loss_keys:
         plt, fig, axes = _figure(1)
+        fig.set_size_inches(5.2, 3.4)  # the axes; the legend is added to the right
         ax = axes[0]
+        terms = [k for k in loss_keys if k != "loss"]
+        styles = dict(zip(terms, series_styles(len(terms))))
         for key in loss_keys:
             xs, ys = _series(train, key)
             if key == "loss":  # wide, translucent, underneath: visible even where it equals a term
                 ax.plot(xs, ys, label="loss (total)", color="black", linewidth=4.0, alpha=0.35, zorder=1)
             else:
-                ax.plot(xs, ys, label=key, linewidth=1.2, zorder=2)
+                color, style = styles[key]
+                ax.plot(xs, ys, label=key, color=color, linestyle=style, linewidth=1.2, zorder=2)
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
         ax.set_title(f"{title} training losses".strip())
-        ax.legend(fontsize=7)
+        _legend_outside(ax)
         ax.grid(alpha=0.3)
         written.append(_save(plt, fig, plot_dir / "losses.png"))
 
@@ -100,12 +142,14 @@ def write_plots(history: Sequence[dict[str, Any]], plot_dir: str | os.PathLike, 
         axes[0].grid(alpha=0.3)
         written.append(_save(plt, fig, plot_dir / "learning_rate.png"))
 
-    metric_keys = sorted({k for r in validation for k, v in r.items() if k not in _SKIP_EVAL_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)})
+    metric_keys = sorted({k for r in validation for k, v in r.items()
+                          if k.split("/")[-1] not in _SKIP_EVAL_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)})
     if metric_keys:
         plt, fig, axes = _figure(len(metric_keys))
         for ax, key in zip(axes, metric_keys):
             xs, ys = _series(validation, key)
             ax.plot(xs, ys, marker="o", markersize=3)
+            _score_range(ax, ys)
             ax.set_title(f"validation {key}")
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
@@ -116,14 +160,20 @@ def write_plots(history: Sequence[dict[str, Any]], plot_dir: str | os.PathLike, 
     present = [k for k in PSEUDO_LABEL_KEYS if any(k in r for r in train)]
     if present:
         plt, fig, axes = _figure(1)
+        fig.set_size_inches(5.2, 3.2)  # the axes; the legend is added to the right
         ax = axes[0]
+        styles = dict(zip(PSEUDO_LABEL_KEYS, series_styles(len(PSEUDO_LABEL_KEYS))))
         for key in present:
             xs, ys = _series(train, key)
-            ax.plot(xs, ys, label=PSEUDO_LABEL_NAMES.get(key, key), marker="o" if len(xs) < 30 else None, markersize=3)
+            color, _ = styles[key]
+            masked = key == "pseudo_label_accuracy_masked"  # dashed on top: the all-rows line shows through
+            ax.plot(xs, ys, label=PSEUDO_LABEL_NAMES.get(key, key), color=color, linestyle="--" if masked else "-",
+                    linewidth=1.2 if masked else 2.0, marker="o" if len(xs) < 30 else None, markersize=3,
+                    zorder=3 if masked else 2)
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("step")
         ax.set_title(f"{title} pseudo-labels".strip())
-        ax.legend(fontsize=7)
+        _legend_outside(ax)
         ax.grid(alpha=0.3)
         written.append(_save(plt, fig, plot_dir / "pseudo_labels.png"))
     return written
@@ -146,6 +196,16 @@ def confusion_matrix(predicted, references, num_labels: int):
     return matrix
 
 
+def row_normalised(matrix):
+    """Each row of a confusion matrix as fractions of its true class's rows (sums to 1; a class with no
+    rows stays all zeros)."""
+    import numpy as np
+
+    matrix = np.asarray(matrix, dtype=np.float64)
+    rows = matrix.sum(axis=1, keepdims=True)
+    return np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
+
+
 def write_prediction_plots(task: str, logits, references, plot_dir: str | os.PathLike, *, num_labels: int = 0,
                            label_names: Sequence[str] | None = None, images=None, title: str = "",
                            max_images: int = 16) -> list[Path]:
@@ -166,22 +226,25 @@ def write_prediction_plots(task: str, logits, references, plot_dir: str | os.Pat
         matrix = confusion_matrix(logits.argmax(axis=-1), references, num_labels)
         plt, fig, axes = _figure(1)
         ax = axes[0]
-        fig.set_size_inches(max(4.2, 0.45 * num_labels + 2.5), max(3.6, 0.45 * num_labels + 2.0))
-        rows = matrix.sum(axis=1, keepdims=True)
-        shown = np.divide(matrix, np.maximum(rows, 1))
-        ax.imshow(shown, cmap="Blues", vmin=0.0, vmax=1.0)
+        fig.set_size_inches(max(4.8, 0.45 * num_labels + 3.4), max(3.6, 0.45 * num_labels + 2.0))
+        # colour and numbers: the fraction of each true class's rows; the counts are on the row labels
+        shown = row_normalised(matrix)
+        image = ax.imshow(shown, cmap="Blues", vmin=0.0, vmax=1.0)
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04).set_label("fraction of the true class", fontsize=7)
         names = list(label_names) if label_names and len(label_names) == num_labels else [str(i) for i in range(num_labels)]
+        counts = matrix.sum(axis=1)
         ax.set_xticks(range(num_labels), names, rotation=90 if num_labels > 6 else 0, fontsize=7)
-        ax.set_yticks(range(num_labels), names, fontsize=7)
+        ax.set_yticks(range(num_labels), [f"{name} (n={n})" for name, n in zip(names, counts)], fontsize=7)
         if num_labels <= 20:
             for i in range(num_labels):
                 for j in range(num_labels):
-                    ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=6,
-                            color="white" if shown[i, j] > 0.5 else "black")
+                    if matrix[i, j]:  # empty cells stay blank
+                        ax.text(j, i, f"{shown[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                                color="white" if shown[i, j] > 0.5 else "black")
         accuracy = np.trace(matrix) / max(1, matrix.sum())
         ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        ax.set_title(f"{title} confusion (acc {accuracy:.3f}, rows normalised)".strip(), fontsize=8)
+        ax.set_ylabel("true (n = its rows)")
+        ax.set_title(f"{title} confusion, acc {accuracy:.3f}\nrows normalised: fraction of each true class".strip(), fontsize=8)
         written.append(_save(plt, fig, plot_dir / "confusion_matrix.png"))
     elif task == "landmarks" and images is not None and len(images):
         images = np.asarray(images, dtype=np.float64)

@@ -27,6 +27,7 @@ from . import checkpointing as ckpt
 from . import manifest
 from .logging import JSONL_LOG, JsonlLogger, LogAccumulator, format_postfix, resolve_trackers
 
+LOG_WINDOW_KEY = "log_window"  # trainer_state.json: the training-log sums not yet logged
 LOWER_IS_BETTER = {"nme", "rmse", "mse", "mae", "loss", "failure_rate", "error"}
 
 
@@ -262,10 +263,34 @@ class Trainer:
         fingerprint = dict(self.progress.fingerprint)
         ckpt.load_checkpoint(self.accelerator, path, self.progress)
         self.progress.fingerprint = fingerprint
+        self._restore_log_window(ckpt.read_checkpoint_state(path).get(LOG_WINDOW_KEY))
         self.last_checkpoint = path
         self.jsonl.truncate_after(self.progress.step)
         self.accelerator.print(f"resumed from {path} at step {self.progress.step}")
         return path
+
+    # ------------------------------------------------------------------ the training-log window
+    # A checkpoint between two logging steps holds the window's running sums (every process's), so the
+    # first line a resumed run logs averages the whole window, as the uninterrupted run's does.
+    def _log_window_state(self) -> dict[str, Any] | None:
+        """Every process's unlogged sums and counts (collective: call on every process)."""
+        if not self.logs:  # every process logs the same keys at the same steps: empty everywhere
+            return None
+        keys, stacked = self.logs.stacked(self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            stacked = self.accelerator.gather(stacked.contiguous())
+        return {"keys": keys, "values": stacked.reshape(self.accelerator.num_processes, -1).cpu().tolist()}
+
+    def _restore_log_window(self, window: dict[str, Any] | None) -> None:
+        if not window:
+            return
+        acc = self.accelerator
+        rows = window["values"]
+        if len(rows) == acc.num_processes:
+            row = rows[acc.process_index]
+        else:  # another process count: the main process carries the whole window (same means)
+            row = [sum(column) if acc.is_main_process else 0.0 for column in zip(*rows)]
+        self.logs.restore(window["keys"], row, acc.device)
 
     # ------------------------------------------------------------------ non-finite guard
     def _track_nonfinite(self, loss: torch.Tensor, logs: dict[str, torch.Tensor]) -> None:
@@ -445,12 +470,11 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         self._check_nonfinite()  # never keep a checkpoint with NaN weights as "good"
         self.sync_batchnorm_statistics()  # every process continues from the state that is saved
-        path = ckpt.save_checkpoint(
-            self.accelerator,
-            self.output_dir,
-            self.progress,
-            extra={"metric_for_best_model": self.best_metric_name, "max_steps": self.max_steps},
-        )
+        extra = {"metric_for_best_model": self.best_metric_name, "max_steps": self.max_steps}
+        window = self._log_window_state()
+        if window is not None:
+            extra[LOG_WINDOW_KEY] = window
+        path = ckpt.save_checkpoint(self.accelerator, self.output_dir, self.progress, extra=extra)
         self.last_checkpoint = path
         self._probe_next = path
         if self.accelerator.is_main_process:
@@ -587,7 +611,8 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
             last = progress.step >= stop_at
-            if progress.step % targs.logging_steps == 0 or last:
+            # a stop before max_steps logs no part-window: the checkpoint carries it to the resumed run
+            if progress.step % targs.logging_steps == 0 or progress.step >= self.max_steps:
                 values = self.logs.reduce(lambda t: acc.reduce(t, reduction="sum") if acc.num_processes > 1 else t, acc.device)
                 self._check_nonfinite()
                 elapsed = time.perf_counter() - t_log
