@@ -56,6 +56,9 @@ class Dataset:
     data: dict[str, Any]  # synthetic_task, synthetic_num_samples, synthetic_image_size, labeled_fraction
     budget: dict[str, Any] = field(default_factory=dict)  # max_steps / eval_steps for every run (entries may override)
     reference: str = "supervised"  # the baseline entry every row is compared with (the report's delta column)
+    # a bring-your-own dataset: the suite writes its source files and builds it with the user's CLI
+    # (scripts/prepare_dataset.py) into <work_dir>/datasets/<name>; runs read it with --dataset
+    build: str | None = None  # key of BUILDERS
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,8 @@ DATASETS = {
                 dict(synthetic_task="image", synthetic_num_samples=4000, synthetic_image_size=32, labeled_fraction=0.05), BUDGET),
         Dataset("landmarks", "synthetic landmarks (AFLW-like faces, 5 keypoints), 10 % labelled",
                 dict(synthetic_task="landmarks", synthetic_num_samples=2000, synthetic_image_size=60, labeled_fraction=0.1), BUDGET),
+        Dataset("digits", "real handwritten digits (scikit-learn, 1,797 8x8 images, 10 classes), 5 % labelled",
+                dict(labeled_fraction=0.05), BUDGET, build="digits"),
     ]
 }
 MULTIMODAL = ("multimodal_1pct", "multimodal_10pct")
@@ -187,6 +192,13 @@ def _image_entries() -> list[Entry]:
     return out
 
 
+def _digits_entries() -> list[Entry]:
+    """The image table's entries on the real digits: each method's synthetic image recipe, only the
+    data changed (what a user does with their own images)."""
+    return [Entry(e.name, "digits", e.recipe, e.overrides, e.kind, e.note, data_overrides=e.data_overrides,
+                  requires_cached=e.requires_cached) for e in _image_entries()]
+
+
 def _landmark_entries() -> list[Entry]:
     sup = "recipes/supervised_synthetic_landmarks.yaml"
     out = [
@@ -199,7 +211,7 @@ def _landmark_entries() -> list[Entry]:
     return out
 
 
-SUITE: list[Entry] = _multimodal_entries() + _image_entries() + _landmark_entries()
+SUITE: list[Entry] = _multimodal_entries() + _image_entries() + _digits_entries() + _landmark_entries()
 
 
 @dataclass(frozen=True)
@@ -225,7 +237,7 @@ def _expected_orderings() -> list[Check]:
             Check(ds, "stil", "supervised_tip_init", "STiL beats TIP fine-tuning on the labels alone"),
         ]
         out += [Check(ds, f"{m}_multimodal", f"{m}_image", "the multimodal variant beats the image-only one") for m in MATCH_RECIPES]
-    out += [Check("image", m, "supervised", "SSL beats the supervised baseline") for m in IMAGE_SSL]
+    out += [Check(ds, m, "supervised", "SSL beats the supervised baseline") for ds in ("image", "digits") for m in IMAGE_SSL]
     out += [Check("landmarks", m, "supervised", "SSL beats the supervised baseline") for m in LANDMARK_SSL]
     out += [Check("landmarks", "l2i_o", "mean_teacher", "L2I improves on its Mean Teacher base"),
             Check("landmarks", "l2i_l", "mean_teacher", "L2I improves on its Mean Teacher base")]
@@ -347,6 +359,8 @@ def plan_runs(entries: list[Entry], seeds: Iterable[int], work_dir: Path, quick:
                 return rid
             deps = []
             values = dict(COMMON_OVERRIDES)
+            if datasets[e.dataset].build:
+                values["dataset"] = _shown(dataset_folder(work_dir, datasets[e.dataset]), root)
             values.update(datasets[e.dataset].data)
             values.update(e.data_overrides)
             values.update(datasets[e.dataset].budget)
@@ -370,6 +384,74 @@ def plan_runs(entries: list[Entry], seeds: Iterable[int], work_dir: Path, quick:
         for e in usable:
             add(e)
     return [runs[r] for r in order], skipped
+
+
+# ==================================================================================================
+# bring-your-own datasets
+# ==================================================================================================
+def dataset_folder(work_dir: Path, dataset: Dataset) -> Path:
+    return Path(work_dir) / "datasets" / dataset.name
+
+
+def write_digits_source(folder: Path) -> tuple[Path, list[str]]:
+    """scikit-learn's 1,797 real 8x8 handwritten digits (shipped with the package, no network) as a
+    user brings images: one grayscale PNG per row (intensities 0..16 scaled to 0..255) and a CSV
+    ``path,label``. Returns the CSV and the ``scripts/prepare_dataset.py`` flags that build it:
+    stratified 60/20/20 train/validation/test, 5 % of the train rows labelled."""
+    import csv
+
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    table = folder / "digits.csv"
+    with open(table, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label"])
+        for row, (pixels, label) in enumerate(zip(images, digits.target)):
+            name = f"images/{row:04d}.png"
+            Image.fromarray(pixels, mode="L").save(folder / name)
+            writer.writerow([name, int(label)])
+    flags = ["--image-column", "path", "--label-column", "label", "--val-fraction", "0.2", "--test-fraction", "0.2",
+             "--labeled-fraction", "0.05", "--seed", "0"]
+    return table, flags
+
+
+BUILDERS: dict[str, Callable[[Path], tuple[Path, list[str]]]] = {"digits": write_digits_source}
+
+
+def prepare_command(dataset: Dataset, work_dir: Path, python: str = sys.executable, root: Path = ROOT) -> list[str]:
+    """Write the dataset's source files and return the user's command that builds it (run from ``root``)."""
+    output = dataset_folder(work_dir, dataset)
+    table, flags = BUILDERS[dataset.build](output.parent / f"{dataset.name}_source")
+    return [python, "scripts/prepare_dataset.py", "--table", _shown(table, root), *flags,
+            "--output", _shown(output, root), "--no-progress"]
+
+
+def prepare_datasets(runs: list[Run], work_dir: Path, datasets: dict[str, Dataset] | None = None,
+                     run_command: Callable[[list[str]], None] | None = None, log=print, root: Path = ROOT) -> list[str]:
+    """Build every bring-your-own dataset the runs read and that is not built yet (a folder with
+    ``dataset_dict.json``); returns the names built. ``run_command`` runs the CLI (default: a subprocess)."""
+    datasets = datasets or DATASETS
+    built = []
+    for name in dict.fromkeys(run.entry.dataset for run in runs):
+        dataset = datasets[name]
+        if not dataset.build or (dataset_folder(work_dir, dataset) / "dataset_dict.json").is_file():
+            continue
+        command = prepare_command(dataset, work_dir, root=root)
+        log(f"building {name}: {shlex.join(['python'] + command[1:])}")
+        (run_command or _run_prepare)(command)
+        built.append(name)
+    return built
+
+
+def _run_prepare(command: list[str]) -> None:
+    proc = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"building a dataset failed: {proc.stderr.strip()[-500:]}")
 
 
 # ==================================================================================================
@@ -714,6 +796,7 @@ def main(argv: list[str] | None = None, runner: Callable[[Run, Path], dict[str, 
             print(("done  " if is_done(run) else "to do ") + run.id + "\n    " + display_command(run))
         return 0
     started = time.perf_counter()
+    prepare_datasets(runs, work_dir, datasets, root=root)
     results = execute(runs, runner, progress=not args.no_progress)
     # the report covers the whole table: runs of entries not selected this time count when already done
     everything, skipped_all = plan_runs(entries, seeds, work_dir, quick=args.quick, root=root, datasets=datasets)

@@ -316,3 +316,47 @@ def test_real_table_expectations_name_real_entries():
     for check in suite.EXPECTED:
         assert (check.dataset, check.better) in names and (check.dataset, check.worse) in names, check
     assert all(suite.DATASETS[d].reference in {e.name for e in suite.SUITE if e.dataset == d} for d in suite.DATASETS)
+
+
+# ------------------------------------------------------------------------------ the real digits benchmark
+def test_digits_is_a_bring_your_own_dataset_with_the_image_table(repo):
+    digits = suite.DATASETS["digits"]
+    assert digits.build == "digits" and "synthetic_task" not in digits.data and digits.budget == suite.BUDGET
+    names = {e.name for e in suite.SUITE if e.dataset == "digits"}
+    assert {"supervised", "supervised_all_labels", *suite.IMAGE_SSL} <= names
+    assert {(c.better, c.worse) for c in suite.EXPECTED if c.dataset == "digits"} == {(m, "supervised") for m in suite.IMAGE_SSL}
+    entries = [Entry("supervised", "digits", "recipes/sup.yaml", {}, "baseline")]
+    runs, _ = suite.plan_runs(entries, [1], repo / "work", root=repo, datasets=suite.DATASETS, python="python")
+    command = runs[0].command
+    assert command[command.index("--dataset") + 1] == "work/datasets/digits"  # the folder the CLI builds
+    assert command[command.index("--labeled_fraction") + 1] == "0.05"
+    assert "--synthetic_task" not in command
+
+
+def test_digits_built_once_through_the_users_cli(repo):
+    entries = [Entry("supervised", "digits", "recipes/sup.yaml", {}, "baseline")]
+    runs, _ = suite.plan_runs(entries, [0, 1], repo / "work", root=repo, datasets=suite.DATASETS, python="python")
+    commands = []
+
+    def run_command(command):  # the real CLI, in process
+        commands.append(command)
+        spec = importlib.util.spec_from_file_location("prepare_dataset", ROOT / "scripts" / "prepare_dataset.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        assert module.run_cli(module.main, [str(repo / a) if a.startswith("work/") else a for a in command[2:]]) == 0
+
+    assert suite.prepare_datasets(runs, repo / "work", run_command=run_command, log=lambda *a: None, root=repo) == ["digits"]
+    assert commands[0][1] == "scripts/prepare_dataset.py" and commands[0][commands[0].index("--table") + 1] == (
+        "work/datasets/digits_source/digits.csv")
+    source = (repo / "work/datasets/digits_source/digits.csv").read_text().splitlines()
+    assert source[0] == "path,label" and len(source) == 1 + 1797
+    from data_utils.io import load_dataset
+
+    dataset, metadata, _ = load_dataset(repo / "work/datasets/digits")
+    sizes = {split: len(dataset[split]) for split in dataset}
+    assert sum(sizes.values()) == 1797 and sizes["validation"] > 300 and sizes["test"] > 300
+    labelled = sum(dataset["train"]["labeled"])
+    assert 0.04 < labelled / sizes["train"] < 0.06 and len(metadata.label_names) == 10
+    # built: the next call (a resumed suite) does nothing
+    assert suite.prepare_datasets(runs, repo / "work", run_command=run_command, log=lambda *a: None, root=repo) == []
+    assert len(commands) == 1

@@ -26,7 +26,18 @@ import torch
 from torch import nn
 
 from .base import MethodArguments, SSLMethod, TrainState, register_method
-from .common import EMATeacher, concat_views, confidence_mask, cross_entropy, head_logits, model_inputs, pseudo_label_logs
+from .common import (
+    EMATeacher,
+    check_fraction,
+    concat_views,
+    confidence_mask,
+    cross_entropy,
+    head_logits,
+    model_inputs,
+    pseudo_label_logs,
+    scheduled_momentum,
+    unlabeled_gate_open,
+)
 from .mmatch import check_unimodal_heads
 
 
@@ -40,11 +51,15 @@ class CoTrainingArguments(MethodArguments):
     use_ema: bool = True  # EMA teacher; False: the student's own detached predictions
     eman: bool = True  # state EMA (BN statistics averaged too); False: parameter EMA
     ema_momentum: float = 0.996
+    ema_span_fraction: float | None = None  # relative form of ema_momentum: span 1/(1-m) = this x max_steps
     start_epoch: int = 10  # the unlabelled terms enter the loss from epoch start_epoch + 1 (DVM 10, cardiac 8)
+    start_fraction: float | None = None  # relative form of start_epoch: the unlabelled terms join at this x max_steps
 
     def __post_init__(self):
         if not 0.0 <= self.ema_momentum <= 1.0:
             raise ValueError("ema_momentum must be in [0, 1]")
+        check_fraction("ema_span_fraction", self.ema_span_fraction)
+        check_fraction("start_fraction", self.start_fraction)
         if not 0.0 <= self.co_threshold <= 1.0:
             raise ValueError("co_threshold must be in [0, 1]")
 
@@ -116,7 +131,7 @@ class CoTraining(SSLMethod):
         a = self.args
         terms, logs = self.compute_terms(labeled, unlabeled, state)
         loss = a.alpha * (terms["sup_loss_multimodal"] + terms["sup_loss_image"] + terms["sup_loss_tabular"])
-        active = state.epoch > a.start_epoch
+        active = unlabeled_gate_open(state, a.start_epoch, a.start_fraction)
         if active:
             loss = loss + a.rate_uce * (terms["unsup_loss_image"] + terms["unsup_loss_tabular"])
         logs["unsup_active"] = torch.tensor(float(active))
@@ -126,7 +141,7 @@ class CoTraining(SSLMethod):
     @torch.no_grad()
     def after_optimizer_step(self, state: TrainState) -> None:
         if self.ema is not None:
-            self.ema.update(self.model, self.args.ema_momentum)
+            self.ema.update(self.model, scheduled_momentum(self.args.ema_momentum, self.args.ema_span_fraction, state.max_steps))
 
     @torch.no_grad()
     def evaluation_step(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:

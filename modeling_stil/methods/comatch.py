@@ -51,6 +51,9 @@ from .common import (
     concat_views,
     cross_entropy,
     ema_momentum,
+    check_fraction,
+    linear_rampup,
+    unlabeled_gate_open,
     gather_no_grad,
     model_inputs,
     model_projection_head,
@@ -75,6 +78,7 @@ class CoMatchArguments(MethodArguments):
     lambda_u: float = 1.0  # [STiL lam_u 10]
     lambda_c: float = 1.0  # [STiL lam_c 10]
     lambda_c_ramp: bool = False  # weight min(epoch + 1, lambda_c) (STiL/salesforce)
+    lambda_c_rampup_fraction: float | None = None  # relative form of the ramp: lambda_c clip(t / (this x max_steps), 0, 1)
     queue_size: int | None = None  # K; None = queue_batch * global (B_l + B_u) (USB) [STiL 2560]
     queue_batch: int = 5  # USB: batches the queue holds (only when queue_size is None)
     queue_overflow: str = "truncate"  # "truncate": the originals (drop the rest, restart at 0); "wrap"
@@ -86,10 +90,13 @@ class CoMatchArguments(MethodArguments):
     teacher: str = "online"
     ema_momentum: float = 0.999  # [STiL 0.996]
     ema_warmup: bool = False
+    ema_span_fraction: float | None = None  # relative form of ema_momentum: span 1/(1-m) = this x max_steps
     eval_with_ema: bool = True  # evaluate/export the EMA model (USB) [STiL: the student]
     start_epoch: int = -1  # only L_x while epoch <= start_epoch [STiL 10 DVM / 8 cardiac]
     smoothing_start_epoch: int = 1  # memory smoothing from this epoch (USB: epoch > 0) [STiL start_epoch + 1]
+    start_fraction: float | None = None  # relative form of start_epoch: the unlabelled terms join at this x max_steps
     smoothing_start_step: int = 6  # ... and this optimisation step (USB: it > queue_batch) [STiL 0]
+    smoothing_start_fraction: float | None = None  # relative form of both smoothing gates: from this x max_steps
     labeled_view: str = "weak"  # [STiL "hard" w.p. augmentation_rate]
     projection_dim: int = 64  # only for a model without a projection head (WRN): USB proj_size
     max_queue_gib: float = 4.0  # refuse queues (2 K (P + C) float32) larger than this
@@ -110,6 +117,10 @@ class CoMatchArguments(MethodArguments):
             raise ValueError("queue_batch and da_len must be >= 1")
         if not 0.0 <= self.ema_momentum < 1.0:
             raise ValueError("ema_momentum must be in [0, 1)")
+        check_fraction("ema_span_fraction", self.ema_span_fraction)
+        check_fraction("start_fraction", self.start_fraction)
+        for name in ("lambda_c_rampup_fraction", "smoothing_start_fraction"):
+            check_fraction(name, getattr(self, name))
         if self.labeled_view not in LABELED_VIEWS:
             raise ValueError(f"labeled_view must be one of {LABELED_VIEWS}")
 
@@ -284,7 +295,10 @@ class CoMatch(SSLMethod):
         a = self.args
         y = labeled["labels"]
         z_l, z_s0, g_s0, g_s1, z_w, g_l, g_w = self.forward_views(labeled, unlabeled)
-        smoothing = state.epoch >= a.smoothing_start_epoch and state.step >= a.smoothing_start_step
+        if a.smoothing_start_fraction is not None:
+            smoothing = unlabeled_gate_open(state, -1, a.smoothing_start_fraction)
+        else:
+            smoothing = state.epoch >= a.smoothing_start_epoch and state.step >= a.smoothing_start_step
         with torch.no_grad():
             probs = z_w.float().softmax(dim=1)
             if self.DA is not None:
@@ -308,28 +322,33 @@ class CoMatch(SSLMethod):
         }
         self.enqueue(g_l, y, g_w, p_orig, g_s1, probs, state)
         logs = {k: v.detach() for k, v in terms.items()}
-        logs["unsup_active"] = torch.tensor(float(state.epoch > a.start_epoch))
+        logs["unsup_active"] = torch.tensor(float(unlabeled_gate_open(state, a.start_epoch, a.start_fraction)))
         logs["graph_edges"] = (q_hat > 0).float().sum(dim=1).mean()
         logs.update(pseudo_label_logs(probs.argmax(dim=1), mask, unlabeled.get("monitor_labels")))
         return terms, logs
 
-    def contrast_weight(self, epoch: int) -> float:
+    def contrast_weight(self, epoch: int, state: TrainState | None = None) -> float:
+        """lambda_c: constant (USB), ``min(epoch + 1, lambda_c)`` (STiL/salesforce), or ramped
+        linearly over ``lambda_c_rampup_fraction`` of the run (needs ``state``)."""
         a = self.args
+        if a.lambda_c_rampup_fraction is not None and state is not None:
+            return float(a.lambda_c) * linear_rampup(state.step, a.lambda_c_rampup_fraction * state.max_steps)
         return float(min(epoch + 1, a.lambda_c)) if a.lambda_c_ramp else float(a.lambda_c)
 
     def training_step(self, labeled: dict, unlabeled: dict | None, state: TrainState):
         a = self.args
         terms, logs = self.compute_terms(labeled, unlabeled, state)
         loss = terms["sup_loss"]
-        if state.epoch > a.start_epoch:
-            loss = loss + a.lambda_u * terms["unsup_loss"] + self.contrast_weight(state.epoch) * terms["contrast_loss"]
+        if unlabeled_gate_open(state, a.start_epoch, a.start_fraction):
+            loss = loss + a.lambda_u * terms["unsup_loss"] + self.contrast_weight(state.epoch, state) * terms["contrast_loss"]
         logs["loss"] = loss.detach()
         return loss, logs
 
     # ------------------------------------------------------------------ hooks
     @torch.no_grad()
     def after_optimizer_step(self, state: TrainState) -> None:
-        self.ema.update(self._net(), ema_momentum(self.args.ema_momentum, state.step, self.args.ema_warmup))
+        self.ema.update(self._net(), ema_momentum(self.args.ema_momentum, state.step, self.args.ema_warmup,
+                                                    self.args.ema_span_fraction, state.max_steps))
 
     def eval_model(self):
         return self.ema.module.model if self.args.eval_with_ema else self.model

@@ -195,6 +195,48 @@ class EMATeacher(nn.Module):
             teacher_value.copy_(student_value)
 
 
+# ---------------------------------------------------------------------------------------- budget-aware schedules
+# One convention for every schedule a method has (docs/methods.md, "Budget-aware schedules"): the
+# absolute key keeps the original's unit and value (``start_epoch``, ``ema_momentum``, a ramp in
+# steps), and its ``*_fraction`` companion, when set, states the same schedule relative to the run
+# (a fraction of ``max_steps``) and replaces it. Paper recipes use the absolute keys; short recipes
+# the relative ones, so a 1,000-step run behaves like a compressed paper run.
+def check_fraction(name: str, value: float | None, upper_inclusive: bool = True) -> None:
+    """Stop on a schedule fraction outside [0, 1] (None = not used)."""
+    if value is None:
+        return
+    if not (0.0 <= value <= 1.0) or (not upper_inclusive and value == 1.0):
+        bound = "1]" if upper_inclusive else "1)"
+        raise ValueError(f"{name} must be a fraction of max_steps in [0, {bound}, got {value}")
+
+
+def fraction_of_run(fraction: float, max_steps: int) -> float:
+    """A point or length of the schedule stated as ``fraction`` of the run, in optimisation steps."""
+    return float(fraction) * max(1, int(max_steps))
+
+
+def unlabeled_gate_open(state: TrainState, start_epoch: int, start_fraction: float | None = None) -> bool:
+    """The epoch gate of the unlabelled terms: open after epoch ``start_epoch`` (the originals' rule,
+    ``epoch > start_epoch``; -1 = always), or, when ``start_fraction`` is set, from step
+    ``start_fraction * max_steps`` on. Python numbers only: no device sync."""
+    if start_fraction is not None:
+        return state.step >= fraction_of_run(start_fraction, state.max_steps)
+    return state.epoch > start_epoch
+
+
+def span_momentum(span_fraction: float, max_steps: int) -> float:
+    """The EMA momentum whose averaging span ``1 / (1 - m)`` is ``span_fraction`` of the run:
+    ``m = 1 - 1 / (span_fraction * max_steps)`` (0 when the span is a step or less: a copy).
+    0.999 is a span of 1,000 steps: 0.1 % of a 2^20-step paper run, all of a 1,000-step one."""
+    span = fraction_of_run(span_fraction, max_steps)
+    return 0.0 if span <= 1.0 else 1.0 - 1.0 / span
+
+
+def scheduled_momentum(momentum: float, span_fraction: float | None, max_steps: int) -> float:
+    """``momentum`` (absolute) or, when ``span_fraction`` is set, `span_momentum` (relative)."""
+    return momentum if span_fraction is None else span_momentum(span_fraction, max_steps)
+
+
 def warmup_momentum(momentum: float, step: int) -> float:
     """EMA momentum with a warm-up: ``min(momentum, (1 + step) / (10 + step))`` (TensorFlow's
     ``ExponentialMovingAverage(num_updates=step)``), so a short run's EMA is not stuck at the
@@ -202,8 +244,10 @@ def warmup_momentum(momentum: float, step: int) -> float:
     return min(momentum, (1.0 + step) / (10.0 + step))
 
 
-def ema_momentum(momentum: float, step: int, warmup: bool) -> float:
-    """The momentum of an EMA update at ``step``: warmed up (``warmup_momentum``) or constant."""
+def ema_momentum(momentum: float, step: int, warmup: bool, span_fraction: float | None = None, max_steps: int = 1) -> float:
+    """The momentum of an EMA update at ``step``: ``momentum``, or the momentum of a span of
+    ``span_fraction`` of the run (`scheduled_momentum`), warmed up (``warmup_momentum``) or constant."""
+    momentum = scheduled_momentum(momentum, span_fraction, max_steps)
     return warmup_momentum(momentum, step) if warmup else momentum
 
 
@@ -215,6 +259,11 @@ def check_num_labels(method_name: str, model, num_labels) -> None:
             f"{method_name}: the model predicts {model_labels} classes but the data has {num_labels}; "
             "build the model for this dataset (a preset, or --model_overrides num_labels=...)"
         )
+
+
+def rampup_length(steps: float, fraction: float | None, max_steps: int) -> float:
+    """The length of a ramp in steps: ``steps`` (absolute), or ``fraction`` of the run when set."""
+    return float(steps) if fraction is None else fraction_of_run(fraction, max_steps)
 
 
 def sigmoid_rampup(current: float, length: float) -> float:

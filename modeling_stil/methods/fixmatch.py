@@ -28,6 +28,7 @@ from .common import (
     confidence_mask,
     cross_entropy,
     ema_momentum,
+    check_fraction,
     model_inputs,
     pseudo_label_logs,
     pseudo_labels,
@@ -46,6 +47,7 @@ class FixMatchArguments(MethodArguments):
     concat_forward: bool = True
     ema_momentum: float = 0.999  # 0 disables the EMA model entirely
     ema_warmup: bool = True  # momentum min(m, (1+t)/(10+t)): sane EMA for short runs
+    ema_span_fraction: float | None = None  # relative form of ema_momentum: span 1/(1-m) = this x max_steps
     ema_mode: str = "parameters"  # "parameters" (paper/USB) or "state" (EMAN: BN statistics averaged too)
     eval_with_ema: bool = True  # evaluate/export the EMA model (paper, USB) when it exists
     use_ema_teacher: bool = False  # pseudo-labels from the EMA model instead of the student's weak view
@@ -55,6 +57,7 @@ class FixMatchArguments(MethodArguments):
             raise ValueError("threshold must be in [0, 1]")
         if not 0.0 <= self.ema_momentum < 1.0:
             raise ValueError("ema_momentum must be in [0, 1)")
+        check_fraction("ema_span_fraction", self.ema_span_fraction)
         if self.ema_mode not in EMA_MODES:
             raise ValueError(f"ema_mode must be one of {EMA_MODES}")
         if self.temperature <= 0:
@@ -121,7 +124,8 @@ class FixMatch(SSLMethod):
     def after_optimizer_step(self, state: TrainState) -> None:
         if self.ema is None:
             return
-        self.ema.update(self.model, ema_momentum(self.args.ema_momentum, state.step, self.args.ema_warmup))
+        self.ema.update(self.model, ema_momentum(self.args.ema_momentum, state.step, self.args.ema_warmup,
+                                                    self.args.ema_span_fraction, state.max_steps))
 
     def eval_model(self):
         if self.ema is not None and self.args.eval_with_ema:

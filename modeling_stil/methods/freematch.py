@@ -49,6 +49,8 @@ from .common import (
     concat_views,
     cross_entropy,
     ema_momentum,
+    check_fraction,
+    unlabeled_gate_open,
     model_inputs,
     pseudo_label_logs,
     unwrap_model,
@@ -74,8 +76,10 @@ class FreeMatchArguments(MethodArguments):
     ema_momentum: float = 0.999  # USB ema_m (STiL 0.996); 0 disables the EMA model (needs "student")
     ema_mode: str = "parameters"  # "parameters" (USB) or "state" (EMAN, STiL)
     ema_warmup: bool = False  # momentum min(m, (1+t)/(10+t)); USB and STiL use a constant momentum
+    ema_span_fraction: float | None = None  # relative form of ema_momentum: span 1/(1-m) = this x max_steps
     eval_with_ema: bool = True  # evaluate/export the EMA model (USB); STiL evaluates the student
     start_epoch: int = -1  # L_u and L_e enter the loss from epoch start_epoch + 1 (STiL: 10 DVM / 8 cardiac)
+    start_fraction: float | None = None  # relative form of start_epoch: the unlabelled terms join at this x max_steps
 
     def __post_init__(self):
         if self.pseudo_labels_from not in PSEUDO_LABEL_SOURCES:
@@ -84,6 +88,8 @@ class FreeMatchArguments(MethodArguments):
             raise ValueError("sat_momentum must be in [0, 1)")
         if not 0.0 <= self.ema_momentum < 1.0:
             raise ValueError("ema_momentum must be in [0, 1)")
+        check_fraction("ema_span_fraction", self.ema_span_fraction)
+        check_fraction("start_fraction", self.start_fraction)
         if self.ema_mode not in EMA_MODES:
             raise ValueError(f"ema_mode must be one of {EMA_MODES}")
         if self.pseudo_labels_from == "teacher" and self.ema_momentum == 0:
@@ -242,7 +248,7 @@ class FreeMatch(SSLMethod):
         a = self.args
         terms, logs = self.compute_terms(labeled, unlabeled, state)
         loss = terms["sup_loss"]
-        active = state.epoch > a.start_epoch  # python ints: no device sync
+        active = unlabeled_gate_open(state, a.start_epoch, a.start_fraction)  # python numbers: no device sync
         if active:
             loss = loss + a.lambda_u * terms["unsup_loss"] + a.lambda_e * terms["fairness_loss"]
         logs["unsup_active"] = torch.tensor(float(active))
@@ -254,7 +260,8 @@ class FreeMatch(SSLMethod):
     def after_optimizer_step(self, state: TrainState) -> None:
         if self.ema is None:
             return
-        self.ema.update(self.model, ema_momentum(self.args.ema_momentum, state.step, self.args.ema_warmup))
+        self.ema.update(self.model, ema_momentum(self.args.ema_momentum, state.step, self.args.ema_warmup,
+                                                    self.args.ema_span_fraction, state.max_steps))
 
     def eval_model(self):
         if self.ema is not None and self.args.eval_with_ema:

@@ -239,7 +239,7 @@ class _L2IBase(MeanTeacher):
 
     def _update_eval_ema(self, state: TrainState) -> None:
         evaluation_ema_step(self.eval_ema, self.model, state, self.args.eval_ema_decay, self.args.eval_ema_warmup,
-                            self.args.resolved_student_weight_decay(state.task))
+                            self.args.resolved_student_weight_decay(state.task), span_fraction=self.args.eval_ema_span_fraction)
 
     # ------------------------------------------------------------------ shared pieces of the meta step
     def inner_lr(self, state: TrainState) -> float:

@@ -48,6 +48,8 @@ from .base import (
     register_method,
 )
 from .common import (
+    check_fraction,
+    scheduled_momentum,
     EMATeacher,
     linear_rampup,
     model_inputs,
@@ -188,13 +190,14 @@ def resolve_view(model, view: str | None) -> str:
 
 @torch.no_grad()
 def evaluation_ema_step(eval_ema: EMATeacher | None, model, state: TrainState, decay: float, warmup: bool,
-                        student_weight_decay: float) -> None:
+                        student_weight_decay: float, span_fraction: float | None = None) -> None:
     """The MixMatch-pytorch ``WeightEMA.step`` the L2I scripts share (§3.3): the evaluation EMA
     ``theta_eval <- d theta_eval + (1 - d) theta`` (parameters; BN buffers copied from the student),
     then the decoupled weight decay ``theta <- (1 - student_weight_decay * lr) theta`` on every
     floating parameter of the student (biases and BN affine included, as the original)."""
     t = max(0, state.step - 1)
     if eval_ema is not None:
+        decay = scheduled_momentum(decay, span_fraction, state.max_steps)  # relative form: a span of the run
         if warmup:
             decay = min(decay, (1.0 + t) / (10.0 + t))
         eval_ema.update(model, decay)
@@ -235,9 +238,11 @@ class MeanTeacherArguments(MethodArguments):
     rampup: str = "linear"  # "linear" (original: clip(t, 0, 1)) or "sigmoid" (Laine & Aila / Tarvainen)
     rampup_fraction: float = 0.4  # ramp length as a fraction of max_steps (0.4 x epochs in the original)
     ema_decay: float = 0.999  # teacher: a_t = min(1 - 1/(t+1), ema_decay)
+    ema_span_fraction: float | None = None  # relative form of ema_decay: span 1/(1-d) = this x max_steps
     teacher_train_mode: bool = True  # the teacher labels with batch statistics (original); False: eval mode
     eval_ema_decay: float = 0.999  # evaluation EMA (constant decay); 0 disables it
     eval_ema_warmup: bool = False  # True: decay min(d, (1+t)/(10+t)) (short runs); original: constant
+    eval_ema_span_fraction: float | None = None  # relative form of eval_ema_decay: span 1/(1-d) = this x max_steps
     # decoupled weight decay on the student after the eval-EMA update: theta *= 1 - coef * lr.
     # None: 0.02 (classification, the original WeightEMA) / 0 (regression: its line is commented out)
     student_weight_decay: float | None = None
@@ -258,6 +263,8 @@ class MeanTeacherArguments(MethodArguments):
             raise ValueError("ema_decay must be in [0, 1)")
         if not 0.0 <= self.eval_ema_decay < 1.0:
             raise ValueError("eval_ema_decay must be in [0, 1)")
+        check_fraction("eval_ema_span_fraction", self.eval_ema_span_fraction)
+        check_fraction("ema_span_fraction", self.ema_span_fraction)
         if self.student_weight_decay is not None and self.student_weight_decay < 0:
             raise ValueError("student_weight_decay must be >= 0")
         if self.evaluate not in EVAL_MODELS:
@@ -346,8 +353,9 @@ class MeanTeacher(SSLMethod):
         """eval EMA, then decoupled weight decay on the student, then the teacher (original order)."""
         t = max(0, state.step - 1)  # steps completed before the one that just finished
         evaluation_ema_step(self.eval_ema, self.model, state, self.args.eval_ema_decay, self.args.eval_ema_warmup,
-                            self.args.resolved_student_weight_decay(state.task))
-        self.teacher.update(self.model, mean_teacher_momentum(t, self.args.ema_decay))
+                            self.args.resolved_student_weight_decay(state.task), span_fraction=self.args.eval_ema_span_fraction)
+        decay = scheduled_momentum(self.args.ema_decay, self.args.ema_span_fraction, state.max_steps)
+        self.teacher.update(self.model, mean_teacher_momentum(t, decay))
 
     def eval_model(self):
         if self.args.evaluate == "ema" and self.eval_ema is not None:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import TASK_CLASSIFICATION, MethodArguments, SSLMethod, TrainState, register_method
-from .common import EMATeacher, linear_rampup, model_inputs, pseudo_label_logs, sharpen, view_targets
+from .common import EMATeacher, check_fraction, linear_rampup, model_inputs, pseudo_label_logs, sharpen, view_targets
 from .mean_teacher import evaluation_ema_step, interleave
 
 
@@ -86,6 +86,7 @@ class MixMatchArguments(MethodArguments):
     interleave: bool = True  # one forward per B-row chunk after interleaving (original); False: one forward
     eval_ema_decay: float = 0.999  # evaluation EMA; 0 disables it (the student is evaluated)
     eval_ema_warmup: bool = False  # True: decay min(d, (1+t)/(10+t)) for short runs
+    eval_ema_span_fraction: float | None = None  # relative form of eval_ema_decay: span 1/(1-d) = this x max_steps
     student_weight_decay: float = 0.02  # decoupled decay theta *= 1 - coef * lr after the EMA update
 
     def __post_init__(self):
@@ -99,6 +100,7 @@ class MixMatchArguments(MethodArguments):
             raise ValueError("rampup_fraction must be in [0, 1]")
         if not 0.0 <= self.eval_ema_decay < 1.0:
             raise ValueError("eval_ema_decay must be in [0, 1)")
+        check_fraction("eval_ema_span_fraction", self.eval_ema_span_fraction)
         if self.student_weight_decay < 0:
             raise ValueError("student_weight_decay must be >= 0")
 
@@ -160,7 +162,7 @@ class MixMatch(SSLMethod):
     @torch.no_grad()
     def after_optimizer_step(self, state: TrainState) -> None:
         evaluation_ema_step(self.eval_ema, self.model, state, self.args.eval_ema_decay, self.args.eval_ema_warmup,
-                            self.args.student_weight_decay)
+                            self.args.student_weight_decay, span_fraction=self.args.eval_ema_span_fraction)
 
     def eval_model(self):
         return self.eval_ema.module if self.eval_ema is not None else self.model

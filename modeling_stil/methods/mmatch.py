@@ -32,12 +32,14 @@ from torch import nn
 from .base import DataInfo, MethodArguments, SSLMethod, TrainState, register_method
 from .common import (
     DistributionAlignment,
+    check_fraction,
     concat_views,
     cross_entropy,
     gather_no_grad,
     head_logits,
     model_inputs,
     pseudo_label_logs,
+    unlabeled_gate_open,
     unwrap_model,
 )
 
@@ -83,10 +85,12 @@ class MMatchArguments(MethodArguments):
     temperature: float = 0.1  # T of the memory smoothing
     smoothing: float = 0.9  # s: weight of the aligned prediction against the queue's labels (a literal in the original)
     smoothing_start_epoch: int = 0  # memory smoothing from epoch smoothing_start_epoch + 1 (original: epoch > 0)
+    smoothing_start_fraction: float | None = None  # relative form of smoothing_start_epoch: from this x max_steps
     queue_size: int = 640  # K (hard-coded in the original)
     distribution_alignment: bool = True  # the original requires DA (no DA-off path)
     da_queue_size: int = 256
     start_epoch: int = 10  # the unlabelled terms enter the loss from epoch start_epoch + 1 (DVM 10, cardiac 8)
+    start_fraction: float | None = None  # relative form of start_epoch: the unlabelled terms join at this x max_steps
 
     def __post_init__(self):
         if not 0.0 <= self.smoothing <= 1.0:
@@ -95,6 +99,8 @@ class MMatchArguments(MethodArguments):
             raise ValueError("temperature must be positive")
         if self.queue_size <= 0 or self.da_queue_size <= 0:
             raise ValueError("queue sizes must be positive")
+        check_fraction("start_fraction", self.start_fraction)
+        check_fraction("smoothing_start_fraction", self.smoothing_start_fraction)
 
 
 @register_method
@@ -140,7 +146,7 @@ class MMatch(SSLMethod):
         p = logits_u.detach().float().softmax(dim=1)
         if self.DA is not None:
             p = self.DA(p, state)
-        if state.epoch > a.smoothing_start_epoch:
+        if unlabeled_gate_open(state, a.smoothing_start_epoch, a.smoothing_start_fraction):
             affinity = (features_u @ self.embed_queue / a.temperature).softmax(dim=1)
             p = a.smoothing * p + (1 - a.smoothing) * affinity @ self.probs_queue.T
         return p
@@ -181,7 +187,7 @@ class MMatch(SSLMethod):
         a = self.args
         terms, logs = self.compute_terms(labeled, unlabeled, state)
         loss = a.alpha * (terms["sup_loss_multimodal"] + terms["sup_loss_image"] + terms["sup_loss_tabular"])
-        active = state.epoch > a.start_epoch
+        active = unlabeled_gate_open(state, a.start_epoch, a.start_fraction)
         if active:
             loss = loss + a.mmatch_lambda * (terms["unsup_loss_image"] + terms["unsup_loss_tabular"])
         logs["unsup_active"] = torch.tensor(float(active))

@@ -34,7 +34,7 @@ from .base import (
     TrainState,
     register_method,
 )
-from .common import EMATeacher, confidence_mask, cross_entropy, model_inputs, pseudo_label_logs, task_loss, view_targets
+from .common import EMATeacher, check_fraction, confidence_mask, cross_entropy, model_inputs, pseudo_label_logs, task_loss, view_targets
 from .mean_teacher import (
     RAMPUPS,
     consistency_loss,
@@ -58,6 +58,7 @@ class PseudoLabelArguments(MethodArguments):
     threshold: float = 0.95  # classification only: confidence mask on the labeller's softmax (inclusive)
     eval_ema_decay: float = 0.999  # evaluation EMA; 0 disables it (the student is evaluated)
     eval_ema_warmup: bool = False  # True: decay min(d, (1+t)/(10+t)) for short runs
+    eval_ema_span_fraction: float | None = None  # relative form of eval_ema_decay: span 1/(1-d) = this x max_steps
     student_weight_decay: float | None = None  # decoupled decay coef * lr; None: 0.02 classification / 0 regression
     interleave: bool = True
     view: str | None = None  # view recipe of every stream; None: translate (image-only regression) or weak
@@ -73,6 +74,7 @@ class PseudoLabelArguments(MethodArguments):
             raise ValueError("threshold must be in [0, 1]")
         if not 0.0 <= self.eval_ema_decay < 1.0:
             raise ValueError("eval_ema_decay must be in [0, 1)")
+        check_fraction("eval_ema_span_fraction", self.eval_ema_span_fraction)
         if self.student_weight_decay is not None and self.student_weight_decay < 0:
             raise ValueError("student_weight_decay must be >= 0")
 
@@ -138,7 +140,7 @@ class PseudoLabel(SSLMethod):
     @torch.no_grad()
     def after_optimizer_step(self, state: TrainState) -> None:
         evaluation_ema_step(self.eval_ema, self.model, state, self.args.eval_ema_decay, self.args.eval_ema_warmup,
-                            self.args.resolved_student_weight_decay(state.task))
+                            self.args.resolved_student_weight_decay(state.task), span_fraction=self.args.eval_ema_span_fraction)
 
     def eval_model(self):
         return self.eval_ema.module if self.eval_ema is not None else self.model

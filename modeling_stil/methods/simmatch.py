@@ -49,6 +49,8 @@ from .common import (
     concat_views,
     cross_entropy,
     ema_momentum,
+    check_fraction,
+    unlabeled_gate_open,
     gather_no_grad,
     model_inputs,
     model_projection_head,
@@ -78,10 +80,13 @@ class SimMatchArguments(MethodArguments):
     teacher: str = "online"
     ema_momentum: float = 0.999  # EMA (evaluation model for "online", pseudo-label teacher for "eman") [0.996]
     ema_warmup: bool = False  # momentum min(m, (1+t)/(10+t)) (neither original)
+    ema_span_fraction: float | None = None  # relative form of ema_momentum: span 1/(1-m) = this x max_steps
     eval_with_ema: bool = True  # evaluate/export the EMA model (USB) [STiL: the student]
     bank_momentum: float = 0.7  # >0: bank rows EMA-smoothed and renormalised (USB, CIFAR-like); 0: overwritten [STiL]
     start_epoch: int = -1  # only L_x while epoch <= start_epoch [STiL 10 DVM / 8 cardiac]
+    start_fraction: float | None = None  # relative form of start_epoch: the unlabelled terms join at this x max_steps
     instance_start_epoch: int = 1  # L_in * 0 and p_hat = p before this epoch (USB: epoch 0) [STiL 0]
+    instance_start_fraction: float | None = None  # relative form of instance_start_epoch: from this x max_steps
     labeled_view: str = "weak"  # view recipe of the labelled stream [STiL "hard" w.p. augmentation_rate]
     projection_dim: int = 128  # only for a model without a projection head (WRN): USB proj_size
     max_bank_gib: float = 4.0  # refuse a bank (K x P float32) larger than this
@@ -97,6 +102,9 @@ class SimMatchArguments(MethodArguments):
             raise ValueError(f"teacher must be one of {TEACHERS}, not {self.teacher!r}")
         if not 0.0 <= self.ema_momentum < 1.0:
             raise ValueError("ema_momentum must be in [0, 1)")
+        check_fraction("ema_span_fraction", self.ema_span_fraction)
+        check_fraction("start_fraction", self.start_fraction)
+        check_fraction("instance_start_fraction", self.instance_start_fraction)
         if not 0.0 <= self.bank_momentum < 1.0:
             raise ValueError("bank_momentum must be in [0, 1)")
         if self.da_len < 1:
@@ -229,7 +237,8 @@ class SimMatch(SSLMethod):
         y = labeled["labels"]
         z_l, z_s, g_s, g_l, z_w, g_w = self.forward_views(labeled, unlabeled)
         bank = self.bank.clone()  # this step's losses read the bank before the write below
-        instance_on = state.epoch >= a.instance_start_epoch
+        # "from epoch k" is the gate "after epoch k - 1"
+        instance_on = unlabeled_gate_open(state, a.instance_start_epoch - 1, a.instance_start_fraction)
         with torch.no_grad():
             probs = z_w.float().softmax(dim=1)
             if self.DA is not None:
@@ -250,7 +259,7 @@ class SimMatch(SSLMethod):
         }
         self.update_bank(g_l, y, labeled["position"], state)
         logs = {k: v.detach() for k, v in terms.items()}
-        logs["unsup_active"] = torch.tensor(float(state.epoch > a.start_epoch))
+        logs["unsup_active"] = torch.tensor(float(unlabeled_gate_open(state, a.start_epoch, a.start_fraction)))
         logs.update(pseudo_label_logs(p_hat.argmax(dim=1), mask, unlabeled.get("monitor_labels")))
         return terms, logs
 
@@ -258,7 +267,7 @@ class SimMatch(SSLMethod):
         a = self.args
         terms, logs = self.compute_terms(labeled, unlabeled, state)
         loss = terms["sup_loss"]
-        if state.epoch > a.start_epoch:
+        if unlabeled_gate_open(state, a.start_epoch, a.start_fraction):
             loss = loss + a.lambda_u * terms["unsup_loss"] + a.lambda_in * terms["in_loss"]
         logs["loss"] = loss.detach()
         return loss, logs
@@ -266,7 +275,8 @@ class SimMatch(SSLMethod):
     # ------------------------------------------------------------------ hooks
     @torch.no_grad()
     def after_optimizer_step(self, state: TrainState) -> None:
-        self.ema.update(self._net(), ema_momentum(self.args.ema_momentum, state.step, self.args.ema_warmup))
+        self.ema.update(self._net(), ema_momentum(self.args.ema_momentum, state.step, self.args.ema_warmup,
+                                                    self.args.ema_span_fraction, state.max_steps))
 
     def eval_model(self):
         return self.ema.module.model if self.args.eval_with_ema else self.model

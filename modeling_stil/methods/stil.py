@@ -63,7 +63,17 @@ from torch import nn
 
 from ..encoders import SimCLRProjectionHead  # lightly 1.2.22 head, keys layers.{0,2} (the originals')
 from .base import DataInfo, MethodArguments, SSLMethod, TrainState, register_method
-from .common import DistributionAlignment, EMATeacher, concat_views, model_inputs, pseudo_label_logs, unwrap_model
+from .common import (
+    DistributionAlignment,
+    EMATeacher,
+    check_fraction,
+    concat_views,
+    model_inputs,
+    pseudo_label_logs,
+    scheduled_momentum,
+    unlabeled_gate_open,
+    unwrap_model,
+)
 
 METHOD_STATE_FILENAME = "stil_method_state.safetensors"  # written by modeling_stil/convert_original.py
 
@@ -80,11 +90,13 @@ class StilArguments(MethodArguments):
     th1: float = 0.90  # confidence threshold on p_hat (inclusive) [0.85]
     rate_pseudo: float = 0.9  # rho: weight of the CGPL pseudo-label against the prototype scores q [0.95]
     start_epoch: int = 35  # L_pt, L_uce and unlabelled prototype rows count from epoch start_epoch+1 [8]
+    start_fraction: float | None = None  # relative form of start_epoch: from this x max_steps
     temperature: float = 0.1  # tau of L_cc, the prototype scores q and L_pt
     lambda_0: float = 0.5  # weight of the image->table direction of L_cc
     use_ema: bool = True  # EMA teacher; False: the student's own (detached) outputs are the teacher's
     eman: bool = True  # EMAN: BN running statistics are averaged too (EMATeacher "state"); False: "parameters" (buffers copied)
     ema_momentum: float = 0.996  # teacher momentum m [0.4]
+    ema_span_fraction: float | None = None  # relative form of ema_momentum: span 1/(1-m) = this x max_steps
     distribution_alignment: bool = False  # the original's DA (256-batch queue on p_tilde); off in both configs
     projection_dim: int = 128  # P: width of the three projection heads and of the prototypes
     # image/tabular projectors: "linear" = nn.Linear(d, P) (DVM), "mlp" = Linear-ReLU-Linear(d, d, P)
@@ -99,6 +111,8 @@ class StilArguments(MethodArguments):
     def __post_init__(self):
         if not 0.0 <= self.ema_momentum <= 1.0:
             raise ValueError("ema_momentum must be in [0, 1]")
+        check_fraction("start_fraction", self.start_fraction)
+        check_fraction("ema_span_fraction", self.ema_span_fraction)
         if not 0.0 <= self.rate_pseudo <= 1.0:
             raise ValueError("rate_pseudo must be in [0, 1]")
         if self.temperature <= 0:
@@ -337,7 +351,7 @@ class Stil(SSLMethod):
         key = next(iter(self.labeled_views))
         inputs, (n_l, n_u) = concat_views([model_inputs(labeled[key]), model_inputs(unlabeled[key])])
         y = labeled["labels"]
-        active = state.epoch > a.start_epoch
+        active = unlabeled_gate_open(state, a.start_epoch, a.start_fraction)
 
         # student (train mode), projections
         out = self.model(**inputs)
@@ -350,7 +364,7 @@ class Stil(SSLMethod):
                 if self._ema_step_host is None:  # first step of this process (fresh or resumed): one read
                     self._ema_step_host = int(self.ema_step)
                 if self._ema_step_host != state.step:
-                    self.ema.update(self.model, a.ema_momentum)
+                    self.ema.update(self.model, scheduled_momentum(a.ema_momentum, a.ema_span_fraction, state.max_steps))
                     self.ema_step.fill_(state.step)
                     self._ema_step_host = state.step
                 t_out = self.ema(**inputs)
@@ -413,7 +427,7 @@ class Stil(SSLMethod):
         loss_ce = terms["sup_loss_multimodal"] + terms["sup_loss_image"] + terms["sup_loss_tabular"]
         loss_ds = terms["club_bound_image"] + terms["club_estimator_image"] + terms["club_bound_tabular"] + terms["club_estimator_tabular"]
         loss = a.alpha * loss_ce + a.beta * terms["loss_cc"] + a.gamma * loss_ds
-        if state.epoch > a.start_epoch:  # L_pt and L_uce switch on after start_epoch (§3.7)
+        if unlabeled_gate_open(state, a.start_epoch, a.start_fraction):  # L_pt and L_uce switch on after start_epoch (§3.7)
             loss_uce = terms["unsup_loss_multimodal"] + terms["unsup_loss_image"] + terms["unsup_loss_tabular"]
             loss = loss + a.rate_pt * terms["loss_pt"] + a.rate_uce * loss_uce
         logs["loss"] = loss.detach()

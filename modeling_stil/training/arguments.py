@@ -159,6 +159,11 @@ class TrainingArguments:
         "linear warm-up in epochs (overrides warmup; the originals' 'warmup_epochs: 10' with an epoch-wise schedule)",
         default=None,
     )
+    warmup_from_zero: bool = _help(
+        "the originals' warm-up shape (pl_bolts LinearWarmupCosineAnnealingLR): lr 0 in the first warm-up step "
+        "(epoch with lr_scheduler_interval epoch), the peak in the last, k/(n-1); default: (step+1)/(warmup+1)",
+        default=False,
+    )
     mixed_precision: Literal["no", "fp16", "bf16"] | None = _help(
         "autocast precision; None: the accelerate config / launcher decides", default=None
     )

@@ -82,16 +82,24 @@ def build_optimizer(method: SSLMethod, args, device_type: str) -> torch.optim.Op
 
 
 def lr_lambda_factory(kind: str, max_steps: int, warmup_steps: int, interval: str, steps_per_epoch: int,
-                      milestones: Iterable[float] = (), gamma: float = 0.1) -> Callable[[int], float]:
+                      milestones: Iterable[float] = (), gamma: float = 0.1, warmup_from_zero: bool = False) -> Callable[[int], float]:
     """Multiplier of the peak learning rate after ``step`` optimisation steps.
 
-    ``multistep``: times ``gamma`` at each milestone (a fraction of max_steps if < 1, else a step)."""
+    Warm-up: ``(step + 1) / (warmup_steps + 1)`` (ours: never 0, the peak right after the warm-up), or
+    with ``warmup_from_zero`` the originals' (pl_bolts ``LinearWarmupCosineAnnealingLR``) ``k / (n - 1)``
+    over the ``n`` warm-up units (epochs with ``interval="epoch"``, else steps): 0 in the first one,
+    the peak in the last. ``multistep``: times ``gamma`` at each milestone (a fraction of max_steps if
+    < 1, else a step)."""
     steps = sorted(int(round(m * max_steps)) if m < 1 else int(m) for m in milestones)
 
     def factor(step: int) -> float:
         if interval == "epoch":
             step = (step // max(1, steps_per_epoch)) * max(1, steps_per_epoch)
         if warmup_steps > 0 and step < warmup_steps:
+            if warmup_from_zero:
+                unit = max(1, steps_per_epoch) if interval == "epoch" else 1
+                units = math.ceil(warmup_steps / unit)
+                return (step // unit) / (units - 1) if units > 1 else 1.0
             return (step + 1) / (warmup_steps + 1)
         progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
         if kind == "cosine":
@@ -202,7 +210,7 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
             lr_lambda_factory(self.targs.lr_scheduler, self.max_steps, warmup_steps, self.targs.lr_scheduler_interval,
-                              self.steps_per_epoch, self.targs.lr_milestones, self.targs.lr_gamma),
+                              self.steps_per_epoch, self.targs.lr_milestones, self.targs.lr_gamma, self.targs.warmup_from_zero),
         )
         if self.targs.torch_compile:
             compile_model(method)
