@@ -86,6 +86,10 @@ def claim_all(out: str | os.PathLike, rels: Iterable[str], kind: str = "file") -
     Raises `ForeignFileError` naming every one that exists without being listed; nothing is listed then."""
     out = Path(out)
     rels = [PurePosixPath(rel).as_posix() for rel in rels]
+    outside = [rel for rel in rels if not _valid(rel)]
+    if outside:
+        raise ValueError(f"{', '.join(outside)} would be written outside output_dir {out} (a run name or path with '..' "
+                         "or an absolute path); choose a plain name")
     out.mkdir(parents=True, exist_ok=True)
     entries = read(out) or {}
     foreign = [rel for rel in rels if not owns(entries, rel) and _exists(out / rel)]
