@@ -355,7 +355,8 @@ def test_card_after_push_names_the_repo_and_its_snippet_predicts_from_raw_inputs
             pass
 
         def create_commit(self, *, repo_id, operations, **kwargs):
-            sent["card"] = next(op.path_or_fileobj for op in operations if op.path_in_repo == "README.md").decode()
+            card = next(op.path_or_fileobj for op in operations if op.path_in_repo == "README.md")
+            sent["card"] = card.decode() if isinstance(card, bytes) else Path(card).read_text()
             return "https://huggingface.co/someone/cars/commit/abc"
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)

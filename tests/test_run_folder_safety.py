@@ -140,6 +140,22 @@ def test_a_run_folder_without_manifest_is_never_cleaned_by_guessing(tmp_path):
         check_output_dir(targs)
 
 
+def test_a_run_folder_written_before_manifests_resumes_and_lists_its_files(tmp_path, cache):
+    from modeling_stil.training import manifest
+
+    out = tmp_path / "run"
+    code, _, err = train(argv(out, cache, "--max_steps", "4", "--stop_after_steps", "2", "--export", "false"))
+    assert code == 0, err[-3000:]
+    (out / manifest.MANIFEST_FILENAME).unlink()  # as an older stil left it
+    (out / "notes.txt").write_text("mine")
+    code, printed, err = train(argv(out, cache, "--max_steps", "4", "--resume_from_checkpoint", "latest"))
+    assert code == 0, err[-3000:]
+    assert "written without a run manifest" in printed
+    listed = manifest.read(out)
+    assert {"run_config.yaml", "checkpoints/checkpoint-2", "checkpoints/checkpoint-4", "config.json", "README.md"} <= set(listed)
+    assert manifest.unlisted_files(out) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+
+
 # ------------------------------------------------------------------------------------------- items 2, 14
 class FakeHub:
     """HfApi at its boundary, offline: records every file's bytes that would be sent."""

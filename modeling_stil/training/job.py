@@ -612,8 +612,8 @@ def adopt_unlisted_run(targs) -> list[str]:
         head = (out / "README.md").read_text(errors="replace")[:2000]
         if not (head.startswith("---") and "stil" in head):
             files.remove("README.md")
-    manifest.claim_all(out, trees, kind="tree")
-    manifest.claim_all(out, files)
+    manifest.claim_all(out, trees, kind="tree", adopt=True)
+    manifest.claim_all(out, files, adopt=True)
     print(f"resume: {out} was written without a run manifest; listed {len(trees) + len(files)} of its paths as this "
           f"run's in {manifest.MANIFEST_FILENAME} (checkpoints, run files, logs, plots, export)")
     return trees + files

@@ -80,15 +80,20 @@ def owns(entries: dict[str, str] | None, rel: str) -> bool:
     return any(entries.get("/".join(parts[:i])) == "tree" for i in range(1, len(parts)))
 
 
-def claim_all(out: str | os.PathLike, rels: Iterable[str], kind: str = "file") -> list[Path]:
+def claim_all(out: str | os.PathLike, rels: Iterable[str], kind: str = "file", adopt: bool = False) -> list[Path]:
     """List ``rels`` as written by this run (creating missing parent folders) before they are written.
 
-    Raises `ForeignFileError` naming every one that exists without being listed; nothing is listed then."""
+    Raises `ForeignFileError` naming every one that exists without being listed; nothing is listed then.
+    ``adopt``: list existing paths as well (only for the files of a run folder written before manifests)."""
     out = Path(out)
     rels = [PurePosixPath(rel).as_posix() for rel in rels]
+    outside = [rel for rel in rels if not _valid(rel)]
+    if outside:
+        raise ValueError(f"{', '.join(outside)} would be written outside output_dir {out} (a run name or path with '..' "
+                         "or an absolute path); choose a plain name")
     out.mkdir(parents=True, exist_ok=True)
     entries = read(out) or {}
-    foreign = [rel for rel in rels if not owns(entries, rel) and _exists(out / rel)]
+    foreign = [] if adopt else [rel for rel in rels if not owns(entries, rel) and _exists(out / rel)]
     blocked = [rel for rel in rels for parent in _parents(rel) if (out / parent).exists() and not (out / parent).is_dir()]
     if foreign or blocked:
         raise ForeignFileError(out, sorted(set(foreign + blocked)))
