@@ -344,14 +344,19 @@ def own_split():
     return dd, DatasetMetadata(image_column=None, label_names=["cat", "dog", "fox"])
 
 
-def test_a_recipe_fraction_does_not_redraw_a_datasets_own_labels(own_split):
+def test_a_recipe_fraction_does_not_redraw_a_datasets_own_labels(own_split, tmp_path):
     from modeling_stil.training.job import labeled_split
 
     dd, meta = own_split
     recipe = str(ROOT / "recipes" / "fixmatch_synthetic_multimodal.yaml")  # labeled_fraction: 0.1
-    indices, how = labeled_split(_args(recipe, "--dataset", "mine"), dd, meta)
+    args = _args(recipe, "--dataset", "mine")
+    indices, how = labeled_split(args, dd, meta)
     assert indices == list(range(70))
     assert how.startswith("dataset's own split") and "--labeled_fraction 0.1" in how
+    # run_config.yaml records what ran: training from it again keeps the dataset's own labels too
+    assert args.data.labeled_fraction is None
+    args.save_yaml(tmp_path / "run_config.yaml")
+    assert labeled_split(_args(str(tmp_path / "run_config.yaml")), dd, meta)[0] == list(range(70))
     indices, how = labeled_split(_args(recipe, "--dataset", "mine", "--labeled_fraction", "0.5"), dd, meta)
     assert len(indices) == 150 and how.startswith("re-drawn: labeled_fraction 0.5")
 

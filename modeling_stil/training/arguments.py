@@ -221,7 +221,9 @@ class RunArguments:
     training: TrainingArguments
     method: Any  # the method's MethodArguments subclass instance
     recipe: str | None = None
-    command_line: tuple[str, ...] = ()  # keys given as --key value (not from the recipe): what the user asked for now
+    # recipe keys that do not apply to this run (a recipe's labeled_fraction meeting --dataset on the command
+    # line: the dataset keeps its own labels); cleared in the groups, so run_config.yaml records what ran
+    unapplied: dict[str, Any] = field(default_factory=dict)
 
     def groups(self) -> dict[str, Any]:
         return {"data": self.data, "model": self.model, "training": self.training, "method": self.method}
@@ -472,10 +474,26 @@ def parse_run_arguments(argv: Sequence[str] | None = None, recipe_values: dict[s
             built[group] = cls(**kwargs)
         except (TypeError, ValueError) as error:
             raise ArgumentError(f"invalid {group} arguments: {error}") from None
-    run = RunArguments(data=built["data"], model=built["model"], training=built["training"], method=built["method"], recipe=recipe,
-                       command_line=tuple(overrides))
+    run = RunArguments(data=built["data"], model=built["model"], training=built["training"], method=built["method"], recipe=recipe)
+    keep_own_labels(run, overrides)
     validate(run)
     return run
+
+
+LABEL_REDRAW_KEYS = ("labeled_fraction", "labeled_per_class")
+
+
+def keep_own_labels(run: RunArguments, command_line: dict[str, Any]) -> None:
+    """A dataset's own labelled split is redrawn only on purpose: ``labeled_fraction`` /
+    ``labeled_per_class`` on the command line, or in the recipe that names the dataset (a protocol such
+    as supervised_aflw_10pct.yaml). A recipe's value meeting a ``--dataset`` from the command line is
+    not applied (kept in ``run.unapplied`` for the run's "labelled rows" line)."""
+    if run.data.dataset is None or "dataset" not in command_line:
+        return
+    for key in LABEL_REDRAW_KEYS:
+        if key not in command_line and getattr(run.data, key) is not None:
+            run.unapplied[key] = getattr(run.data, key)
+            setattr(run.data, key, None)
 
 
 def validate(run: RunArguments) -> None:

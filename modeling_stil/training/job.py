@@ -189,9 +189,6 @@ def check_images(dataset_dict, metadata, mode: str, accelerator=None):
     return dataset_dict
 
 
-REDRAW_KEYS = ("labeled_fraction", "labeled_per_class")
-
-
 def labeled_indices_for(args, dataset_dict, metadata) -> list[int]:
     """Training rows that keep their label: re-drawn when asked, else the dataset's own split."""
     return labeled_split(args, dataset_dict, metadata)[0]
@@ -200,19 +197,17 @@ def labeled_indices_for(args, dataset_dict, metadata) -> list[int]:
 def labeled_split(args, dataset_dict, metadata) -> tuple[list[int], str]:
     """(training rows that keep their label, how they were chosen, for the run's "labelled rows" line).
 
-    A dataset's own labelled split is kept unless the labels are re-drawn on purpose: ``labeled_fraction``
-    / ``labeled_per_class`` given on the command line, or by the same recipe that names the dataset (a
-    protocol such as recipes/supervised_aflw_10pct.yaml). A recipe's fraction meeting a ``--dataset`` from
-    the command line does not replace that dataset's own labels. Without a dataset the fraction is a
+    With a dataset, ``labeled_fraction`` / ``labeled_per_class`` redraw its labels; a recipe's value that
+    meets a ``--dataset`` from the command line has been cleared by the argument parser
+    (`arguments.keep_own_labels`), so the dataset keeps its own split. Without a dataset the fraction is a
     parameter of the synthetic dataset's build."""
     import numpy as np
     from data_utils.splits import check_labeled_split, select_labeled
 
     train = dataset_dict["train"]
     data = args.data
-    command_line = set(getattr(args, "command_line", ()) or ())
-    asked = {k: getattr(data, k) for k in REDRAW_KEYS if getattr(data, k) is not None}
-    redraw = data.dataset is not None and bool(asked) and (bool(command_line & set(asked)) or "dataset" not in command_line)
+    asked = {k: getattr(data, k) for k in ("labeled_fraction", "labeled_per_class") if getattr(data, k) is not None}
+    redraw = data.dataset is not None and bool(asked)
     labels = np.asarray(train[metadata.label_column]) if metadata.task == "classification" else None
     if data.dataset is None:
         fraction = data.labeled_fraction if data.labeled_fraction is not None else 0.1
@@ -221,8 +216,7 @@ def labeled_split(args, dataset_dict, metadata) -> tuple[list[int], str]:
         how = "re-drawn: " + ", ".join(f"{k} {v:g}" for k, v in asked.items()) + f", seed {args.training.seed}"
     else:
         how = "dataset's own split"
-        if asked:
-            key, value = next(iter(asked.items()))
+        for key, value in (getattr(args, "unapplied", None) or {}).items():
             how += (f"; the recipe's {key} {value:g} is not applied to a --dataset: pass --{key} {value:g} on the "
                     "command line to re-draw the labels")
     if redraw:
