@@ -194,7 +194,7 @@ def test_simmatch_step_equals_usb(monkeypatch):
 def test_simmatch_distribution_alignment_eps_effect(monkeypatch):
     """Our DA (no eps) against USB's aligned probabilities: the decision's whole effect, bounded."""
     method, t, meta, labeled, unlabeled = _simmatch_run(monkeypatch, usb_eps=False)
-    loss, logs = method.training_step(labeled, unlabeled, TrainState(**meta["train_state"]))
+    _, logs = method.training_step(labeled, unlabeled, TrainState(**meta["train_state"]))
     for ours, theirs in {"sup_loss": "sup_loss", "unsup_loss": "unsup_loss", "in_loss": "in_loss"}.items():
         assert_matches_original(logs[ours], t[f"term.{theirs}"], ours, rtol=1e-5, atol=1e-8)
 
@@ -242,6 +242,6 @@ def test_comatch_step_equals_usb(monkeypatch):
 
 def test_comatch_distribution_alignment_eps_effect(monkeypatch):
     method, t, meta, labeled, unlabeled = _comatch_run(monkeypatch, usb_eps=False)
-    loss, logs = method.training_step(labeled, unlabeled, TrainState(**meta["train_state"]))
+    _, logs = method.training_step(labeled, unlabeled, TrainState(**meta["train_state"]))
     for name in ("sup_loss", "unsup_loss", "contrast_loss"):
         assert_matches_original(logs[name], t[f"term.{name}"], name, rtol=1e-5, atol=1e-8)

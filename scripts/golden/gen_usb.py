@@ -5,7 +5,8 @@
 For each algorithm, one ``train_step`` of USB's own class (``semilearn/algorithms/<name>/<name>.py``)
 followed by USB's own ``ParamUpdateHook`` (backward, SGD step from USB's ``get_optimizer``) and
 ``EMAHook`` (its ``EMA`` update), on a fixed batch, in float64, recorded into
-``tests/golden/usb_<name>.*`` for ``tests/test_golden_usb.py``.
+``tests/golden/usb_<name>.*`` for ``tests/test_golden_usb.py``; and USB's CIFAR-10 config values into
+``tests/golden/usb_cifar10_configs.json`` for ``tests/test_usb_recipes.py`` (scripts/golden/usb_recipes.py).
 
 How the original is run (nothing of it is copied here; the checkout is imported):
 
@@ -124,7 +125,7 @@ def _our_model(generator, logit_scale: float):
 
 
 def _backbone_class():
-    import torch.nn as nn
+    from torch import nn
 
     class USBBackbone(nn.Module):
         """Our WRN behind USB's backbone interface."""
@@ -266,7 +267,7 @@ def _fixmatch(usb, version, generator):
     model = _our_model(generator, logit_scale=12.0)
     Backbone = _backbone_class()
     net = Backbone(model)
-    name_map = lambda n: n[len("model."):] if n.startswith("model.") else n  # noqa: E731
+    name_map = lambda n: n.removeprefix("model.")
     teacher = _perturbed({k: v for k, v in net.named_parameters()}, generator)
     x_lb, x_w, x_s = _images(generator, B_L), _images(generator, B_U), _images(generator, B_U)
     import torch
@@ -302,7 +303,7 @@ def _freematch(usb, version, generator):
 
     model = _our_model(generator, logit_scale=4.0)
     net = _backbone_class()(model)
-    name_map = lambda n: n[len("model."):] if n.startswith("model.") else n  # noqa: E731
+    name_map = lambda n: n.removeprefix("model.")
     teacher = _perturbed({k: v for k, v in net.named_parameters()}, generator)
     x_lb, x_w, x_s = _images(generator, B_L), _images(generator, B_U), _images(generator, B_U)
     y_lb = torch.randint(0, NUM_CLASSES, (B_L,), generator=generator)
@@ -485,7 +486,7 @@ def generate() -> list[str]:
 
     import torch
 
-    import modeling_stil.modeling_wide_resnet  # noqa: F401  (transformers/accelerate before USB's stubs)
+    import modeling_stil.modeling_wide_resnet
 
     usb, version = _import_usb(os.environ[ENV])
     written = []
@@ -497,4 +498,12 @@ def generate() -> list[str]:
             written.append(build(usb, version, generator))
     finally:
         torch.set_default_dtype(kept)
-    return written
+    # USB's CIFAR-10 config values for tests/test_usb_recipes.py (scripts/golden/usb_recipes.py prints them)
+    import json
+
+    import usb_recipes
+
+    usb_recipes.ORIGINALS_JSON.write_text(
+        json.dumps(usb_recipes.read_originals(Path(os.environ[ENV])), indent=1, sort_keys=True) + "\n"
+    )
+    return [*written, usb_recipes.ORIGINALS_JSON.name]

@@ -245,7 +245,7 @@ def main(argv=None) -> int:
             print(f"\n{title}  vs  recipes/{algorithm}_cifar10_{labels}.yaml")
             print(f"  {'USB key':22} {'USB value':28} {'our key':42} {'our value':28} status")
             for key, value, our_key, our_value, status in compare(algorithm, usb, originals["code_defaults"], ours):
-                print(f"  {key:22} {str(value):28.28} {our_key:42.42} {str(our_value):28.28} {status}")
+                print(f"  {key:22} {value!s:28.28} {our_key:42.42} {our_value!s:28.28} {status}")
     return 0
 
 
