@@ -26,7 +26,7 @@ PAIRS = [
 
 
 def test_every_recipe_with_a_usb_config_is_compared():
-    assert {(a, l) for a, l in PAIRS} >= {(a, l) for a in ("freematch", "simmatch", "comatch") for l in ("250", "4000")}
+    assert {(a, l) for a, l in PAIRS} >= {(a, l) for a in ("fixmatch", "freematch", "simmatch", "comatch") for l in ("250", "4000")}
 
 
 @pytest.mark.parametrize("algorithm,labels", PAIRS)
@@ -42,3 +42,12 @@ def test_recipe_equals_usb_config_or_says_why(algorithm, labels):
     for key, _, _, _, status in rows:
         if status.startswith("decision: "):
             assert status[len("decision: "):] in section, f"{key}: the reason is not in docs/methods.md {usb_recipes.DOCS_SECTION!r}"
+
+
+
+def test_a_recipe_that_differs_is_reported():
+    """The comparison can fail: FixMatch's recipe with our default ``ema_warmup: true`` (USB's EMA
+    momentum is constant) is reported as a difference."""
+    ours = {**usb_recipes.our_recipe("fixmatch", "250"), "ema_warmup": True}
+    rows = usb_recipes.compare("fixmatch", ORIGINALS["configs"]["fixmatch"]["250"], ORIGINALS["code_defaults"], ours)
+    assert [row[0] for row in rows if row[-1] == "differs"] == ["ema_momentum_rule"]

@@ -42,6 +42,8 @@ CODE_DEFAULTS = (
     ("semilearn/core/utils/build.py", r"def get_optimizer\([^)]*bn_wd_skip=(\w+)", "bn_wd_skip"),
     ("semilearn/core/utils/build.py", r"num_cycles=(7\. / 16\.)", "lr_num_cycles"),
     ("train.py", r'"--num_warmup_iter", type=int, default=(\d+)', "num_warmup_iter"),
+    # the EMA update's momentum: a constant (self.decay), no warm-up
+    ("semilearn/core/utils/misc.py", r"new_average = \(1\.0 - (self\.decay)\)", "ema_momentum_rule"),
 )
 
 PLUMBING = {
@@ -96,6 +98,7 @@ COMMON = {
     "bn_wd_skip": _same("(biases and 1-d parameters not decayed)", lambda value: "(biases and 1-d parameters not decayed)"),
     "lr_num_cycles": _same("lr_scheduler", lambda cycles: "fixmatch_cosine" if cycles.replace(" ", "") == "7./16." else cycles),
     "num_warmup_iter": _same("warmup", int),
+    "ema_momentum_rule": _same("ema_warmup", lambda rule: False if rule == "self.decay" else rule),
 }
 
 RULES = {
