@@ -18,8 +18,10 @@ How the original is run (nothing of it is copied here; the checkout is imported)
   identity while the original runs (this machine has no GPU; USB moves ``idx_lb`` with it).
 * Package ``__init__`` files that import USB's datasets, trainers and every network (and with them
   scikit-image, aim, wandb, ruamel) are not run: ``semilearn``, ``semilearn.datasets`` and
-  ``semilearn.nets`` are empty package shells, so only the modules the step imports load.
-* The backbone is OUR tiny WRN (``wrn``, depth 10, width 1, 4 base channels, 8x8 px, 5 classes)
+  ``semilearn.nets`` are empty package shells. (``semilearn.core``'s ``__init__`` still imports every
+  algorithm module for its registry; the imbalanced-learning ones fail against the shells, print
+  "import failed" and are skipped: none is used.)
+* The backbone is OUR tiny WRN (``wrn``, depth 10, width 1, 2 base channels, 8x8 px, 5 classes)
   behind USB's backbone interface (``net(x) -> {"logits", "feat"}``, ``only_feat``, ``only_fc``,
   ``num_features``): the step, not the network, is under test, and both sides then load identical
   weights. SimMatch and CoMatch wrap it in USB's own ``SimMatch_Net`` / ``CoMatch_Net``
@@ -46,7 +48,7 @@ import types
 from pathlib import Path
 
 ENV = "USB_ORIGINAL_SRC"
-NEEDS = ("scikit-learn", "tensorboard (torch.utils.tensorboard)")
+NEEDS = ("scikit-learn", "tensorboard (torch.utils.tensorboard)", "pyyaml")
 
 SEED = 2205
 B_L, B_U, NUM_CLASSES, IMAGE_SIZE = 4, 8, 5, 8
