@@ -1,20 +1,22 @@
-"""Golden tests: our `fixmatch`, `freematch`, `simmatch` and `comatch` against one step of USB's own
+"""Golden tests: our `fixmatch`, `freematch`, `simmatch` and `comatch` against two steps of USB's own
 code (microsoft/Semi-supervised-learning), recorded by scripts/golden/gen_usb.py in tests/golden/usb_*.
 
 Each test loads the fixture's initial weights (student and a different EMA teacher), state (SAT
-thresholds, bank, queue, distribution-alignment queue) and batch into our method, runs our
-``training_step``, backward, the trainer's SGD (``build_optimizer``, USB's classic-CV values) and
-``after_optimizer_step``, and compares every loss term, gradient and post-step tensor with the
-original's, in float64 at ``assert_matches_original``'s tolerance (rtol 1e-9, atol 1e-12).
+thresholds, bank, queue, distribution-alignment queue) and batch into our method, then for each of
+the fixture's steps runs our ``training_step``, backward, the trainer's SGD (``build_optimizer``,
+USB's classic-CV values) and ``after_optimizer_step``, and compares every loss term, gradient and
+post-step tensor with the original's, in float64 at ``assert_matches_original``'s tolerance (rtol
+1e-9, atol 1e-12).
 
 Our losses upcast their inputs with ``.float()`` (float32 under autocast); inside these tests
 ``Tensor.float`` keeps float64 tensors float64 so the comparison is not rounded to float32 (every
 other dtype still goes to float32).
 
-Where docs/methods.md records a decision that departs from USB, the test checks the decision
-itself: the step with the departure removed equals USB to rounding, and the departure's own effect
-is measured and bounded (SimMatch/CoMatch distribution alignment without USB's +1e-6; SimMatch's
-bank renormalised per row; CoMatch's queue order within a write).
+Where docs/methods.md records a decision that departs from USB, the decision is put back to USB's
+inside the equality test (the rest then equals USB to rounding) and checked on its own: SimMatch's
+and CoMatch's distribution alignment without USB's +1e-6 (effect on the loss terms bounded at
+1e-5, measured 7e-7), SimMatch's bank rows normalised per row (USB: across the batch), CoMatch's
+queue order within a write (compared slot by slot).
 """
 
 from __future__ import annotations
@@ -69,58 +71,72 @@ def _load_initial(method, tensors, projected: bool):
     assert not unexpected and all("running" in k or "num_batches" in k for k in missing), (missing, unexpected)
 
 
-def _step_and_compare(method, tensors, labeled, unlabeled, state, terms: dict, projected: bool = False):
-    """Our step; compare terms (ours -> fixture key), gradients, SGD step and EMA with the fixture.
-    Fixture names: the bare model's (FixMatch, FreeMatch) or model.* / projector.* (``projected``)."""
+def _steps_and_compare(method, tensors, meta, labeled, unlabeled, terms: dict, projected: bool = False,
+                       check_state=None, terms_tolerance: tuple[float, float] | None = None):
+    """Our steps (the fixture's ``train_states``, the same batch each time), each compared with the
+    original's: terms (ours -> fixture key), mask ratio, gradients, parameters and buffers after the
+    trainer's SGD, the EMA model after ``after_optimizer_step``, and ``check_state(step_tensors)``.
+    Fixture names: the bare model's (FixMatch, FreeMatch) or model.* / projector.* (``projected``).
+    ``terms_tolerance`` (rtol, atol): compare only the terms, at that tolerance."""
     param_prefix = "" if projected else "model."
-    loss, logs = method.training_step(labeled, unlabeled, state)
-    for ours, theirs in terms.items():
-        assert_matches_original(logs[ours], tensors[f"term.{theirs}"], ours)
-    assert_matches_original(loss, tensors["term.total_loss"], "loss")
-    assert_matches_original(logs["mask_ratio"], tensors["mask"].mean(), "mask_ratio")
-    loss.backward()
-    params = dict(method.named_parameters())
-    grads = with_prefix(tensors, "grad.")
-    for name, param in params.items():
-        key = name[len(param_prefix):] if param_prefix else name
-        if key in grads:
-            assert_matches_original(param.grad, grads[key], f"grad {key}")
-        elif not name.startswith("ema."):
-            assert param.grad is None or not param.grad.any(), f"{key}: a gradient where the original has none"
-    assert set(grads) <= {n[len(param_prefix):] if param_prefix else n for n in params}
     optimizer = build_optimizer(
         method, SimpleNamespace(optimizer="sgd", learning_rate=0.03, momentum=0.9, nesterov=True, weight_decay=5e-4), "cpu"
     )
-    optimizer.step()
-    method.after_optimizer_step(state)
+    for i, state_kwargs in enumerate(meta["train_states"]):
+        step = with_prefix(tensors, f"step{i}.")
+        state = TrainState(**state_kwargs)
+        loss, logs = method.training_step(labeled, unlabeled, state)
+        tolerance = dict(zip(("rtol", "atol"), terms_tolerance)) if terms_tolerance else {}
+        for ours, theirs in terms.items():
+            assert_matches_original(logs[ours], step[f"term.{theirs}"], f"step {i} {ours}", **tolerance)
+        assert_matches_original(loss, step["term.total_loss"], f"step {i} loss", **tolerance)
+        loss.backward()
+        optimizer.step()
+        method.after_optimizer_step(state)
+        if not terms_tolerance:
+            _compare_step(method, step, logs, i, param_prefix, projected)
+            if check_state is not None:
+                check_state(step)
+        method.zero_grad(set_to_none=True)  # USB's model.zero_grad() after its step
+
+
+def _compare_step(method, step, logs, i, param_prefix, projected):
+    assert_matches_original(logs["mask_ratio"], step["mask"].mean(), f"step {i} mask_ratio")
+    params = dict(method.named_parameters())
+    grads = with_prefix(step, "grad.")
+    for name, param in params.items():
+        key = name[len(param_prefix):] if param_prefix else name
+        if key in grads:
+            assert_matches_original(param.grad, grads[key], f"step {i} grad {key}")
+        elif not name.startswith("ema."):
+            assert param.grad is None or not param.grad.any(), f"step {i} {key}: a gradient where the original has none"
+    assert set(grads) <= {n[len(param_prefix):] if param_prefix else n for n in params}
     student = method.model.state_dict()
     if projected:
         student = {**{f"model.{k}": v for k, v in student.items()},
                    **{f"projector.{k}": v for k, v in method.projector.state_dict().items()}}
-    after = with_prefix(tensors, "after.")
+    after = with_prefix(step, "after.")
     assert set(after) == set(student), set(after) ^ set(student)
     for key, value in after.items():
-        assert_matches_original(student[key], value, f"after the step: {key}")
+        assert_matches_original(student[key], value, f"step {i} after SGD: {key}")
     teacher = method.ema.module.state_dict()
-    teacher_after = with_prefix(tensors, "teacher_after.")
+    teacher_after = with_prefix(step, "teacher_after.")
     assert set(teacher_after) == set(teacher), set(teacher_after) ^ set(teacher)
     for key, value in teacher_after.items():
-        assert_matches_original(teacher[key], value, f"EMA after the step: {key}")
-    return logs
+        assert_matches_original(teacher[key], value, f"step {i} EMA: {key}")
 
 
 # ---------------------------------------------------------------------------------------- FixMatch
-def test_fixmatch_step_equals_usb():
+def test_fixmatch_steps_equal_usb():
     method, t, meta = _build(FixMatch, FixMatchArguments, "usb_fixmatch")
     _load_initial(method, t, projected=False)
     labeled = {"weak": _pixels(t["input.x_lb"]), "labels": t["input.y_lb"]}
     unlabeled = {"weak": _pixels(t["input.x_ulb_w"]), "strong": _pixels(t["input.x_ulb_s"])}
-    _step_and_compare(method, t, labeled, unlabeled, TrainState(**meta["train_state"]),
-                      {"sup_loss": "sup_loss", "unsup_loss": "unsup_loss"})
+    _steps_and_compare(method, t, meta, labeled, unlabeled, {"sup_loss": "sup_loss", "unsup_loss": "unsup_loss"})
 
 
 # ---------------------------------------------------------------------------------------- FreeMatch
-def test_freematch_step_equals_usb():
+def test_freematch_steps_equal_usb():
     method, t, meta = _build(FreeMatch, FreeMatchArguments, "usb_freematch")
     method.double()  # the SAT buffers are built in float32
     _load_initial(method, t, projected=False)
@@ -128,13 +144,17 @@ def test_freematch_step_equals_usb():
         getattr(method, name).copy_(t[f"state_init.{name}"])
     labeled = {"labeled": _pixels(t["input.x_lb"]), "labels": t["input.y_lb"]}
     unlabeled = {"weak": _pixels(t["input.x_ulb_w"]), "strong": _pixels(t["input.x_ulb_s"])}
-    _step_and_compare(method, t, labeled, unlabeled, TrainState(**meta["train_state"]),
-                      {"sup_loss": "sup_loss", "unsup_loss": "unsup_loss", "fairness_loss": "ent_loss"})
-    for name in ("time_p", "p_model", "label_hist"):
-        assert_matches_original(getattr(method, name), t[f"state_after.{name}"], f"SAT {name}")
+
+    def check_state(step):
+        for name in ("time_p", "p_model", "label_hist"):
+            assert_matches_original(getattr(method, name), step[f"state_after.{name}"], f"SAT {name}")
+
+    _steps_and_compare(method, t, meta, labeled, unlabeled,
+                       {"sup_loss": "sup_loss", "unsup_loss": "unsup_loss", "fairness_loss": "ent_loss"},
+                       check_state=check_state)
 
 
-# ---------------------------------------------------------------------------------------- DA with USB's eps
+# ---------------------------------------------------------------------------------------- decisions put back
 def _usb_eps_alignment(monkeypatch):
     """Our DistributionAlignment with USB's ``(p_target + 1e-6) / (p_model + 1e-6)`` (uniform target):
     the decision (no eps) removed, to show everything else equals USB to rounding."""
@@ -148,6 +168,18 @@ def _usb_eps_alignment(monkeypatch):
     monkeypatch.setattr(DistributionAlignment, "forward", forward)
 
 
+def _usb_bank_write(monkeypatch):
+    """SimMatch's bank write with USB's normalisation axis (across the written rows, not per row):
+    the decision removed, so the second step reads the bank USB's reads."""
+    def update_bank(self, features, labels, positions, state):
+        m = self.args.bank_momentum
+        mixed = m * self.bank[positions] + (1 - m) * features.detach()
+        self.bank.index_copy_(0, positions, F.normalize(mixed, dim=0))
+        self.bank_labels.index_copy_(0, positions, labels.long())
+
+    monkeypatch.setattr(SimMatch, "update_bank", update_bank)
+
+
 def _set_da(method, t):
     queue = method.DA.queue
     queue.buffer.copy_(t["state_init.da_queue"])
@@ -155,10 +187,19 @@ def _set_da(method, t):
     queue.count.fill_(queue.size if bool(t["state_init.da_queue"].abs().sum(dim=1).all()) else int(t["state_init.da_ptr"]))
 
 
+def _check_da(method):
+    def check(step):
+        assert_matches_original(method.DA.queue.buffer, step["state_after.da_queue"], "DA queue")
+        assert int(method.DA.queue.ptr) == int(step["state_after.da_ptr"])
+
+    return check
+
+
 # ---------------------------------------------------------------------------------------- SimMatch
-def _simmatch_run(monkeypatch, usb_eps: bool):
-    if usb_eps:
-        _usb_eps_alignment(monkeypatch)
+SIMMATCH_TERMS = {"sup_loss": "sup_loss", "unsup_loss": "unsup_loss", "in_loss": "in_loss"}
+
+
+def _simmatch_run():
     method, t, meta = _build(SimMatch, SimMatchArguments, "usb_simmatch")
     bank = t["state_init.bank"]
     method.setup(DataInfo(num_labeled=bank.shape[0], num_labels=meta["model_config"]["num_labels"]))
@@ -172,37 +213,52 @@ def _simmatch_run(monkeypatch, usb_eps: bool):
     return method, t, meta, labeled, unlabeled
 
 
-def test_simmatch_step_equals_usb(monkeypatch):
-    method, t, meta, labeled, unlabeled = _simmatch_run(monkeypatch, usb_eps=True)
-    _step_and_compare(method, t, labeled, unlabeled, TrainState(**meta["train_state"]),
-                      {"sup_loss": "sup_loss", "unsup_loss": "unsup_loss", "in_loss": "in_loss"}, projected=True)
-    assert_matches_original(method.bank_labels, t["state_after.bank_labels"], "bank labels")
-    assert_matches_original(method.DA.queue.buffer, t["state_after.da_queue"], "DA queue")
-    assert int(method.DA.queue.ptr) == int(t["state_after.da_ptr"])
-    # the bank write, a decision (docs/methods.md "## simmatch"): USB normalises the (P, n) slice of
-    # its transposed bank along dim 1, i.e. across the batch; ours normalises each written row
-    idx, before, g_l = t["input.idx_lb"], t["state_init.bank"], t["feats_x_lb"]
+def test_simmatch_steps_equal_usb(monkeypatch):
+    """Both steps (epoch 0: instance loss zeroed; epoch 1: on) equal USB's with our two decisions
+    (DA eps, bank-write axis) put back to USB's."""
+    _usb_eps_alignment(monkeypatch)
+    _usb_bank_write(monkeypatch)
+    method, t, meta, labeled, unlabeled = _simmatch_run()
+    check_da = _check_da(method)
+
+    def check_state(step):
+        check_da(step)
+        assert_matches_original(method.bank, step["state_after.bank"], "bank")
+        assert_matches_original(method.bank_labels, step["state_after.bank_labels"], "bank labels")
+
+    _steps_and_compare(method, t, meta, labeled, unlabeled, SIMMATCH_TERMS, projected=True, check_state=check_state)
+
+
+def test_simmatch_bank_write_is_per_row():
+    """The decision (docs/methods.md "## simmatch"): USB normalises the (P, n) slice of its transposed
+    bank along dim 1, i.e. across the batch, so its written rows are not unit vectors; ours
+    normalises each written row. Checked on the first step, where both read the same bank."""
+    method, t, meta, labeled, unlabeled = _simmatch_run()
+    method.training_step(labeled, unlabeled, TrainState(**meta["train_states"][0]))
+    idx, before, g_l = t["input.idx_lb"], t["state_init.bank"], t["step0.feats_x_lb"]
     mixed = 0.7 * before[idx] + 0.3 * g_l
     untouched = torch.ones(before.shape[0], dtype=torch.bool)
     untouched[idx] = False
-    assert_matches_original(method.bank[untouched], t["state_after.bank"][untouched], "bank rows not written")
-    assert_matches_original(t["state_after.bank"][idx], F.normalize(mixed, dim=0), "USB's bank write (across the batch)")
+    usb_after = t["step0.state_after.bank"]
+    assert_matches_original(method.bank[untouched], usb_after[untouched], "bank rows not written")
+    assert_matches_original(usb_after[idx], F.normalize(mixed, dim=0), "USB's bank write (across the batch)")
+    assert (usb_after[idx].norm(dim=1) - 1).abs().max() > 0.1
     assert_matches_original(method.bank[idx], F.normalize(mixed, dim=1), "our bank write (per row)")
     assert_matches_original(method.bank[idx].norm(dim=1), torch.ones(len(idx), dtype=torch.float64), "unit bank rows")
 
 
 def test_simmatch_distribution_alignment_eps_effect(monkeypatch):
-    """Our DA (no eps) against USB's aligned probabilities: the decision's whole effect, bounded."""
-    method, t, meta, labeled, unlabeled = _simmatch_run(monkeypatch, usb_eps=False)
-    loss, logs = method.training_step(labeled, unlabeled, TrainState(**meta["train_state"]))
-    for ours, theirs in {"sup_loss": "sup_loss", "unsup_loss": "unsup_loss", "in_loss": "in_loss"}.items():
-        assert_matches_original(logs[ours], t[f"term.{theirs}"], ours, rtol=1e-5, atol=1e-8)
+    """Our DA (no eps) in USB's steps: the decision's whole effect on the loss terms, bounded."""
+    _usb_bank_write(monkeypatch)
+    method, t, meta, labeled, unlabeled = _simmatch_run()
+    _steps_and_compare(method, t, meta, labeled, unlabeled, SIMMATCH_TERMS, projected=True, terms_tolerance=(1e-5, 1e-8))
 
 
 # ---------------------------------------------------------------------------------------- CoMatch
-def _comatch_run(monkeypatch, usb_eps: bool):
-    if usb_eps:
-        _usb_eps_alignment(monkeypatch)
+COMATCH_TERMS = {"sup_loss": "sup_loss", "unsup_loss": "unsup_loss", "contrast_loss": "contrast_loss"}
+
+
+def _comatch_run():
     method, t, meta = _build(CoMatch, CoMatchArguments, "usb_comatch")
     b_l, b_u = t["input.x_lb"].shape[0], t["input.x_ulb_w"].shape[0]
     method.setup(DataInfo(num_labels=meta["model_config"]["num_labels"], labeled_batch_size=b_l,
@@ -228,20 +284,22 @@ def _swap_blocks(queue: torch.Tensor, first: int, second: int) -> torch.Tensor:
     return torch.cat([slots[:, first:], slots[:, :first]], dim=1).reshape(queue.shape)
 
 
-def test_comatch_step_equals_usb(monkeypatch):
-    method, t, meta, labeled, unlabeled = _comatch_run(monkeypatch, usb_eps=True)
-    _step_and_compare(method, t, labeled, unlabeled, TrainState(**meta["train_state"]),
-                      {"sup_loss": "sup_loss", "unsup_loss": "unsup_loss", "contrast_loss": "contrast_loss"}, projected=True)
+def test_comatch_steps_equal_usb(monkeypatch):
+    """Both steps (memory smoothing off, then on; the second write wraps the queue pointer to 0)."""
+    _usb_eps_alignment(monkeypatch)
+    method, t, meta, labeled, unlabeled = _comatch_run()
     b_l, b_u = t["input.x_lb"].shape[0], t["input.x_ulb_w"].shape[0]
-    assert_matches_original(_swap_blocks(method.queue_w, b_l, b_u), t["state_after.queue_feats"], "queue feats")
-    assert_matches_original(_swap_blocks(method.probs_xu, b_l, b_u), t["state_after.queue_probs"], "queue probs")
-    assert int(method.queue_ptr_w) == int(t["state_after.queue_ptr"])
-    assert_matches_original(method.DA.queue.buffer, t["state_after.da_queue"], "DA queue")
-    assert int(method.DA.queue.ptr) == int(t["state_after.da_ptr"])
+    check_da = _check_da(method)
+
+    def check_state(step):
+        check_da(step)
+        assert_matches_original(_swap_blocks(method.queue_w, b_l, b_u), step["state_after.queue_feats"], "queue feats")
+        assert_matches_original(_swap_blocks(method.probs_xu, b_l, b_u), step["state_after.queue_probs"], "queue probs")
+        assert int(method.queue_ptr_w) == int(step["state_after.queue_ptr"])
+
+    _steps_and_compare(method, t, meta, labeled, unlabeled, COMATCH_TERMS, projected=True, check_state=check_state)
 
 
-def test_comatch_distribution_alignment_eps_effect(monkeypatch):
-    method, t, meta, labeled, unlabeled = _comatch_run(monkeypatch, usb_eps=False)
-    loss, logs = method.training_step(labeled, unlabeled, TrainState(**meta["train_state"]))
-    for name in ("sup_loss", "unsup_loss", "contrast_loss"):
-        assert_matches_original(logs[name], t[f"term.{name}"], name, rtol=1e-5, atol=1e-8)
+def test_comatch_distribution_alignment_eps_effect():
+    method, t, meta, labeled, unlabeled = _comatch_run()
+    _steps_and_compare(method, t, meta, labeled, unlabeled, COMATCH_TERMS, projected=True, terms_tolerance=(1e-5, 1e-8))

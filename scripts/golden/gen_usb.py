@@ -2,10 +2,11 @@
 
     USB_ORIGINAL_SRC=<checkout of microsoft/Semi-supervised-learning> python scripts/golden/generate.py --only gen_usb
 
-For each algorithm, one ``train_step`` of USB's own class (``semilearn/algorithms/<name>/<name>.py``)
+For each algorithm, two ``train_step`` calls of USB's own class (``semilearn/algorithms/<name>/<name>.py``)
 followed by USB's own ``ParamUpdateHook`` (backward, SGD step from USB's ``get_optimizer``) and
-``EMAHook`` (its ``EMA`` update), on a fixed batch, in float64, recorded into
-``tests/golden/usb_<name>.*`` for ``tests/test_golden_usb.py``.
+``EMAHook`` (its ``EMA`` update) after each, on one fixed batch, in float64, recorded into
+``tests/golden/usb_<name>.*`` for ``tests/test_golden_usb.py``; and USB's CIFAR-10 config values into
+``tests/golden/usb_cifar10_configs.json`` for ``tests/test_usb_recipes.py`` (scripts/golden/usb_recipes.py).
 
 How the original is run (nothing of it is copied here; the checkout is imported):
 
@@ -17,8 +18,10 @@ How the original is run (nothing of it is copied here; the checkout is imported)
   identity while the original runs (this machine has no GPU; USB moves ``idx_lb`` with it).
 * Package ``__init__`` files that import USB's datasets, trainers and every network (and with them
   scikit-image, aim, wandb, ruamel) are not run: ``semilearn``, ``semilearn.datasets`` and
-  ``semilearn.nets`` are empty package shells, so only the modules the step imports load.
-* The backbone is OUR tiny WRN (``wrn``, depth 10, width 1, 4 base channels, 8x8 px, 5 classes)
+  ``semilearn.nets`` are empty package shells. (``semilearn.core``'s ``__init__`` still imports every
+  algorithm module for its registry; the imbalanced-learning ones fail against the shells, print
+  "import failed" and are skipped: none is used.)
+* The backbone is OUR tiny WRN (``wrn``, depth 10, width 1, 2 base channels, 8x8 px, 5 classes)
   behind USB's backbone interface (``net(x) -> {"logits", "feat"}``, ``only_feat``, ``only_fc``,
   ``num_features``): the step, not the network, is under test, and both sides then load identical
   weights. SimMatch and CoMatch wrap it in USB's own ``SimMatch_Net`` / ``CoMatch_Net``
@@ -29,7 +32,7 @@ How the original is run (nothing of it is copied here; the checkout is imported)
 * Randomness: none inside any of these steps (the WRN has no dropout, the algorithms draw nothing);
   the weights, batch, banks, queues and thresholds are drawn here from ``SEED`` and recorded.
 * The fully connected layer is scaled (``logit_scale``, per algorithm) so some unlabelled rows pass the 0.95
-  thresholds and some do not; the generator stops if a mask is all ones or all zeros (CoMatch: p_cutoff ``COMATCH_CUTOFF``).
+  thresholds and some do not; the generator stops unless some step's mask has rows in and rows out.
 
 What the original does not log (FreeMatch's entropy term, SimMatch's ``in_loss``, masks,
 distribution-aligned probabilities) is recorded by wrapping the function or hook method that returns
@@ -45,7 +48,7 @@ import types
 from pathlib import Path
 
 ENV = "USB_ORIGINAL_SRC"
-NEEDS = ("scikit-learn", "tensorboard (torch.utils.tensorboard)")
+NEEDS = ("scikit-learn", "tensorboard (torch.utils.tensorboard)", "pyyaml")
 
 SEED = 2205
 B_L, B_U, NUM_CLASSES, IMAGE_SIZE = 4, 8, 5, 8
@@ -54,7 +57,6 @@ K_BANK = 12  # SimMatch: labelled rows in the bank
 QUEUE_BATCH = 3  # CoMatch: the queue holds 3 global batches of B_L + B_U rows
 SGD = dict(lr=0.03, momentum=0.9, weight_decay=5e-4, nesterov=True)  # USB classic-CV
 EMA_M = 0.999
-COMATCH_CUTOFF = 0.85  # USB's 0.95 masks every row of this small batch out after memory smoothing
 MODEL_CONFIG = dict(depth=10, widen_factor=1, base_channels=2, num_labels=NUM_CLASSES, image_size=IMAGE_SIZE)
 
 
@@ -124,7 +126,7 @@ def _our_model(generator, logit_scale: float):
 
 
 def _backbone_class():
-    import torch.nn as nn
+    from torch import nn
 
     class USBBackbone(nn.Module):
         """Our WRN behind USB's backbone interface."""
@@ -227,6 +229,23 @@ def _step(alg, name_map, batch: dict) -> dict:
     return tensors
 
 
+def _steps(alg, name_map, batch: dict, schedule: list[dict], record_state=lambda: {}) -> dict:
+    """``len(schedule)`` steps on the same batch, each with its ``epoch``/``it`` set first; every
+    step's tensors under ``step<i>.`` (``record_state()`` adds the algorithm's own state after it)."""
+    tensors = {}
+    for i, position in enumerate(schedule):
+        alg.epoch, alg.it = position["epoch"], position["it"]
+        step = _step(alg, name_map, batch)
+        step.update(record_state())
+        tensors.update({f"step{i}.{k}": v.detach().clone() for k, v in step.items()})
+    return tensors
+
+
+def _our_states(schedule: list[dict]) -> list[dict]:
+    """Our TrainState of each step: USB's iteration counter is our ``step`` (steps done before it)."""
+    return [{"step": position["it"], "epoch": position["epoch"]} for position in schedule]
+
+
 def _initial(model, teacher_params, name_map) -> dict:
     tensors = {f"init.{name_map(k)}": v.clone() for k, v in model.state_dict().items()}
     tensors.update({f"teacher_init.{name_map(k)}": v.clone() for k, v in teacher_params.items()})
@@ -239,13 +258,14 @@ def _images(generator, n):
     return torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
 
 
-def _meta(version, algorithm, file, ours_args, state, notes, tolerance_notes=""):
+def _meta(version, algorithm, file, ours_args, schedule, notes):
     return {
         "original": "microsoft/Semi-supervised-learning",
         "original_version": f"semilearn {version} (setup.py; the checkout has no git metadata)",
         "original_file": file,
         "original_class": algorithm,
-        "run": "train_step + ParamUpdateHook.after_train_step (SGD) + EMAHook.after_train_step, one step",
+        "run": f"{len(schedule)} x (train_step + ParamUpdateHook.after_train_step (SGD) + EMAHook.after_train_step) on one batch",
+        "usb_epoch_it": schedule,
         "seed": SEED,
         "dtype": "float64",
         "randomness": "none inside the step (no dropout in the WRN, no draws in the algorithm); inputs and state drawn by the generator and recorded",
@@ -254,7 +274,7 @@ def _meta(version, algorithm, file, ours_args, state, notes, tolerance_notes="")
         "optimizer": dict(SGD, name="SGD", bn_wd_skip=True, source="semilearn.core.utils.get_optimizer"),
         "ema_m": EMA_M,
         "ours_args": ours_args,
-        "train_state": state,
+        "train_states": _our_states(schedule),
         "notes": notes,
     }
 
@@ -266,7 +286,7 @@ def _fixmatch(usb, version, generator):
     model = _our_model(generator, logit_scale=12.0)
     Backbone = _backbone_class()
     net = Backbone(model)
-    name_map = lambda n: n[len("model."):] if n.startswith("model.") else n  # noqa: E731
+    name_map = lambda n: n.removeprefix("model.")
     teacher = _perturbed({k: v for k, v in net.named_parameters()}, generator)
     x_lb, x_w, x_s = _images(generator, B_L), _images(generator, B_U), _images(generator, B_U)
     import torch
@@ -274,25 +294,29 @@ def _fixmatch(usb, version, generator):
     y_lb = torch.randint(0, NUM_CLASSES, (B_L,), generator=generator)
     tensors = _initial(net, teacher, name_map)
     alg = _algorithm(usb, usb["fixmatch"].FixMatch, net, teacher, dict(ulb_loss_ratio=1.0),
-                     T=0.5, p_cutoff=0.95, use_hard_label=True, epoch=0, it=0)
+                     T=0.5, p_cutoff=0.95, use_hard_label=True)
     masks = []
     _record_calls(alg.hooks_dict["MaskingHook"], "masking", masks)
-    tensors.update(_step(alg, name_map, dict(x_lb=x_lb, y_lb=y_lb, x_ulb_w=x_w, x_ulb_s=x_s)))
-    _check_mask("fixmatch", masks[0])
-    tensors.update({"input.x_lb": x_lb, "input.y_lb": y_lb, "input.x_ulb_w": x_w, "input.x_ulb_s": x_s, "mask": masks[0]})
+    schedule = [{"epoch": 0, "it": 0}, {"epoch": 0, "it": 1}]
+    tensors.update(_steps(alg, name_map, dict(x_lb=x_lb, y_lb=y_lb, x_ulb_w=x_w, x_ulb_s=x_s), schedule,
+                          lambda: {"mask": masks[-1]}))
+    _check_masks("fixmatch", masks)
+    tensors.update({"input.x_lb": x_lb, "input.y_lb": y_lb, "input.x_ulb_w": x_w, "input.x_ulb_s": x_s})
     ours = dict(threshold=0.95, lambda_u=1.0, use_hard_labels=True, concat_forward=True, ema_momentum=EMA_M,
                 ema_warmup=False, ema_mode="parameters")
-    meta = _meta(version, "FixMatch", "semilearn/algorithms/fixmatch/fixmatch.py", ours, dict(step=0, epoch=0),
+    meta = _meta(version, "FixMatch", "semilearn/algorithms/fixmatch/fixmatch.py", ours, schedule,
                  "config: fixmatch_cifar10 values (p_cutoff 0.95, hard_label, ulb_loss_ratio 1, use_cat, ema_m 0.999); "
                  "ours: ema_warmup False (USB's EMA momentum is constant; our default warms it up, docs/methods.md §4)")
     save_golden("usb_fixmatch", tensors, meta)
     return "usb_fixmatch"
 
 
-def _check_mask(name, mask):
-    fraction = float(mask.float().mean())
-    if not 0.0 < fraction < 1.0:
-        raise SystemExit(f"{name}: mask fraction {fraction}: the fixture would not test the mask; change logit_scale or SEED")
+def _check_masks(name, masks):
+    """At least one step has some rows in and some out (else the fixture would not test the mask)."""
+    fractions = [float(mask.float().mean()) for mask in masks]
+    print(f"{name}: mask fractions per step {fractions}")
+    if not any(0.0 < fraction < 1.0 for fraction in fractions):
+        raise SystemExit(f"{name}: mask fractions {fractions}: the fixture would not test the mask; change logit_scale or SEED")
 
 
 # ------------------------------------------------------------------------------------------ FreeMatch
@@ -302,7 +326,7 @@ def _freematch(usb, version, generator):
 
     model = _our_model(generator, logit_scale=4.0)
     net = _backbone_class()(model)
-    name_map = lambda n: n[len("model."):] if n.startswith("model.") else n  # noqa: E731
+    name_map = lambda n: n.removeprefix("model.")
     teacher = _perturbed({k: v for k, v in net.named_parameters()}, generator)
     x_lb, x_w, x_s = _images(generator, B_L), _images(generator, B_U), _images(generator, B_U)
     y_lb = torch.randint(0, NUM_CLASSES, (B_L,), generator=generator)
@@ -311,13 +335,13 @@ def _freematch(usb, version, generator):
     p_model = p_model / p_model.sum()
     label_hist = torch.rand(NUM_CLASSES, generator=generator) + 0.5
     label_hist = label_hist / label_hist.sum()
-    time_p = torch.tensor(0.9)
+    time_p = torch.tensor(0.95)
     tensors = _initial(net, teacher, name_map)
     tensors.update({"state_init.time_p": time_p.clone(), "state_init.p_model": p_model.clone(),
                     "state_init.label_hist": label_hist.clone()})
     args = dict(ulb_loss_ratio=1.0, ema_p=0.999)
     alg = _algorithm(usb, usb["freematch"].FreeMatch, net, teacher, args, T=0.5, use_hard_label=True, ema_p=0.999,
-                     use_quantile=False, clip_thresh=False, lambda_e=0.001, epoch=0, it=0)
+                     use_quantile=False, clip_thresh=False, lambda_e=0.001)
     hook = alg.hooks_dict["MaskingHook"]
     hook.time_p, hook.p_model, hook.label_hist = time_p.clone(), p_model.clone(), label_hist.clone()
     masks, entropy = [], []
@@ -325,20 +349,21 @@ def _freematch(usb, version, generator):
     module = usb["freematch"]
     kept = module.entropy_loss
     _record_calls(module, "entropy_loss", entropy)
+    schedule = [{"epoch": 0, "it": 0}, {"epoch": 0, "it": 1}]
     try:
-        tensors.update(_step(alg, name_map, dict(x_lb=x_lb, y_lb=y_lb, x_ulb_w=x_w, x_ulb_s=x_s)))
+        tensors.update(_steps(alg, name_map, dict(x_lb=x_lb, y_lb=y_lb, x_ulb_w=x_w, x_ulb_s=x_s), schedule,
+                              lambda: {"term.ent_loss": entropy[-1][0], "mask": masks[-1],
+                                       "state_after.time_p": hook.time_p, "state_after.p_model": hook.p_model,
+                                       "state_after.label_hist": hook.label_hist}))
     finally:
         module.entropy_loss = kept
-    _check_mask("freematch", masks[0])
-    tensors["term.ent_loss"] = entropy[0][0].detach()
-    tensors.update({"state_after.time_p": hook.time_p, "state_after.p_model": hook.p_model,
-                    "state_after.label_hist": hook.label_hist, "mask": masks[0]})
+    _check_masks("freematch", masks)
     tensors.update({"input.x_lb": x_lb, "input.y_lb": y_lb, "input.x_ulb_w": x_w, "input.x_ulb_s": x_s})
     ours = dict(lambda_u=1.0, lambda_e=0.001, sat_momentum=0.999, mask_unsup=True, pseudo_labels_from="student",
                 concat_forward=True, labeled_view="weak", ema_momentum=EMA_M, ema_mode="parameters", ema_warmup=False,
                 start_epoch=-1)
     meta = _meta(version, "FreeMatch", "semilearn/algorithms/freematch/freematch.py (+ utils.py FreeMatchThresholingHook)",
-                 ours, dict(step=0, epoch=0),
+                 ours, schedule,
                  "config: freematch_cifar10 values (ema_p 0.999, ent_loss_ratio 0.001, use_quantile False, clip_thresh False, "
                  "hard_label, use_cat); SAT state set part-way (time_p 0.9, p_model and label_hist non-uniform); "
                  "term.ent_loss recorded by wrapping freematch.entropy_loss")
@@ -391,7 +416,7 @@ def _simmatch(usb, version, generator):
     # what SimMatch.__init__ sets for CIFAR-10 (dataset in its list): online teacher, bank EMA 0.7, K = labelled rows
     alg = _algorithm(usb, usb["simmatch"].SimMatch, net, teacher, args, use_ema_teacher=False, ema_bank=0.7,
                      lambda_in=1.0, T=0.1, p_cutoff=0.95, proj_size=PROJ, K=K_BANK, smoothing_alpha=0.9, da_len=da_len,
-                     mem_bank=bank.T.contiguous().clone(), labels_bank=bank_labels.clone(), epoch=1, it=100)
+                     mem_bank=bank.T.contiguous().clone(), labels_bank=bank_labels.clone())
     da = alg.hooks_dict["DistAlignHook"]
     da.p_model, da.p_model_ptr = da_queue.clone(), torch.tensor([da_ptr])
     da.p_target = torch.full(da.p_target.shape, 1.0 / NUM_CLASSES)  # USB builds it in float32 (0.2 + 3e-9)
@@ -401,23 +426,27 @@ def _simmatch(usb, version, generator):
     feats = []
     kept_update = alg.update_bank
     alg.update_bank = lambda k, labels, index: (feats.append(k.detach().clone()), kept_update(k, labels, index))[1]
-    tensors.update(_step(alg, name_map, dict(idx_lb=idx_lb, x_lb=x_lb, y_lb=y_lb, x_ulb_w=x_w, x_ulb_s=x_s)))
-    _check_mask("simmatch", masks[0])
-    # in_loss is not logged: total = sup + lambda_u unsup + lambda_in in (lambda_u = lambda_in = 1)
-    tensors["term.in_loss"] = tensors["term.total_loss"] - tensors["term.sup_loss"] - tensors["term.unsup_loss"]
-    tensors.update({"state_after.bank": alg.mem_bank.T.contiguous(), "state_after.bank_labels": alg.labels_bank,
-                    "state_after.da_queue": da.p_model, "state_after.da_ptr": da.p_model_ptr[0],
-                    "mask": masks[0], "da_probs": aligned[0], "feats_x_lb": feats[0]})
+    # step 0 in USB's epoch 0 (instance loss zeroed, no smoothing), step 1 in epoch 1 (both on)
+    schedule = [{"epoch": 0, "it": 1023}, {"epoch": 1, "it": 1024}]
+    tensors.update(_steps(alg, name_map, dict(idx_lb=idx_lb, x_lb=x_lb, y_lb=y_lb, x_ulb_w=x_w, x_ulb_s=x_s),
+                          schedule, lambda: {
+                              "state_after.bank": alg.mem_bank.T.contiguous(), "state_after.bank_labels": alg.labels_bank,
+                              "state_after.da_queue": da.p_model, "state_after.da_ptr": da.p_model_ptr[0],
+                              "mask": masks[-1], "da_probs": aligned[-1], "feats_x_lb": feats[-1]}))
+    _check_masks("simmatch", masks)
+    for i in range(len(schedule)):  # in_loss is not logged: total = sup + unsup + in (lambda_u = lambda_in = 1)
+        p = f"step{i}.term."
+        tensors[p + "in_loss"] = tensors[p + "total_loss"] - tensors[p + "sup_loss"] - tensors[p + "unsup_loss"]
     tensors.update({"input.x_lb": x_lb, "input.y_lb": y_lb, "input.idx_lb": idx_lb, "input.x_ulb_w": x_w,
                     "input.x_ulb_s": x_s})
     ours = dict(threshold=0.95, lambda_u=1.0, lambda_in=1.0, temperature_teacher=0.1, temperature_student=0.1,
                 smoothing_alpha=0.9, distribution_alignment=True, da_len=da_len, teacher="online",
                 ema_momentum=EMA_M, ema_warmup=False, bank_momentum=0.7, start_epoch=-1, instance_start_epoch=1,
                 labeled_view="weak", projection_dim=PROJ)
-    meta = _meta(version, "SimMatch", "semilearn/algorithms/simmatch/simmatch.py", ours, dict(step=100, epoch=1),
+    meta = _meta(version, "SimMatch", "semilearn/algorithms/simmatch/simmatch.py", ours, schedule,
                  "config: simmatch_cifar10 values (T 0.1, p_cutoff 0.95, in_loss_ratio 1, smoothing_alpha 0.9, da_len 32) "
                  "except proj_size 8 and use_epass False (one projector, as ours); CIFAR branch of __init__: online teacher, "
-                 "ema_bank 0.7; epoch 1 (instance loss and smoothing on); bank and labels random, DA queue 20 of 32 rows "
+                 "ema_bank 0.7; step 0 in epoch 0 (instance loss zeroed, no smoothing), step 1 in epoch 1 (both on); bank and labels random, DA queue 20 of 32 rows "
                  "filled, pointer 20; bank stored here as rows (USB holds its transpose); term.in_loss = total - sup - unsup")
     save_golden("usb_simmatch", tensors, meta)
     return "usb_simmatch"
@@ -448,33 +477,35 @@ def _comatch(usb, version, generator):
                     "state_init.da_ptr": torch.tensor(da_ptr)})
     args = dict(ulb_loss_ratio=1.0, da_len=da_len, proj_size=PROJ, use_epass=False, uratio=B_U // B_L,
                 batch_size=B_L, dataset="cifar10", num_classes=NUM_CLASSES)
-    alg = _algorithm(usb, usb["comatch"].CoMatch, net, teacher, args, T=0.2, p_cutoff=COMATCH_CUTOFF, contrast_p_cutoff=0.8,
+    alg = _algorithm(usb, usb["comatch"].CoMatch, net, teacher, args, T=0.2, p_cutoff=0.95, contrast_p_cutoff=0.8,
                      use_hard_label=False, queue_batch=QUEUE_BATCH, smoothing_alpha=0.9, da_len=da_len, lambda_c=1.0,
                      queue_size=queue_size, queue_feats=queue_feats.clone(), queue_probs=queue_probs.clone(),
-                     queue_ptr=queue_ptr, epoch=1, it=10)
+                     queue_ptr=queue_ptr)
     da = alg.hooks_dict["DistAlignHook"]
     da.p_model, da.p_model_ptr = da_queue.clone(), torch.tensor([da_ptr])
     da.p_target = torch.full(da.p_target.shape, 1.0 / NUM_CLASSES)  # USB builds it in float32 (0.2 + 3e-9)
     masks, aligned = [], []
     _record_calls(alg.hooks_dict["MaskingHook"], "masking", masks)
     _record_calls(da, "dist_align", aligned)
-    tensors.update(_step(alg, name_map, dict(x_lb=x_lb, y_lb=y_lb, x_ulb_w=x_w, x_ulb_s_0=x_s0, x_ulb_s_1=x_s1)))
-    _check_mask("comatch", masks[0])
-    tensors.update({"state_after.queue_feats": alg.queue_feats, "state_after.queue_probs": alg.queue_probs,
-                    "state_after.queue_ptr": torch.tensor(alg.queue_ptr), "state_after.da_queue": da.p_model,
-                    "state_after.da_ptr": da.p_model_ptr[0], "mask": masks[0], "da_probs": aligned[0]})
+    # memory smoothing from it > queue_batch: off in step 0, on in step 1
+    schedule = [{"epoch": 1, "it": QUEUE_BATCH}, {"epoch": 1, "it": QUEUE_BATCH + 1}]
+    tensors.update(_steps(alg, name_map, dict(x_lb=x_lb, y_lb=y_lb, x_ulb_w=x_w, x_ulb_s_0=x_s0, x_ulb_s_1=x_s1),
+                          schedule, lambda: {
+                              "state_after.queue_feats": alg.queue_feats, "state_after.queue_probs": alg.queue_probs,
+                              "state_after.queue_ptr": torch.tensor(alg.queue_ptr), "state_after.da_queue": da.p_model,
+                              "state_after.da_ptr": da.p_model_ptr[0], "mask": masks[-1], "da_probs": aligned[-1]}))
+    _check_masks("comatch", masks)
     tensors.update({"input.x_lb": x_lb, "input.y_lb": y_lb, "input.x_ulb_w": x_w, "input.x_ulb_s_0": x_s0,
                     "input.x_ulb_s_1": x_s1})
-    ours = dict(threshold=COMATCH_CUTOFF, contrast_threshold=0.8, temperature=0.2, alpha=0.9, lambda_u=1.0, lambda_c=1.0,
+    ours = dict(threshold=0.95, contrast_threshold=0.8, temperature=0.2, alpha=0.9, lambda_u=1.0, lambda_c=1.0,
                 lambda_c_ramp=False, queue_size=None, queue_batch=QUEUE_BATCH, queue_overflow="truncate",
                 memory_graph=False, distribution_alignment=True, da_len=da_len, teacher="online", ema_momentum=EMA_M,
-                ema_warmup=False, start_epoch=-1, smoothing_start_epoch=1, smoothing_start_step=6,
+                ema_warmup=False, start_epoch=-1, smoothing_start_epoch=1, smoothing_start_step=QUEUE_BATCH + 1,
                 labeled_view="weak", projection_dim=PROJ)
-    meta = _meta(version, "CoMatch", "semilearn/algorithms/comatch/comatch.py", ours, dict(step=10, epoch=1),
-                 "config: comatch_cifar10 values (T 0.2, contrast_p_cutoff 0.8, contrast_loss_ratio 1, "
-                 "smoothing_alpha 0.9, da_len 32, hard_label False) except p_cutoff 0.85 (0.95 masks every row of this batch "
-                 "out once smoothed), proj_size 8, use_epass False and queue_batch 3; "
-                 "epoch 1, it 10 (memory smoothing on); queue random unit feats and random distributions, pointer at the "
+    meta = _meta(version, "CoMatch", "semilearn/algorithms/comatch/comatch.py", ours, schedule,
+                 "config: comatch_cifar10 values (T 0.2, p_cutoff 0.95, contrast_p_cutoff 0.8, contrast_loss_ratio 1, "
+                 "smoothing_alpha 0.9, da_len 32, hard_label False) except proj_size 8, use_epass False and queue_batch 3; "
+                 "epoch 1, it 3 then 4 (memory smoothing off, then on: it > queue_batch); queue random unit feats and random distributions, pointer at the "
                  "second batch slot; DA queue full, pointer 7")
     save_golden("usb_comatch", tensors, meta)
     return "usb_comatch"
@@ -485,7 +516,7 @@ def generate() -> list[str]:
 
     import torch
 
-    import modeling_stil.modeling_wide_resnet  # noqa: F401  (transformers/accelerate before USB's stubs)
+    import modeling_stil.modeling_wide_resnet
 
     usb, version = _import_usb(os.environ[ENV])
     written = []
@@ -497,4 +528,12 @@ def generate() -> list[str]:
             written.append(build(usb, version, generator))
     finally:
         torch.set_default_dtype(kept)
-    return written
+    # USB's CIFAR-10 config values for tests/test_usb_recipes.py (scripts/golden/usb_recipes.py prints them)
+    import json
+
+    import usb_recipes
+
+    usb_recipes.ORIGINALS_JSON.write_text(
+        json.dumps(usb_recipes.read_originals(Path(os.environ[ENV])), indent=1, sort_keys=True) + "\n"
+    )
+    return [*written, usb_recipes.ORIGINALS_JSON.name]
