@@ -9,7 +9,10 @@ What runs is the table ``SUITE`` below: one line per (method, dataset) with the 
 overrides. A recipe that does not exist yet (a method not merged) is skipped with a note in the
 report. Every run is ``python train.py RECIPE --key value ...`` in its own folder
 ``<work_dir>/<dataset>/<entry>/seed<k>``; the data are the embedded synthetic datasets, built by the
-first run that needs them into ``<work_dir>/datasets`` (a clean cache of the suite's own).
+first run that needs them into ``<work_dir>/datasets`` (a clean cache of the suite's own). One real
+dataset sits next to them: scikit-learn's 1,797 handwritten 8x8 digits (shipped with the package, no
+network), which the suite writes out as a CSV + PNG folder and builds with
+``scripts/prepare_dataset.py``, the command a user runs on their own images (``digits``, 5 % labelled).
 
 Resumable: a run whose folder holds ``suite_result.json`` written for the same command is skipped
 (train.py's own output is in the ``run/`` subfolder);

@@ -24,11 +24,11 @@ from .base import MethodArguments, SSLMethod, TrainState, register_method
 from .common import (
     EMATeacher,
     EMA_MODES,
+    check_fraction,
     concat_views,
     confidence_mask,
     cross_entropy,
     ema_momentum,
-    check_fraction,
     model_inputs,
     pseudo_label_logs,
     pseudo_labels,

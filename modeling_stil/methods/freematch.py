@@ -46,13 +46,13 @@ from .base import DataInfo, MethodArguments, SSLMethod, TrainState, register_met
 from .common import (
     EMATeacher,
     EMA_MODES,
+    check_fraction,
     concat_views,
     cross_entropy,
     ema_momentum,
-    check_fraction,
-    unlabeled_gate_open,
     model_inputs,
     pseudo_label_logs,
+    unlabeled_gate_open,
     unwrap_model,
     view_targets,
 )

@@ -48,12 +48,12 @@ from .base import (
     register_method,
 )
 from .common import (
-    check_fraction,
-    scheduled_momentum,
     EMATeacher,
+    check_fraction,
     linear_rampup,
     model_inputs,
     pseudo_label_logs,
+    scheduled_momentum,
     sigmoid_rampup,
     task_loss,
     unwrap_model,
