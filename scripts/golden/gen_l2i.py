@@ -18,9 +18,10 @@ How the original is run (nothing of it is copied into this repository):
 * Tiny networks: the original ``WideResNet`` / ``TCDCNN`` classes are built by their own
   ``__init__`` (and initialisation), with the script module's ``nn`` swapped for a proxy whose
   ``Conv2d`` / ``BatchNorm2d`` / ``Linear`` shrink the hard-coded widths (WRN-28-2: 16/32/64/128 ->
-  1/2/4/8 channels; depth 10 for MT / MixMatch, 28 for L2I, whose functional forward of the meta
-  step hard-codes 4 blocks per group; TCDCNN: 20/48/64/80 -> 2/3/3/4 filters, 256 -> 8 hidden, on 44 px
-  images). Our `WideResNetConfig(depth=10 | 28, widen_factor=2, base_channels=1)` and
+  1/2/4/8 channels, depth 10; the functional forward of the L2I meta step hard-codes
+  ``for l in range(4)`` blocks per group, so the model module gets a ``range`` answering ``range(4)``
+  with the one block of a WRN-10; TCDCNN: 20/48/64/80 -> 2/3/3/4 filters, 256 -> 8 hidden, on 44 px
+  images). Our `WideResNetConfig(depth=10, widen_factor=2, base_channels=1)` and
   `TCDCNNConfig(conv_channels=(2, 3, 3, 4), hidden_size=8, image_size=44)` are the same networks.
   Weights are then perturbed (BN affine and running statistics, biases) so nothing is trivial, and
   the teacher and evaluation EMA get their own weights (the scripts' EMA constructors copy the
@@ -39,6 +40,7 @@ How the original is run (nothing of it is copied into this repository):
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import importlib.util
 import os
@@ -53,6 +55,7 @@ NEEDS = ("torch", "torchvision", "numpy", "scipy", "matplotlib", "safetensors")
 
 REPO = "WeiHongLee/Learning-to-impute"
 WRN_WIDTHS = {3: 3, 16: 1, 32: 2, 64: 4, 128: 8, 10: 10}  # original width -> tiny width
+WRN_DEPTH, WRN_BLOCKS = 10, 1  # blocks per group = (depth - 4) / 6
 TCDCNN_WIDTHS = {1: 1, 20: 2, 48: 3, 64: 3, 80: 4, 256: 8, 10: 10}
 TCDCNN_IMAGE = 44  # (((44-4)/2-4)/2-2)/2-2 = 1: the flattened 4 x 1 x 1 features
 TCDCNN_FLAT = {720: 4}
@@ -195,7 +198,12 @@ def tiny_original_models(script):
     caller sets ``nChannels`` to the narrow width after construction)."""
     models = script.models
     if hasattr(models, "WideResNet"):
-        sys.modules[models.WideResNet.__module__].nn = _shrinking_nn(WRN_WIDTHS)
+        wrn = sys.modules[models.WideResNet.__module__]
+        wrn.nn = _shrinking_nn(WRN_WIDTHS)
+        # its functional forward (the L2I meta step) loops `for l in range(4)` blocks per group, i.e.
+        # WRN-28 only: a module-level `range` answers range(4) with the tiny WRN-10's 1 block (other
+        # calls, range(1, 4) over the groups and range(nb_layers) in _make_layer, are unchanged)
+        wrn.range = lambda *args: builtins.range(WRN_BLOCKS) if args == (4,) else builtins.range(*args)
     else:
         sys.modules[models.TCDCNN.__module__].nn = _shrinking_nn(TCDCNN_WIDTHS, TCDCNN_FLAT)
 
@@ -330,15 +338,18 @@ def commit_of(root: str) -> str:
 
 
 def meta(method: str, file: str, notes: list[str], randomness: str, **extra) -> dict:
-    return {"original": REPO, "commit": commit_of(os.environ[ENV]), "file": file, "method": method, "seed": SEED,
-            "dtype": "float64", "randomness": randomness, "notes": notes, **extra}
+    import hashlib
+
+    digest = hashlib.sha256((Path(os.environ[ENV]) / file).read_bytes()).hexdigest()
+    return {"original": REPO, "commit": commit_of(os.environ[ENV]), "file": file, "file_sha256": digest, "method": method,
+            "seed": SEED, "dtype": "float64", "randomness": randomness, "notes": notes, **extra}
 
 
 BATCH = 3  # labelled = unlabelled = meta batch (the originals' equal batch sizes)
 EPOCHS = 10  # --epochs 10 --val-iteration 1: one step = one epoch, max_steps 10
 STEP = 1  # steps completed before the recorded one: ramp 1 / (0.4 x 10) = 0.25, teacher a_t = 0.5
-WRN_NOTE = ("tiny WRN (widths 1/2/4/8, depth in hyperparameters) built by the original WideResNet.__init__ (nn proxy); ours: "
-            "WideResNetConfig(depth, widen_factor=2, base_channels=1)")
+WRN_NOTE = ("tiny WRN-10 (widths 1/2/4/8) built by the original WideResNet.__init__ (nn proxy; its functional forward's "
+            "range(4) blocks per group answered with 1); ours: WideResNetConfig(depth=10, widen_factor=2, base_channels=1)")
 TCDCNN_NOTE = ("tiny TCDCNN (filters 2/3/3/4, hidden 8, 44 px) built by the original TCDCNN.__init__ (nn proxy); ours: "
                "TCDCNNConfig(conv_channels=(2,3,3,4), kernel_sizes=(5,5,3,3), hidden_size=8, image_size=44); "
                "parameter conv{i} = our convs.{i-1}")
@@ -374,7 +385,7 @@ def _run_classification(script_name: str, method: str, extra_argv=()):
         args = script.args
         gen = torch.Generator().manual_seed(SEED)
         torch.manual_seed(SEED)
-        depth = 28 if method.startswith("l2i") else 10
+        depth = WRN_DEPTH
         # WeightEMA builds its own WideResNet(num_classes=10): the same depth through the default argument
         script.models.WideResNet.__init__.__defaults__ = (depth, 2, 0.0)
 
@@ -460,14 +471,14 @@ def _regression_data(gen, with_meta: bool):
     import torch
 
     b, side = BATCH, TCDCNN_IMAGE
-    data = {"x": images(gen, b, (1, side, side)).abs() * 0.25,
+    data = {"x": images(gen, b, (1, side, side)).abs().clamp_min(2.0 ** -8) * 0.25,
             "y": (20 + 12 * torch.rand((b, 10), generator=gen, dtype=torch.float32)).to(torch.float64),
-            "u1": images(gen, b, (1, side, side)).abs() * 0.25, "u2": images(gen, b, (1, side, side)).abs() * 0.25,
+            "u1": images(gen, b, (1, side, side)).abs().clamp_min(2.0 ** -8) * 0.25, "u2": images(gen, b, (1, side, side)).abs().clamp_min(2.0 ** -8) * 0.25,
             "t1": torch.randint(-4, 5, (b, 2), generator=gen), "t2": torch.randint(-4, 5, (b, 2), generator=gen),
             "mean": (26 + 3 * torch.randn(10, generator=gen, dtype=torch.float32)).to(torch.float64),
             "std": (3 + 2 * torch.rand(10, generator=gen, dtype=torch.float32)).to(torch.float64)}
     if with_meta:
-        data["xv"] = images(gen, b, (1, side, side)).abs() * 0.25
+        data["xv"] = images(gen, b, (1, side, side)).abs().clamp_min(2.0 ** -8) * 0.25
         data["yv"] = (20 + 12 * torch.rand((b, 10), generator=gen, dtype=torch.float32)).to(torch.float64)
     return data
 
