@@ -27,7 +27,7 @@ import torch
 from modeling_stil.configuration_tcdcnn import TCDCNNConfig
 from modeling_stil.configuration_wide_resnet import WideResNetConfig
 from modeling_stil.methods.base import TrainState
-from modeling_stil.methods.l2i import L2IL, L2ILArguments, L2IO, L2IOArguments
+from modeling_stil.methods.l2i import L2IL, L2IO, L2ILArguments, L2IOArguments
 from modeling_stil.methods.mean_teacher import MeanTeacher, MeanTeacherArguments
 from modeling_stil.methods.mixmatch import MixMatch, MixMatchArguments
 from modeling_stil.methods.pseudo_label import PseudoLabel, PseudoLabelArguments

@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "golden"))
 
-import compare_l2i_recipes as recipes  # noqa: E402
+import compare_l2i_recipes as recipes
 
 
 def _undocumented(rows):

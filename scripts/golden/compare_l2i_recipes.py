@@ -68,7 +68,7 @@ def original_values(method: str, dataset: str) -> dict:
     source = (Path(os.environ["L2I_ORIGINAL_SRC"]) / file).read_text()
     with original_script(folder, script, []) as module:
         a = module.args
-    need = lambda snippet: _need(source, snippet, file)  # noqa: E731
+    need = lambda snippet: _need(source, snippet, file)
     v: dict[str, list] = {}
     v["per_device_train_batch_size"] = [a.batch_size, "--batch-size"]
     v["mu"] = [1, need("unlabeled_trainloader = data.DataLoader(train_unlabeled_set, batch_size=args.batch_size")
@@ -127,7 +127,7 @@ def original_values(method: str, dataset: str) -> dict:
             v["inner_reduction"] = ["mean", "Lu_tmp = (...).mean()"]
             squash = _active(source, "torch.tanh(logits_u) - torch.tanh(targets_u)")
             v["squash"] = [squash, "tanh on both sides of Lu_tmp" if squash else "no tanh"]
-        steps = len(re.findall(r"^\s*ema_optimizer\.step\(\)", source, flags=re.M))
+        steps = len(re.findall(r"^\s*ema_optimizer\.step\(\)", source, flags=re.MULTILINE))
         v["eval_ema_each_phase"] = [steps == 2, f"{steps} ema_optimizer.step() per iteration"]
         v["meta_updates_bn_stats"] = [True, "the meta step's student forward is a real train-mode forward"]
         if method == "l2i_l":
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
     print(f"{'recipe':34s} {'field':28s} {'ours':>14s} {'original':>14s}  status")
     for recipe, field, mine, value, source, same, reason in comparisons(table):
         status = "same" if same else f"DIFFERS ({reason})" if reason else "DIFFERS, undocumented"
-        print(f"{recipe:34s} {field:28s} {str(mine):>14s} {str(value):>14s}  {status}   [{source}]")
+        print(f"{recipe:34s} {field:28s} {mine!s:>14s} {value!s:>14s}  {status}   [{source}]")
     print("pseudo_label_cifar10_*.yaml: no original (the L2I code has no classification pseudo-labelling script)")
     return 0
 

@@ -44,6 +44,7 @@ import builtins
 import contextlib
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -162,6 +163,7 @@ def original_script(folder: str, script: str, argv: list[str]):
             if k.split(".")[0] in local:
                 del sys.modules[k]
         sys.modules.update(saved)
+        shutil.rmtree(out, ignore_errors=True)
         for k, v in saved_stubs.items():
             if v is None:
                 sys.modules.pop(k, None)
@@ -172,7 +174,7 @@ def original_script(folder: str, script: str, argv: list[str]):
 def _shrinking_nn(widths: dict, flat: dict | None = None):
     """A stand-in for the ``nn`` a model file imported: Conv2d / BatchNorm2d / Linear with the
     hard-coded widths mapped through ``widths`` (and ``flat`` for a flattened input); the rest is torch.nn."""
-    import torch.nn as nn
+    from torch import nn
 
     flat = flat or {}
 
@@ -319,7 +321,7 @@ def state(model, params_only: bool = False) -> dict:
     return {n: v.detach().clone() for n, v in items}
 
 
-def images(gen, b: int, shape) -> "torch.Tensor":
+def images(gen, b: int, shape):
     """float16-representable values in float64 (stored as float16: exact, a quarter of the size)."""
     import torch
 
@@ -355,7 +357,7 @@ TCDCNN_NOTE = ("tiny TCDCNN (filters 2/3/3/4, hidden 8, 44 px) built by the orig
                "parameter conv{i} = our convs.{i-1}")
 
 
-def _ema_copy(script, build):
+def _ema_copy(build):
     model = build()
     for p in model.parameters():
         p.detach_()
@@ -396,13 +398,13 @@ def _run_classification(script_name: str, method: str, extra_argv=()):
 
         model = build()
         perturb(model, gen)
-        ema_model = _ema_copy(script, build)
+        ema_model = _ema_copy(build)
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)  # as main()
         ema_optimizer = script.WeightEMA(model, ema_model, alpha=args.ema_decay)
         set_params(ema_model, model, gen)
         uses_teacher = hasattr(script, "UpdateEma")
         if uses_teacher:
-            target_model = _ema_copy(script, build)
+            target_model = _ema_copy(build)
             target_optimizer = script.UpdateEma(model, target_model, alpha=args.ema_decay)
             set_params(target_model, model, gen)
             script.global_step = STEP
@@ -493,11 +495,11 @@ def _run_regression(script_name: str, method: str):
         args = script.args
         gen = torch.Generator().manual_seed(SEED + 1)
         torch.manual_seed(SEED)
-        build = lambda: script.models.TCDCNN()  # noqa: E731
+        build = lambda: script.models.TCDCNN()
         model = build()
         perturb(model, gen)
-        ema_model = _ema_copy(script, build)
-        target_model = _ema_copy(script, build)
+        ema_model = _ema_copy(build)
+        target_model = _ema_copy(build)
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)  # as main()
         ema_optimizer = script.WeightEMA(model, ema_model, alpha=args.ema_decay)
         target_optimizer = script.UpdateEma(model, target_model, alpha=args.ema_decay)
@@ -528,7 +530,7 @@ def _run_regression(script_name: str, method: str):
             else:
                 result = script.train(labeled, unlabeled, model, target_model, optimizer, ema_optimizer,
                                       target_optimizer, criterion, STEP, False, rampup_length)
-        loss_avg, lx_avg, lu_avg = result[:3]
+        loss_avg, _, lu_avg = result[:3]
         w = ramps[0] * args.lambda_u
         # one iteration: AverageMeter's avg = value * B / B (float64 rounding only)
         tensors.update({"term.sup_loss": sup_terms[0].detach(), "term.unsup_loss": torch.tensor(lu_avg),
