@@ -90,12 +90,19 @@ def split_size(view: dict) -> int:
     raise ValueError("a view needs at least one batched tensor")
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 (half precision upcast), or float64 when it already is: losses are computed
+    in float32 whatever autocast does, and a float64 run (the golden tests against the original
+    code) stays float64."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def task_loss(logits: torch.Tensor, targets: torch.Tensor, task: str, reduction: str = "mean") -> torch.Tensor:
     """The supervised loss of a task: cross-entropy (classification, hard or soft targets) or
     mean squared error (regression, landmarks). Computed in float32 whatever autocast does."""
     if task == "classification":
         return cross_entropy(logits, targets, reduction=reduction)
-    logits = logits.float()
+    logits = at_least_float32(logits)
     targets = targets.to(logits.dtype).reshape(logits.shape)
     loss = F.mse_loss(logits, targets, reduction="none")
     loss = loss.reshape(loss.shape[0], -1).mean(dim=1)
@@ -443,14 +450,15 @@ def pseudo_labels(logits: torch.Tensor, hard: bool = True, temperature: float = 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "none") -> torch.Tensor:
     """``-sum_c targets_c log softmax(logits)_c`` per sample (float32)."""
-    loss = -(targets.float() * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1)
+    logits = at_least_float32(logits)
+    loss = -(targets.to(logits.dtype) * F.log_softmax(logits, dim=-1)).sum(dim=-1)
     return _reduce(loss, reduction)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "none") -> torch.Tensor:
     """Cross-entropy with hard (long, (B,)) or soft (float, (B, C)) targets, in float32."""
     if targets.dtype in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
-        return F.cross_entropy(logits.float(), targets.long(), reduction=reduction)
+        return F.cross_entropy(at_least_float32(logits), targets.long(), reduction=reduction)
     if targets.shape != logits.shape:
         raise ValueError(f"soft targets must have the logits' shape {tuple(logits.shape)}, got {tuple(targets.shape)}")
     return soft_cross_entropy(logits, targets, reduction=reduction)

@@ -49,6 +49,7 @@ from .base import (
 )
 from .common import (
     EMATeacher,
+    at_least_float32,
     check_fraction,
     linear_rampup,
     model_inputs,
@@ -83,19 +84,19 @@ def consistency_targets(teacher_logits: torch.Tensor, task: str) -> torch.Tensor
     """What the student is pulled towards: softmax probabilities (classification) or the outputs
     themselves (regression, landmarks). Not detached: callers decide (L2I differentiates through it)."""
     if task == TASK_CLASSIFICATION:
-        return teacher_logits.float().softmax(dim=-1)
-    return teacher_logits.float()
+        return at_least_float32(teacher_logits).softmax(dim=-1)
+    return at_least_float32(teacher_logits)
 
 
 def consistency_loss(student_logits: torch.Tensor, targets: torch.Tensor, task: str, reduction: str = "mean") -> torch.Tensor:
-    """Squared error between the student and the targets, in float32.
+    """Squared error between the student and the targets, in float32 (float64 stays float64).
 
     classification: ``(softmax(student) - targets)^2`` with ``targets`` probabilities (B, C);
     regression / landmarks: ``(student - targets)^2``.
     ``reduction``: ``"mean"`` over all B x C entries (the original MT loss), ``"sum"`` over all entries
     (the classification L2I inner loss), ``"none"``: per-row mean (B,).
     Gradient flows into ``student_logits`` and, if they require it, into ``targets``."""
-    student = student_logits.float()
+    student = at_least_float32(student_logits)
     if task == TASK_CLASSIFICATION:
         student = student.softmax(dim=-1)
     targets = targets.to(student.dtype).reshape(student.shape)

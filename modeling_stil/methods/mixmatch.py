@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from .base import TASK_CLASSIFICATION, MethodArguments, SSLMethod, TrainState, register_method
-from .common import EMATeacher, check_fraction, linear_rampup, model_inputs, pseudo_label_logs, sharpen, view_targets
+from .common import (EMATeacher, at_least_float32, check_fraction, linear_rampup, model_inputs, pseudo_label_logs,
+                     sharpen, view_targets)
 from .mean_teacher import evaluation_ema_step, interleave
 
 
@@ -40,7 +41,7 @@ def guess_labels(model, views: list[dict], temperature: float) -> torch.Tensor:
 
     The model runs in whatever mode it is in (train mode in training: batch statistics, and BN
     running statistics are updated, as the original)."""
-    probs = torch.stack([model(**view).logits.float().softmax(dim=-1) for view in views]).mean(dim=0)
+    probs = torch.stack([at_least_float32(model(**view).logits).softmax(dim=-1) for view in views]).mean(dim=0)
     return sharpen(probs, temperature)
 
 
@@ -145,7 +146,7 @@ class MixMatch(SSLMethod):
         mixed_inputs, mixed_targets = mixup(all_inputs, all_targets, lam, permutation)
 
         chunk = batch if self.args.interleave else 0
-        logits = chunked_interleaved_logits(self.model, mixed_inputs, chunk).float()
+        logits = at_least_float32(chunked_interleaved_logits(self.model, mixed_inputs, chunk))
         logits_x, logits_u = logits[:batch], logits[batch:]
         sup_loss = -(mixed_targets[:batch] * F.log_softmax(logits_x, dim=-1)).sum(dim=-1).mean()
         unsup_loss = ((logits_u.softmax(dim=-1) - mixed_targets[batch:]) ** 2).mean()

@@ -34,7 +34,8 @@ from .base import (
     TrainState,
     register_method,
 )
-from .common import EMATeacher, check_fraction, confidence_mask, cross_entropy, model_inputs, pseudo_label_logs, task_loss, view_targets
+from .common import (EMATeacher, at_least_float32, check_fraction, confidence_mask, cross_entropy, model_inputs,
+                     pseudo_label_logs, task_loss, view_targets)
 from .mean_teacher import (
     RAMPUPS,
     consistency_loss,
@@ -114,7 +115,7 @@ class PseudoLabel(SSLMethod):
         targets_l = view_targets(labeled_view, labeled["labels"])
         student_view, labeller_view = unlabeled["student"], unlabeled["labeller"]
         with torch.no_grad():
-            labeller_logits = self.model(**model_inputs(labeller_view)).logits.detach().float()
+            labeller_logits = at_least_float32(self.model(**model_inputs(labeller_view)).logits.detach())
         logits_l, logits_u = interleaved_logits(self.model, [model_inputs(labeled_view), model_inputs(student_view)],
                                                 self.args.interleave)
         sup_loss = task_loss(logits_l, targets_l, task)
