@@ -69,7 +69,11 @@ class DataArguments:
         "augmentation strengths of data_utils.views (dvm/cardiac/cifar/aflw: the originals' settings)", default="default"
     )
     mu: int = _help("unlabelled batch size = mu * labelled batch size", default=7)
-    dataloader_num_workers: int = _help("DataLoader worker processes per loader", default=0)
+    dataloader_num_workers: int | Literal["auto"] = _help(
+        "DataLoader worker processes per training process (split between the labelled and unlabelled "
+        "streams). auto: 0 when training on the CPU (the step needs the cores), else min(8, this "
+        "process's share of the cores - 1)", default="auto"
+    )
     max_eval_samples: int | None = _help("evaluate on at most this many rows of validation/test", default=None)
     unlabeled_includes_labeled: bool | None = _help(
         "the unlabelled stream iterates over all train rows, labelled ones too (None: the method's default)", default=None
