@@ -22,55 +22,161 @@ def _truthy(value: str | None) -> bool:
     return str(value).strip().lower() in ("1", "true", "yes")
 
 
-def requested_cpu_processes() -> int:
-    """Processes asked of ``accelerate launch --cpu --num_processes N`` when accelerate started only one.
+def requested_cpu_layout() -> tuple[int, int, int]:
+    """``(processes on this machine, machines, this machine's rank)`` asked of ``accelerate launch --cpu
+    --num_processes N [--num_machines M --machine_rank R]``; (1, 1, 0) when nothing is left for us to start.
 
-    Accelerate's CPU launcher starts a single process unless MPI is configured (it only exports
-    MASTER_ADDR/PORT); we read N from the launcher's own command line (or its --config_file) and
-    start the N gloo workers with torch.distributed.run ourselves."""
+    Accelerate's CPU launcher starts a single process per machine unless MPI is configured (it only
+    exports MASTER_ADDR/PORT); we read N (all machines together, as accelerate counts it), M and R from
+    the launcher's own command line (or its --config_file) and start this machine's N / M gloo workers
+    ourselves (`spawn_cpu_workers`)."""
     if not _truthy(os.environ.get("ACCELERATE_USE_CPU")) or "MASTER_ADDR" not in os.environ:
-        return 1
+        return 1, 1, 0
     if any(os.environ.get(k) for k in ("WORLD_SIZE", "LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")):
-        return 1
+        return 1, 1, 0
+    parent = _launcher_argv()
+    if parent is None:
+        return 1, 1, 0
+    config = _launcher_config(parent)
+
+    def value(key: str, default: int) -> int:
+        given = _flag_value(parent, key)
+        given = config.get(key) if given is None else given
+        try:
+            return int(given) if given is not None else default
+        except ValueError:
+            return default
+
+    machines = max(1, value("num_machines", 1))
+    rank = min(max(0, value("machine_rank", 0)), machines - 1)
+    return max(1, value("num_processes", 1) // machines), machines, rank
+
+
+def _launcher_argv() -> list[str] | None:
+    """The command line of ``accelerate launch`` when it started this process, else None."""
     try:
         with open(f"/proc/{os.getppid()}/cmdline", "rb") as handle:
             parent = [a.decode() for a in handle.read().split(b"\0") if a]
     except OSError:
-        return 1
-    if "launch" not in parent:
-        return 1
-    value, config = None, None
-    for i, arg in enumerate(parent):
-        for flag in ("--num_processes", "--num-processes"):
-            if arg == flag and i + 1 < len(parent):
-                value = parent[i + 1]
+        return None
+    return parent if "launch" in parent else None
+
+
+def _launcher_config(parent: list[str]) -> dict:
+    path = _flag_value(parent, "config_file")
+    if not path:
+        return {}
+    import yaml
+
+    try:
+        return yaml.safe_load(open(path)) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def cpu_engine_refusal() -> str | None:
+    """Why this CPU launch, which asks for FSDP or DeepSpeed, cannot run as asked; None when it can.
+
+    ``accelerate launch`` with ``--cpu`` / ``use_cpu: true`` starts its plain launcher (it passes no
+    FSDP/DeepSpeed setting on), so the run would silently train with DDP over gloo (issue 23: "FSDP
+    on CPU" was never FSDP). A process that sees ACCELERATE_USE_FSDP itself is refused by
+    `make_accelerator`."""
+    if not _truthy(os.environ.get("ACCELERATE_USE_CPU")):
+        return None
+    parent = _launcher_argv()
+    if parent is None:
+        return None
+    asked = str(_launcher_config(parent).get("distributed_type", "")).upper()
+    if "--use_fsdp" in parent or asked == "FSDP":
+        engine = "FSDP"
+    elif "--use_deepspeed" in parent or asked == "DEEPSPEED":
+        engine = "DeepSpeed"
+    else:
+        return None
+    from modeling_stil.training.trainer import cpu_engine_message
+
+    return cpu_engine_message(engine)
+
+
+def requested_cpu_processes() -> int:
+    """Processes to start on this machine (see `requested_cpu_layout`)."""
+    return requested_cpu_layout()[0]
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+    """The value of ``--name`` (or ``--name-with-dashes``) in a launcher's argv, ``--flag value`` or ``--flag=value``."""
+    value = None
+    for i, arg in enumerate(argv):
+        for flag in (f"--{name}", f"--{name.replace('_', '-')}"):
+            if arg == flag and i + 1 < len(argv):
+                value = argv[i + 1]
             elif arg.startswith(flag + "="):
                 value = arg.split("=", 1)[1]
-        if arg == "--config_file" and i + 1 < len(parent):
-            config = parent[i + 1]
-    if value is None and config:
-        import yaml
-
-        try:
-            value = (yaml.safe_load(open(config)) or {}).get("num_processes")
-        except OSError:
-            value = None
-    try:
-        return max(1, int(value)) if value is not None else 1
-    except ValueError:
-        return 1
+    return value
 
 
-def spawn_cpu_workers(n: int, argv: list[str]) -> int:
+ERROR_FILE_ENV = "STIL_WORKER_ERROR_FILE"
+
+
+def spawn_cpu_workers(n: int, argv: list[str], num_machines: int = 1, machine_rank: int = 0) -> int:
+    """Start ``n`` gloo workers on this machine, ranks ``machine_rank * n ...`` of ``n * num_machines``
+    (the static rendezvous torchrun would set up: RANK, WORLD_SIZE, MASTER_ADDR/PORT of the main
+    machine) and wait for them.
+
+    Started directly rather than through torchrun, so a failed run ends with the error line of the
+    main process only, not torchrun's ChildFailedError report. When one worker fails the others are
+    stopped (they would wait for it forever); a line that only another rank printed (its error file)
+    is printed here, once."""
+    import glob
+    import shutil
     import subprocess
+    import tempfile
+    import time
 
-    env = dict(os.environ, ACCELERATE_USE_CPU="True")
-    command = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--nnodes=1",
-        f"--master_addr={os.environ['MASTER_ADDR']}", f"--master_port={os.environ.get('MASTER_PORT', '29500')}",
-        os.path.abspath(__file__), *argv,
-    ]
-    return subprocess.call(command, env=env)
+    folder = tempfile.mkdtemp(prefix="stil-workers-")
+    base = dict(os.environ, ACCELERATE_USE_CPU="True", MASTER_PORT=os.environ.get("MASTER_PORT", "29500"),
+                WORLD_SIZE=str(n * num_machines), LOCAL_WORLD_SIZE=str(n), GROUP_RANK=str(machine_rank))
+    workers = []
+    for rank in range(n):
+        env = dict(base, RANK=str(machine_rank * n + rank), LOCAL_RANK=str(rank),
+                   **{ERROR_FILE_ENV: os.path.join(folder, f"rank{rank}.txt")})
+        workers.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], env=env))
+    failed_at = None
+    try:
+        while any(w.poll() is None for w in workers):
+            if failed_at is None and any(w.poll() not in (None, 0) for w in workers):
+                failed_at = time.monotonic()
+            if failed_at is not None and time.monotonic() - failed_at > 10:  # the others are stuck in a collective
+                for w in workers:
+                    if w.poll() is None:
+                        w.terminate()
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        for w in workers:
+            w.terminate()
+        raise
+    finally:
+        for w in workers:
+            w.wait()
+        codes = [w.returncode for w in workers]
+        lines = [open(p).read().strip() for p in sorted(glob.glob(os.path.join(folder, "rank*.txt")))]
+        shutil.rmtree(folder, ignore_errors=True)
+    if all(c == 0 for c in codes):
+        return 0
+    if codes[0] <= 0 and lines:  # the main process printed nothing (stopped, or it did not fail): another rank's line
+        print(lines[0], file=sys.stderr)
+    return next((c for c in codes if c > 0), 1)
+
+
+def report_error(message: str) -> None:
+    """The one error line: printed by the first process of each machine; another rank writes it to the
+    file its launcher reads (``spawn_cpu_workers``) so that a multi-process run prints it once per machine."""
+    rank = int(os.environ.get("LOCAL_RANK") or os.environ.get("RANK") or 0)  # each machine's first process
+    if rank == 0:
+        print(message, file=sys.stderr)
+    elif os.environ.get(ERROR_FILE_ENV):
+        with open(os.environ[ERROR_FILE_ENV], "w") as handle:
+            handle.write(message + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         print(request.text)  # help is asked for: stdout, exit status 0
         return 0
     except ArgumentError as error:
-        print(f"train.py: {error}", file=sys.stderr)
+        report_error(f"train.py: {error}")
         return 2
     try:
         results = build_and_train(args)
@@ -102,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             FileNotFoundError, LoaderError, SchemaError, SplitError, SyntheticConfigError, ViewError,
             DataCompatibilityError, JobError, InitFromError) as error:
         # Bad input and failed runs end with one line naming the problem and the fix, not a traceback.
-        print(f"train.py: error: {error}", file=sys.stderr)
+        report_error(f"train.py: error: {error}")
         return 1
     summary = {k: results.get(k) for k in ("stopped_at_step", "best_step", "metric_for_best_model", "validation", "test", "train_seconds") if k in results}
     if results.get("reload_check"):
@@ -111,6 +217,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def check_arguments(argv: list[str]) -> int | None:
+    """Before starting workers: a recipe/argument error (or --help) is answered once, by this process."""
+    from modeling_stil.training.arguments import ArgumentError, HelpRequested, parse_run_arguments
+
+    try:
+        parse_run_arguments(argv)
+    except HelpRequested as request:
+        print(request.text)
+        return 0
+    except ArgumentError as error:
+        print(f"train.py: {error}", file=sys.stderr)
+        return 2
+    return None
+
+
 if __name__ == "__main__":
-    workers = requested_cpu_processes()
-    sys.exit(spawn_cpu_workers(workers, sys.argv[1:]) if workers > 1 else main())
+    refusal = cpu_engine_refusal()
+    if refusal:
+        print(f"train.py: error: {refusal}", file=sys.stderr)
+        sys.exit(1)
+    workers, machines, machine_rank = requested_cpu_layout()
+    if workers > 1 or machines > 1:
+        answered = check_arguments(sys.argv[1:])
+        sys.exit(answered if answered is not None else spawn_cpu_workers(workers, sys.argv[1:], machines, machine_rank))
+    sys.exit(main())

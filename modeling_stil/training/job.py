@@ -70,14 +70,22 @@ def prepare_dataset(args, accelerator) -> tuple[str, Any, Any, Any]:
         from data_utils.synthetic import make_synthetic_dataset
 
         path = synthetic_dataset_path(data)
-        with accelerator.main_process_first():
-            if accelerator.is_main_process and not path.exists():
-                accelerator.print(f"building the synthetic {data.synthetic_task} dataset into {path}")
+
+        def build_if_missing(builder: bool) -> None:
+            if builder and not path.exists():
+                print(f"building the synthetic {data.synthetic_task} dataset into {path}", flush=True)
                 make_synthetic_dataset(
                     data.synthetic_task, path, num_samples=data.synthetic_num_samples,
                     image_size=data.synthetic_image_size,
                     labeled_fraction=data.labeled_fraction if data.labeled_fraction is not None else 0.1,
                 )
+
+        # the main process builds it; then the first process of each other machine, if that machine does
+        # not see it (a disk of its own; on a shared filesystem it is already there, so nobody races)
+        with accelerator.main_process_first():
+            build_if_missing(accelerator.is_main_process)
+        with accelerator.local_main_process_first():
+            build_if_missing(accelerator.is_local_main_process)
         source = str(path)
     dataset_dict, metadata, schema = load_dataset_or_explain(source, synthetic=data.dataset is None)
     dataset_dict = check_images(dataset_dict, metadata, data.bad_images, accelerator)
