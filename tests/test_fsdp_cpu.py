@@ -40,3 +40,53 @@ def test_process_told_to_use_an_engine_on_the_cpu_is_refused(monkeypatch, tmp_pa
     args = parse_run_arguments(["--output_dir", str(tmp_path / "run"), "--report_to", "none"])
     with pytest.raises(JobError, match=f"^{name} was asked for on the CPU"):
         make_accelerator(args)
+
+
+def _ema_under_fully_shard(rank: int, world: int, store: str, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from modeling_stil.methods.common import EMATeacher
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6))
+    holder = torch.nn.Module()
+    holder.model, holder.ema = student, EMATeacher(student)
+    expected = {k: v.clone() for k, v in holder.ema.module.state_dict().items()}
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+        student[1].running_mean.add_(2.0)
+    after = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    fully_shard(holder, mesh=init_device_mesh("cpu", (world,)))  # the root, as Accelerate's size policy does for small modules
+    holder.ema.update(holder.model, 0.5)
+    result = {}
+    for name, value in holder.ema.module.state_dict().items():
+        full = value.full_tensor() if hasattr(value, "full_tensor") else value
+        result[name] = (type(value).__name__, full)
+        if expected[name].is_floating_point():
+            expected[name] = 0.5 * expected[name] + 0.5 * after[name]
+        else:
+            expected[name] = after[name]
+    if rank == 0:
+        torch.save({"result": result, "expected": expected}, out)
+    dist.destroy_process_group()
+
+
+def test_ema_teacher_updates_under_fsdp2_fully_shard(tmp_path):
+    """Under FSDP2 the teacher's parameters are sharded DTensors and its buffers plain tensors; the EMA
+    update averaged them in one foreach group, which torch refuses (mixed Tensor and DTensor)."""
+    import torch
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "ema.pt"
+    mp.start_processes(_ema_under_fully_shard, args=(2, str(tmp_path / "store"), str(out)), nprocs=2, start_method="spawn")
+    saved = torch.load(out, weights_only=False)
+    kinds = {name: kind for name, (kind, _) in saved["result"].items()}
+    assert kinds["0.weight"] == "DTensor" and kinds["1.running_mean"] == "Tensor"  # parameters sharded, buffers replicated
+    for name, (_, value) in saved["result"].items():
+        torch.testing.assert_close(value, saved["expected"][name], msg=name)
