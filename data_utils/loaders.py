@@ -452,7 +452,7 @@ class _DataSource:
                            labels=self.labels(name), tabular=self.tabular(name), pool=pool)
 
 
-AUTO_MAX_WORKERS = 8
+AUTO_MAX_WORKERS = 16
 
 
 def available_cpus() -> int:
@@ -469,12 +469,14 @@ def available_cpus() -> int:
 def auto_num_workers(cpus: int, local_processes: int = 1, device_type: str = "cuda") -> int:
     """``--dataloader_num_workers auto``: loader worker processes for one training process.
 
-    On an accelerator the step runs elsewhere and the CPU only makes views: each training process
-    gets its share of the cores, keeps one for itself (the loop, collation, host-to-device copies)
-    and gives the rest to workers, at most ``AUTO_MAX_WORKERS`` (8 workers make ~3,000 STiL rows/s,
-    docs/benchmarks.md; more only add memory, each holding ``prefetch_factor`` batches). On the CPU
-    the step itself needs every core and loading is a few per cent of it (docs/benchmarks.md), so
-    workers would only take cores from the step: 0, as on a machine with one or two cores per process."""
+    On an accelerator the step runs elsewhere and the CPU only makes views, which a fast GPU step
+    outruns (docs/benchmarks.md: one core makes a few hundred STiL rows/s, a GPU step consumes
+    thousands): each training process takes its share of the machine's cores, keeps one for itself
+    (the loop, collation, host-to-device copies) and gives the rest to workers, at most
+    ``AUTO_MAX_WORKERS`` (each worker holds ``prefetch_factor`` batches, ~0.2 GB for STiL's 448-row
+    unlabelled batch at 128 px, plus its own process). On the CPU the step itself needs every core
+    and loading is a few per cent of it, so workers would only take cores from the step: 0, as on a
+    machine with one core per process."""
     if device_type == "cpu":
         return 0
     share = max(1, cpus) // max(1, local_processes)

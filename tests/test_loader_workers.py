@@ -16,8 +16,10 @@ from tests.test_loaders import CFG, data  # noqa: F401  (the module-scoped tiny 
     (2, 1, "cuda", 1),     # 2 cores: one for the loop, one worker
     (4, 1, "cuda", 3),
     (9, 1, "cuda", 8),
-    (64, 1, "cuda", 8),    # capped: 8 workers
+    (17, 1, "cuda", 16),
+    (64, 1, "cuda", 16),   # capped: 16 workers
     (64, 8, "cuda", 7),    # 8 GPUs share 64 cores: 8 each, one kept for the loop
+    (192, 8, "cuda", 16),  # 24 each: capped
     (16, 8, "cuda", 1),
     (8, 8, "cuda", 0),     # one core per process: no workers
     (3, 2, "cuda", 0),     # share rounds down

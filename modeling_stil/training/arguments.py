@@ -70,9 +70,9 @@ class DataArguments:
     )
     mu: int = _help("unlabelled batch size = mu * labelled batch size", default=7)
     dataloader_num_workers: int | Literal["auto"] = _help(
-        "DataLoader worker processes per training process (split between the labelled and unlabelled "
-        "streams). auto: 0 when training on the CPU (the step needs the cores), else min(8, this "
-        "process's share of the cores - 1)", default="auto"
+        "DataLoader worker processes of a training process's unlabelled stream (the labelled stream, "
+        "1/(1+mu) of the rows, gets ceil(N/(1+mu)) more). auto: 0 when training on the CPU (the step "
+        "needs the cores), else min(16, this process's share of the machine's cores - 1)", default="auto"
     )
     max_eval_samples: int | None = _help("evaluate on at most this many rows of validation/test", default=None)
     unlabeled_includes_labeled: bool | None = _help(
