@@ -98,11 +98,6 @@ def cpu_engine_refusal() -> str | None:
     return cpu_engine_message(engine)
 
 
-def requested_cpu_processes() -> int:
-    """Processes to start on this machine (see `requested_cpu_layout`)."""
-    return requested_cpu_layout()[0]
-
-
 def _flag_value(argv: list[str], name: str) -> str | None:
     """The value of ``--name`` (or ``--name-with-dashes``) in a launcher's argv, ``--flag value`` or ``--flag=value``."""
     value = None

@@ -72,3 +72,27 @@ def test_two_machines_on_localhost_match_one_machine_with_two_processes(tmp_path
     # and it trained: the compared weights are not the initialisation
     train = [json.loads(l) for l in (tmp_path / "two" / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert any(r["split"] == "train" and r["grad_norm"] > 0 for r in train)
+
+
+def test_layout_read_from_the_launcher_flags_or_its_config(monkeypatch, tmp_path):
+    import train
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    for key in ("WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    launcher = ["accelerate", "launch", "--cpu"]
+    cases = [
+        (["--num_processes", "4"], (4, 1, 0)),
+        (["--num_processes=4", "--num_machines", "2", "--machine_rank", "1"], (2, 2, 1)),  # N counts all machines
+        (["--num-processes", "2", "--num-machines", "2", "--machine-rank", "0"], (1, 2, 0)),
+    ]
+    config = tmp_path / "nodes.yaml"
+    config.write_text("num_processes: 6\nnum_machines: 3\nmachine_rank: 2\n")
+    cases.append((["--config_file", str(config)], (2, 3, 2)))
+    cases.append((["--config_file", str(config), "--machine_rank", "1"], (2, 3, 1)))  # a flag beats the file
+    for flags, expected in cases:
+        monkeypatch.setattr(train, "_launcher_argv", lambda flags=flags: [*launcher, *flags, "train.py"])
+        assert train.requested_cpu_layout() == expected, flags
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a worker started by us (or torchrun): nothing more to start
+    assert train.requested_cpu_layout() == (1, 1, 0)
