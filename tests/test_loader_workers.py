@@ -59,3 +59,32 @@ def test_training_loaders_keep_workers_and_pin_on_request(data):  # noqa: F811
     assert val.pin_memory and not val.persistent_workers
     serial = build_train_loaders(dd, meta, schema, labeled_views={"weak": "weak"}, view_config=CFG, batch_size=2, mu=3)
     assert serial.labeled_loader.num_workers == 0 and not serial.labeled_loader.pin_memory
+
+
+@pytest.mark.parametrize("device, pinned, workers", [("cpu", False, 0), ("cuda", True, 3)])
+def test_job_resolves_auto_and_pins_on_cuda_only(data, monkeypatch, device, pinned, workers):  # noqa: F811
+    """What train.py's job gives the loaders: `auto` resolved for the device, pinned memory on CUDA only."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from modeling_stil.methods.base import SSLMethod
+    from modeling_stil.training.arguments import parse_run_arguments
+    from modeling_stil.training.job import build_loaders
+
+    class Method:
+        stream_defaults = SSLMethod.stream_defaults
+        labeled_views, unlabeled_views, meta_views, label_free = {"weak": "weak"}, {"weak": "weak", "strong": "strong"}, None, False
+        eval_views = {"eval": "eval"}
+
+    monkeypatch.setattr(loaders_module, "available_cpus", lambda: 4)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    dd, meta, schema = data
+    args = parse_run_arguments(["--per_device_train_batch_size", "2", "--mu", "3", "--per_device_eval_batch_size", "4"])
+    accelerator = SimpleNamespace(device=torch.device(device), num_processes=1, process_index=0)
+    stream, evals = build_loaders(args, Method(), {"image_size": 16}, dd, meta, schema, accelerator)
+    assert stream.num_workers == workers
+    for loader in (stream.labeled_loader, stream.unlabeled_loader, evals["validation"]):
+        assert loader.pin_memory is pinned
+    assert stream.unlabeled_loader.num_workers == workers
+    assert stream.unlabeled_loader.persistent_workers is (workers > 0)
