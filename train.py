@@ -69,7 +69,8 @@ def _launcher_config(parent: list[str]) -> dict:
     import yaml
 
     try:
-        return yaml.safe_load(open(path)) or {}
+        with open(path) as handle:
+            return yaml.safe_load(handle) or {}
     except (OSError, yaml.YAMLError):
         return {}
 
