@@ -22,51 +22,102 @@ def _truthy(value: str | None) -> bool:
     return str(value).strip().lower() in ("1", "true", "yes")
 
 
-def requested_cpu_processes() -> int:
-    """Processes asked of ``accelerate launch --cpu --num_processes N`` when accelerate started only one.
+def requested_cpu_layout() -> tuple[int, int, int]:
+    """``(processes on this machine, machines, this machine's rank)`` asked of ``accelerate launch --cpu
+    --num_processes N [--num_machines M --machine_rank R]``; (1, 1, 0) when nothing is left for us to start.
 
-    Accelerate's CPU launcher starts a single process unless MPI is configured (it only exports
-    MASTER_ADDR/PORT); we read N from the launcher's own command line (or its --config_file) and
-    start the N gloo workers with torch.distributed.run ourselves."""
+    Accelerate's CPU launcher starts a single process per machine unless MPI is configured (it only
+    exports MASTER_ADDR/PORT); we read N (all machines together, as accelerate counts it), M and R from
+    the launcher's own command line (or its --config_file) and start this machine's N / M gloo workers
+    ourselves (`spawn_cpu_workers`)."""
     if not _truthy(os.environ.get("ACCELERATE_USE_CPU")) or "MASTER_ADDR" not in os.environ:
-        return 1
+        return 1, 1, 0
     if any(os.environ.get(k) for k in ("WORLD_SIZE", "LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")):
-        return 1
+        return 1, 1, 0
+    parent = _launcher_argv()
+    if parent is None:
+        return 1, 1, 0
+    config = _launcher_config(parent)
+
+    def value(key: str, default: int) -> int:
+        given = _flag_value(parent, key)
+        given = config.get(key) if given is None else given
+        try:
+            return int(given) if given is not None else default
+        except ValueError:
+            return default
+
+    machines = max(1, value("num_machines", 1))
+    rank = min(max(0, value("machine_rank", 0)), machines - 1)
+    return max(1, value("num_processes", 1) // machines), machines, rank
+
+
+def _launcher_argv() -> list[str] | None:
+    """The command line of ``accelerate launch`` when it started this process, else None."""
     try:
         with open(f"/proc/{os.getppid()}/cmdline", "rb") as handle:
             parent = [a.decode() for a in handle.read().split(b"\0") if a]
     except OSError:
-        return 1
-    if "launch" not in parent:
-        return 1
-    value, config = None, None
-    for i, arg in enumerate(parent):
-        for flag in ("--num_processes", "--num-processes"):
-            if arg == flag and i + 1 < len(parent):
-                value = parent[i + 1]
+        return None
+    return parent if "launch" in parent else None
+
+
+def _launcher_config(parent: list[str]) -> dict:
+    path = _flag_value(parent, "config_file")
+    if not path:
+        return {}
+    import yaml
+
+    try:
+        with open(path) as handle:
+            return yaml.safe_load(handle) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def cpu_engine_refusal() -> str | None:
+    """Why this CPU launch, which asks for FSDP or DeepSpeed, cannot run as asked; None when it can.
+
+    ``accelerate launch`` with ``--cpu`` / ``use_cpu: true`` starts its plain launcher (it passes no
+    FSDP/DeepSpeed setting on), so the run would silently train with DDP over gloo (issue 23: "FSDP
+    on CPU" was never FSDP). A process that sees ACCELERATE_USE_FSDP itself is refused by
+    `make_accelerator`."""
+    if not _truthy(os.environ.get("ACCELERATE_USE_CPU")):
+        return None
+    parent = _launcher_argv()
+    if parent is None:
+        return None
+    asked = str(_launcher_config(parent).get("distributed_type", "")).upper()
+    if "--use_fsdp" in parent or asked == "FSDP":
+        engine = "FSDP"
+    elif "--use_deepspeed" in parent or asked == "DEEPSPEED":
+        engine = "DeepSpeed"
+    else:
+        return None
+    from modeling_stil.training.trainer import cpu_engine_message
+
+    return cpu_engine_message(engine)
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+    """The value of ``--name`` (or ``--name-with-dashes``) in a launcher's argv, ``--flag value`` or ``--flag=value``."""
+    value = None
+    for i, arg in enumerate(argv):
+        for flag in (f"--{name}", f"--{name.replace('_', '-')}"):
+            if arg == flag and i + 1 < len(argv):
+                value = argv[i + 1]
             elif arg.startswith(flag + "="):
                 value = arg.split("=", 1)[1]
-        if arg == "--config_file" and i + 1 < len(parent):
-            config = parent[i + 1]
-    if value is None and config:
-        import yaml
-
-        try:
-            value = (yaml.safe_load(open(config)) or {}).get("num_processes")
-        except OSError:
-            value = None
-    try:
-        return max(1, int(value)) if value is not None else 1
-    except ValueError:
-        return 1
+    return value
 
 
 ERROR_FILE_ENV = "STIL_WORKER_ERROR_FILE"
 
 
-def spawn_cpu_workers(n: int, argv: list[str]) -> int:
-    """Start ``n`` gloo workers on this machine (the static rendezvous torchrun would set up: RANK,
-    WORLD_SIZE, MASTER_ADDR/PORT) and wait for them.
+def spawn_cpu_workers(n: int, argv: list[str], num_machines: int = 1, machine_rank: int = 0) -> int:
+    """Start ``n`` gloo workers on this machine, ranks ``machine_rank * n ...`` of ``n * num_machines``
+    (the static rendezvous torchrun would set up: RANK, WORLD_SIZE, MASTER_ADDR/PORT of the main
+    machine) and wait for them.
 
     Started directly rather than through torchrun, so a failed run ends with the error line of the
     main process only, not torchrun's ChildFailedError report. When one worker fails the others are
@@ -80,10 +131,11 @@ def spawn_cpu_workers(n: int, argv: list[str]) -> int:
 
     folder = tempfile.mkdtemp(prefix="stil-workers-")
     base = dict(os.environ, ACCELERATE_USE_CPU="True", MASTER_PORT=os.environ.get("MASTER_PORT", "29500"),
-                WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n), GROUP_RANK="0")
+                WORLD_SIZE=str(n * num_machines), LOCAL_WORLD_SIZE=str(n), GROUP_RANK=str(machine_rank))
     workers = []
     for rank in range(n):
-        env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank), **{ERROR_FILE_ENV: os.path.join(folder, f"rank{rank}.txt")})
+        env = dict(base, RANK=str(machine_rank * n + rank), LOCAL_RANK=str(rank),
+                   **{ERROR_FILE_ENV: os.path.join(folder, f"rank{rank}.txt")})
         workers.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], env=env))
     failed_at = None
     try:
@@ -113,9 +165,9 @@ def spawn_cpu_workers(n: int, argv: list[str]) -> int:
 
 
 def report_error(message: str) -> None:
-    """The one error line: printed by the main process; another rank writes it to the file its launcher
-    reads (``spawn_cpu_workers``) so that a multi-process run prints it once."""
-    rank = int(os.environ.get("RANK", "0") or 0)
+    """The one error line: printed by the first process of each machine; another rank writes it to the
+    file its launcher reads (``spawn_cpu_workers``) so that a multi-process run prints it once per machine."""
+    rank = int(os.environ.get("LOCAL_RANK") or os.environ.get("RANK") or 0)  # each machine's first process
     if rank == 0:
         print(message, file=sys.stderr)
     elif os.environ.get(ERROR_FILE_ENV):
@@ -159,9 +211,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if error.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        print(f"train.py: error: {(error.strerror or str(error)).lower()} while writing {error.filename or 'the run files'} "
-              f"(--output_dir {args.training.output_dir}); free space there or choose an --output_dir on a larger disk",
-              file=sys.stderr)
+        report_error(f"train.py: error: {(error.strerror or str(error)).lower()} while writing "
+                     f"{error.filename or 'the run files'} (--output_dir {args.training.output_dir}); free space "
+                     "there or choose an --output_dir on a larger disk")
         return 1
     summary = {k: results.get(k) for k in ("stopped_at_step", "best_step", "metric_for_best_model", "validation", "test", "train_seconds") if k in results}
     if results.get("reload_check"):
@@ -186,8 +238,12 @@ def check_arguments(argv: list[str]) -> int | None:
 
 
 if __name__ == "__main__":
-    workers = requested_cpu_processes()
-    if workers > 1:
+    refusal = cpu_engine_refusal()
+    if refusal:
+        print(f"train.py: error: {refusal}", file=sys.stderr)
+        sys.exit(1)
+    workers, machines, machine_rank = requested_cpu_layout()
+    if workers > 1 or machines > 1:
         answered = check_arguments(sys.argv[1:])
-        sys.exit(answered if answered is not None else spawn_cpu_workers(workers, sys.argv[1:]))
+        sys.exit(answered if answered is not None else spawn_cpu_workers(workers, sys.argv[1:], machines, machine_rank))
     sys.exit(main())

@@ -457,6 +457,46 @@ class _DataSource:
                            labels=self.labels(name), tabular=self.tabular(name), pool=pool)
 
 
+AUTO_MAX_WORKERS = 16
+
+
+def available_cpus() -> int:
+    """Cores this process may run on (its affinity mask, which a scheduler or ``taskset`` narrows),
+    not the machine's count."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def auto_num_workers(cpus: int, local_processes: int = 1, device_type: str = "cuda") -> int:
+    """``--dataloader_num_workers auto``: loader worker processes for one training process.
+
+    On an accelerator the step runs elsewhere and the CPU only makes views, which a fast GPU step
+    outruns (docs/benchmarks.md: one core makes a few hundred STiL rows/s, a GPU step consumes
+    thousands): each training process takes its share of the machine's cores, keeps one for itself
+    (the loop, collation, host-to-device copies) and gives the rest to workers, at most
+    ``AUTO_MAX_WORKERS`` (each worker holds ``prefetch_factor`` batches, ~0.2 GB for STiL's 448-row
+    unlabelled batch at 128 px, plus its own process). On the CPU the step itself needs every core
+    and loading is a few per cent of it, so workers would only take cores from the step: 0, as on a
+    machine with one core per process."""
+    if device_type == "cpu":
+        return 0
+    share = max(1, cpus) // max(1, local_processes)
+    return max(0, min(AUTO_MAX_WORKERS, share - 1))
+
+
+def resolve_num_workers(value: int | str, local_processes: int = 1, device_type: str = "cuda") -> int:
+    """An explicit count as given; ``"auto"`` by `auto_num_workers` on this process's cores."""
+    if value == "auto":
+        return auto_num_workers(available_cpus(), local_processes, device_type)
+    if int(value) < 0:
+        raise LoaderError(f"dataloader_num_workers is {value}: give 0 or more, or 'auto'")
+    return int(value)
+
+
 def _loader(dataset: ViewDataset, sampler: ShardedBatchSampler, num_workers: int, pin_memory: bool,
             persistent_workers: bool, prefetch_factor: int | None) -> DataLoader:
     extra = {}

@@ -188,10 +188,11 @@ class EMATeacher(nn.Module):
             target = (averaged_t, averaged_s) if average else (copied_t, copied_s)
             target[0].append(teacher_value)
             target[1].append(student_value.detach())
-        # group by dtype/device: foreach kernels want homogeneous lists
+        # group by dtype/device (and tensor class: under FSDP2 parameters are sharded DTensors, buffers
+        # plain tensors): foreach kernels want homogeneous lists
         groups: dict[tuple, tuple[list, list]] = {}
         for teacher_value, student_value in zip(averaged_t, averaged_s):
-            key = (teacher_value.dtype, teacher_value.device)
+            key = (teacher_value.dtype, teacher_value.device, type(teacher_value))
             groups.setdefault(key, ([], []))
             groups[key][0].append(teacher_value)
             groups[key][1].append(student_value.to(dtype=teacher_value.dtype, device=teacher_value.device))

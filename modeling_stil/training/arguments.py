@@ -73,7 +73,11 @@ class DataArguments:
         "thing (digits, text, many medical images)", default=True
     )
     mu: int = _help("unlabelled batch size = mu * labelled batch size", default=7)
-    dataloader_num_workers: int = _help("DataLoader worker processes per loader", default=0)
+    dataloader_num_workers: int | Literal["auto"] = _help(
+        "DataLoader worker processes of a training process's unlabelled stream (the labelled stream, "
+        "1/(1+mu) of the rows, gets ceil(N/(1+mu)) more). auto: 0 when training on the CPU (the step "
+        "needs the cores), else min(16, this process's share of the machine's cores - 1)", default="auto"
+    )
     max_eval_samples: int | None = _help("evaluate on at most this many rows of validation/test", default=None)
     unlabeled_includes_labeled: bool | None = _help(
         "the unlabelled stream iterates over all train rows, labelled ones too (None: the method's default)", default=None

@@ -71,14 +71,22 @@ def prepare_dataset(args, accelerator) -> tuple[str, Any, Any, Any]:
         from data_utils.synthetic import make_synthetic_dataset
 
         path = synthetic_dataset_path(data)
-        with accelerator.main_process_first():
-            if accelerator.is_main_process and not path.exists():
-                accelerator.print(f"building the synthetic {data.synthetic_task} dataset into {path}")
+
+        def build_if_missing(builder: bool) -> None:
+            if builder and not path.exists():
+                print(f"building the synthetic {data.synthetic_task} dataset into {path}", flush=True)
                 make_synthetic_dataset(
                     data.synthetic_task, path, num_samples=data.synthetic_num_samples,
                     image_size=data.synthetic_image_size,
                     labeled_fraction=data.labeled_fraction if data.labeled_fraction is not None else 0.1,
                 )
+
+        # the main process builds it; then the first process of each other machine, if that machine does
+        # not see it (a disk of its own; on a shared filesystem it is already there, so nobody races)
+        with accelerator.main_process_first():
+            build_if_missing(accelerator.is_main_process)
+        with accelerator.local_main_process_first():
+            build_if_missing(accelerator.is_local_main_process)
         source = str(path)
     dataset_dict, metadata, schema = load_dataset_or_explain(source, synthetic=data.dataset is None)
     dataset_dict = check_images(dataset_dict, metadata, data.bad_images, accelerator)
@@ -314,7 +322,7 @@ def build_loaders(args, method, model_config, dataset_dict, metadata, schema, ac
     """Training stream (labelled + unlabelled (+ meta), exact resume) and eval loaders (data_utils.loaders)."""
     from dataclasses import replace
 
-    from data_utils.loaders import build_eval_loader, build_train_loaders
+    from data_utils.loaders import build_eval_loader, build_train_loaders, resolve_num_workers
     from data_utils.views import ViewConfig, preset_for_task
 
     options = stream_options(args, method)
@@ -324,6 +332,9 @@ def build_loaders(args, method, model_config, dataset_dict, metadata, schema, ac
     if options["augmentation_rate"] is not None:
         view_config = replace(view_config, augmentation_rate=float(options["augmentation_rate"]))
     data = args.data
+    # the processes sharing this machine's cores (LOCAL_WORLD_SIZE: set by torchrun and train.py's CPU launcher)
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE") or accelerator.num_processes)
+    num_workers = resolve_num_workers(data.dataloader_num_workers, local_processes, accelerator.device.type)
     train_stream = build_train_loaders(
         dataset_dict, metadata, schema,
         labeled_views=dict(method.labeled_views) if method.labeled_views is not None else None,
@@ -334,7 +345,7 @@ def build_loaders(args, method, model_config, dataset_dict, metadata, schema, ac
         batch_size=args.training.per_device_train_batch_size,
         mu=data.mu,
         seed=args.training.seed,
-        num_workers=data.dataloader_num_workers,
+        num_workers=num_workers,
         pin_memory=accelerator.device.type == "cuda",
         num_replicas=accelerator.num_processes,
         rank=accelerator.process_index,
@@ -351,7 +362,7 @@ def build_loaders(args, method, model_config, dataset_dict, metadata, schema, ac
             dataset_dict[split] = dataset_dict[split].select(range(data.max_eval_samples))
         eval_loaders[split] = build_eval_loader(
             dataset_dict, metadata, schema, split, args.training.per_device_eval_batch_size, view_config,
-            views=dict(method.eval_views), num_workers=data.dataloader_num_workers,
+            views=dict(method.eval_views), num_workers=num_workers,
             pin_memory=accelerator.device.type == "cuda",
         )
     if "validation" not in eval_loaders:
@@ -851,6 +862,7 @@ def build_and_train(args) -> dict[str, Any]:
         "labeled_indices": labeled,
         "split_sizes": {k: len(v) for k, v in dataset_dict.items()},
         "num_processes": accelerator.num_processes,
+        "dataloader_num_workers": job["train_stream"].num_workers,  # what "auto" resolved to
         "mixed_precision": accelerator.mixed_precision,
         "device": str(accelerator.device),
         "versions": library_versions(),

@@ -778,6 +778,13 @@ def _move(batch, device):
     return send_to_device(batch, device, non_blocking=True)
 
 
+def cpu_engine_message(engine: str) -> str:
+    """FSDP or DeepSpeed asked for on the CPU: Accelerate selects them only on an accelerator device
+    (its state keeps MULTI_CPU, i.e. DDP over gloo), so the run would not be what was asked."""
+    return (f"{engine} was asked for on the CPU, where Accelerate does not run it (the run would silently be DDP): "
+            f"on the CPU use accelerate_configs/cpu.yaml with --num_processes N (DDP over gloo); run {engine} on GPUs")
+
+
 def make_accelerator(args):
     """An Accelerator configured from the training arguments (trackers validated first)."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
@@ -792,6 +799,9 @@ def make_accelerator(args):
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or (world > 1 and not torch.cuda.is_available()):
         kwargs["cpu"] = True
+        for engine, name in (("FSDP", "FSDP"), ("DEEPSPEED", "DeepSpeed")):
+            if os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() in ("1", "true", "yes"):
+                raise JobError(cpu_engine_message(name))
     accelerator = Accelerator(
         gradient_accumulation_steps=targs.gradient_accumulation_steps,
         log_with=trackers or None,
