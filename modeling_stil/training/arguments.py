@@ -135,6 +135,10 @@ class TrainingArguments:
     )
     learning_rate: float = _help("peak learning rate", default=1e-3)
     weight_decay: float = _help("weight decay (decoupled for adamw)", default=1e-4)
+    weight_decay_scope: Literal["matrices", "all"] = _help(
+        "which parameters weight_decay applies to: 'matrices' exempts biases and 1-d parameters (norms, tokens); "
+        "'all' decays every parameter, as the STiL and TIP originals' Adam does", default="matrices"
+    )
     optimizer: Literal["adamw", "adam", "sgd"] = _help("optimizer; adam and adamw use fused kernels on CUDA and CPU", default="adamw")
     momentum: float = _help("sgd momentum", default=0.9)
     nesterov: bool = _help("sgd nesterov", default=True)

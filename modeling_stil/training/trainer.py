@@ -55,15 +55,18 @@ def default_best_metric(task: str, num_labels: int) -> tuple[str, bool]:
 
 def build_optimizer(method: SSLMethod, args, device_type: str) -> torch.optim.Optimizer:
     """The optimizer over ``method.parameter_groups()``: each group is split into decayed and not
-    decayed (biases, norm weights: ``ndim <= 1``) parameters; a group's own lr / weight_decay win."""
+    decayed (biases, norm weights: ``ndim <= 1``) parameters; a group's own lr / weight_decay win.
+    ``weight_decay_scope="all"`` decays every parameter (the STiL / TIP originals' single group)."""
     names = {id(p): n for n, p in method.named_parameters()}
+    decay_all = getattr(args, "weight_decay_scope", "matrices") == "all"
+    exempt = lambda p: not decay_all and (p.ndim <= 1 or names.get(id(p), "").endswith(".bias"))  # noqa: E731
     groups = []
     for group in method.parameter_groups():
         params = [p for p in group["params"] if p.requires_grad]
         options = {k: v for k, v in group.items() if k != "params"}
         decay_value = options.pop("weight_decay", args.weight_decay)
-        decay = [p for p in params if not (p.ndim <= 1 or names.get(id(p), "").endswith(".bias"))]
-        no_decay = [p for p in params if p.ndim <= 1 or names.get(id(p), "").endswith(".bias")]
+        decay = [p for p in params if not exempt(p)]
+        no_decay = [p for p in params if exempt(p)]
         groups += [{"params": decay, "weight_decay": decay_value, **options}, {"params": no_decay, "weight_decay": 0.0, **options}]
     groups = [g for g in groups if g["params"]]
     if not groups:
