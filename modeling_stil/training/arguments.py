@@ -177,6 +177,13 @@ class TrainingArguments:
         "nme for landmarks, rmse for regression)", default=None
     )
     greater_is_better: bool | None = _help("direction of metric_for_best_model (None: inferred)", default=None)
+    early_stopping_patience: int | None = _help(
+        "stop after this many evaluations in a row in which metric_for_best_model did not beat its best by more "
+        "than early_stopping_min_delta (Lightning's EarlyStopping, which the STiL originals use: 100, 1e-4). "
+        "None: never stop early", default=None
+    )
+    early_stopping_min_delta: float = _help("smallest change of metric_for_best_model that counts as an improvement "
+                                            "for early stopping", default=0.0)
     report_to: list[str] = _help(
         "trackers: tensorboard (default), wandb, comet_ml, mlflow, aim, ...; 'none' for JSONL only",
         default_factory=lambda: ["tensorboard"],
