@@ -53,6 +53,17 @@ def _git_commit(src: str) -> str:
         return "unknown (no git metadata)" if not head.exists() else "unknown"
 
 
+def use_checkout(src: str) -> None:
+    """Import the original's top-level packages (``models``, ``utils``, ``datasets``...) from ``src``:
+    the STiL and TIP checkouts use the same package names, and generate.py runs both in one process."""
+    for name in [m for m in sys.modules if m.split(".")[0] in ("models", "utils", "datasets", "trainers")]:
+        del sys.modules[name]
+    sys.dont_write_bytecode = True  # keep the checkout untouched (no __pycache__)
+    while src in sys.path:
+        sys.path.remove(src)
+    sys.path.insert(0, src)
+
+
 def disable_dropout(module) -> None:
     """Dropout and drop-path off (p = 0), the rest of train mode (BatchNorm statistics) kept."""
     from torch import nn
@@ -74,6 +85,7 @@ def build_original(src: str):
 
     from tests._golden_seeded import float_shapes, perturbed, seeded_state
 
+    use_checkout(src)
     model_cls = import_original(src)
     with tempfile.TemporaryDirectory() as tmp:
         lengths = os.path.join(tmp, "tabular_lengths.pt")

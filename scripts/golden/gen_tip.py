@@ -84,8 +84,9 @@ def build_original(src: str):
 
     from tests._golden_seeded import float_shapes, seeded_state
 
-    sys.dont_write_bytecode = True
-    sys.path.insert(0, src)
+    from gen_stil import use_checkout
+
+    use_checkout(src)
     _install_stand_ins()
     from models.Tips.TipModel3Loss import TIP3Loss
 
