@@ -392,16 +392,22 @@ def pseudo_labels(logits: torch.Tensor, hard: bool = True, temperature: float = 
     return (logits / temperature).softmax(dim=-1), probs
 
 
+def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """Half precision upcast to float32; float32 and float64 unchanged (a float64 run, e.g. a golden
+    test against the original code, keeps its precision)."""
+    return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
+
+
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "none") -> torch.Tensor:
-    """``-sum_c targets_c log softmax(logits)_c`` per sample (float32)."""
-    loss = -(targets.float() * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1)
+    """``-sum_c targets_c log softmax(logits)_c`` per sample (float32 at least)."""
+    loss = -(at_least_float32(targets) * F.log_softmax(at_least_float32(logits), dim=-1)).sum(dim=-1)
     return _reduce(loss, reduction)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "none") -> torch.Tensor:
-    """Cross-entropy with hard (long, (B,)) or soft (float, (B, C)) targets, in float32."""
+    """Cross-entropy with hard (long, (B,)) or soft (float, (B, C)) targets, in float32 at least."""
     if targets.dtype in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
-        return F.cross_entropy(logits.float(), targets.long(), reduction=reduction)
+        return F.cross_entropy(at_least_float32(logits), targets.long(), reduction=reduction)
     if targets.shape != logits.shape:
         raise ValueError(f"soft targets must have the logits' shape {tuple(logits.shape)}, got {tuple(targets.shape)}")
     return soft_cross_entropy(logits, targets, reduction=reduction)

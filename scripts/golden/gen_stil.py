@@ -260,4 +260,135 @@ def generate() -> list[str]:
         "logged": {k: float(v) for k, v in logged.items() if torch.is_tensor(v) and v.numel() == 1},
     }
     save_golden("stil", tensors, meta)
-    return ["stil"]
+    return ["stil", generate_co_training()]
+
+
+# ------------------------------------------------------------------------------------------ co-training
+CO_FILES = ("config_dvm_CoTrain.yaml", "models/resnet50.yaml", "dataset/dvm_all_server_reordered_SemiPseudo_0.01.yaml")
+CO_TINY = dict(model="resnet18", embedding_dim=512, img_size=IMG, num_classes=NUM_CLASSES, num_cat=2, num_con=3,
+               tabular_embedding_dim=8, multimodal_embedding_dim=8, projection_dim=8, tabular_transformer_num_layers=1,
+               co_threshold=0.9, ema_momentum=0.7, lr_eval=1e-3, weight_decay_eval=1e-2, checkpoint=None, batch_size=N_L + N_U)
+CO_SCALE = {f"classifier_{head}.weight": 2.0 for head in ("multimodal", "imaging", "tabular")}
+
+
+def build_original_co_training(src: str):
+    """The original CoTraining (epoch pinned past start_epoch), tiny, float64, seeded weights."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from gen_tip import _install_stand_ins
+    from tests._golden_seeded import float_shapes, perturbed, seeded_state
+
+    use_checkout(src)
+    _install_stand_ins()  # lightly, pl_bolts scheduler and torchvision_ssl_encoder
+    from models.SemiMultimodal.CoTraining import CoTraining
+
+    class _AtEpoch(CoTraining):
+        pinned_epoch = 0
+
+        @property
+        def current_epoch(self):
+            return self.pinned_epoch
+
+    parts = []
+    for name in CO_FILES:
+        part = OmegaConf.load(os.path.join(src, "configs", name))
+        part.pop("defaults", None)
+        parts.append(part)
+    hp = OmegaConf.merge(*parts)
+    with tempfile.TemporaryDirectory() as tmp:
+        lengths = os.path.join(tmp, "tabular_lengths.pt")
+        torch.save(FIELD_LENGTHS, lengths)
+        hp.merge_with(dict(CO_TINY, field_lengths_tabular=lengths))
+        with contextlib.redirect_stdout(io.StringIO()):
+            module = _AtEpoch(hp)
+    module.use_ddp = False
+    module.pinned_epoch = int(hp.start_epoch) + 1
+    disable_dropout(module)
+    module.double()
+    student = seeded_state(float_shapes(module.model.state_dict()), SEED_STUDENT, CO_SCALE)
+    teacher = perturbed(student, SEED_TEACHER)
+    with torch.no_grad():
+        module.model.load_state_dict(student, strict=False)
+        module.ema.load_state_dict(teacher, strict=False)
+    return module, hp
+
+
+def centre_classifiers_co_training(module, inputs) -> dict:
+    """As ``centre_classifiers``, for the MultimodalBackbone (``forward`` -> z_m, z_i, z_t, x_m)."""
+    import copy
+
+    import torch
+
+    x = [torch.cat((inputs["image_l"], inputs["image_u"])), torch.cat((inputs["table_l"], inputs["table_u"]))]
+    overrides = {}
+    for prefix, net, train in (("model.", module.model, True), ("ema.", module.ema, False)):
+        probe = copy.deepcopy(net).train(train)
+        with torch.no_grad():
+            for head, z in zip(HEADS, probe(x)[:3]):
+                bias = getattr(net, head).bias
+                bias -= z.mean(0)
+                overrides[f"{prefix}{head}.bias"] = bias.detach().clone()
+    return overrides
+
+
+def generate_co_training() -> str:
+    import torch
+
+    from golden_io import save_golden
+    from tests._golden_seeded import record
+
+    src = os.environ[ENV]
+    module, hp = build_original_co_training(src)
+    inputs = make_inputs()
+    overrides = centre_classifiers_co_training(module, inputs)
+    x = inputs
+    ones, zeros = torch.ones(N_L, dtype=torch.bool), torch.zeros(N_U, dtype=torch.bool)
+    batch = {"l": ([None, x["image_l"]], [None, x["table_l"]], x["y_l"], None, ones),
+             "u": ([None, x["image_u"]], [None, x["table_u"]], torch.zeros(N_U, dtype=torch.long), None, zeros)}
+    ce = _Recorder(module.criterion_ce.forward)
+    module.criterion_ce.forward = ce
+    module.log = lambda *a, **k: None
+    captured = {}
+
+    def profiler(frame, event, arg):
+        if event == "return" and frame.f_code.co_name == "training_step" and "mask_i" in frame.f_locals:
+            captured.update(frame.f_locals)
+
+    optimizer = module.configure_optimizers()["optimizer"]
+    module.train()
+    sys.setprofile(profiler)
+    try:
+        loss = module.training_step(batch, 0)
+    finally:
+        sys.setprofile(None)
+    loss.backward()
+    grads = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
+    optimizer.step()
+    loc = captured
+    terms = {"sup_loss_multimodal": ce.calls[0], "sup_loss_image": ce.calls[1], "sup_loss_tabular": ce.calls[2],
+             "unsup_loss_image": loc["loss_i_u"], "unsup_loss_tabular": loc["loss_t_u"], "loss": loss}
+    tensors = {f"input.{k}": v for k, v in inputs.items() if not k.startswith("image")}
+    tensors.update(record("input.", {k: v for k, v in inputs.items() if k.startswith("image")}))
+    tensors.update({f"init.override.{k}": v for k, v in overrides.items()})
+    tensors.update({f"term.{k}": v.detach() for k, v in terms.items()})
+    tensors.update({"step.q_image": loc["pseudo_label_i"], "step.q_tabular": loc["pseudo_label_t"],
+                    "step.mask_image": loc["mask_i"].double(), "step.mask_tabular": loc["mask_t"].double()})
+    tensors.update(record("grad.", grads))
+    tensors.update(record("post.", {k: v for k, v in module.state_dict().items() if v.is_floating_point()}))
+    meta = {
+        "original": {"repository": "siyi-wind/STiL", "commit": _git_commit(src), "file": "models/SemiMultimodal/CoTraining.py",
+                     "class": "CoTraining (MultimodalBackbone)", "config": " + ".join(CO_FILES)},
+        "overrides": {k: v for k, v in CO_TINY.items() if k != "checkpoint"}, "field_lengths": FIELD_LENGTHS,
+        "batch": {"labelled": N_L, "unlabelled": N_U}, "scale": CO_SCALE,
+        "seeds": {"student": SEED_STUDENT, "teacher": SEED_TEACHER, "inputs": SEED_INPUT},
+        "weights": "seeded_state over model.* (student); teacher = perturbed(student, seeds.teacher); classifier biases as init.override.*",
+        "epoch": int(module.current_epoch), "start_epoch": int(hp.start_epoch), "dtype": "float64",
+        "randomness": {"dropout": "none in this network (drop rates 0)"},
+        "teacher_update": "the original updates the EMAN teacher inside the step, after the student forward and before the "
+                          "teacher forward; ours after the optimizer step (docs/methods.md co_training): the test applies "
+                          "the original's update to our teacher before the step",
+        "mask_rows": {"image": int(loc["mask_i"].sum()), "tabular": int(loc["mask_t"].sum())},
+    }
+    save_golden("co_training", tensors, meta)
+    return "co_training"
