@@ -13,7 +13,7 @@ import math
 
 import torch
 
-FULL_NUMEL = 1024  # tensors up to this size are recorded in full, larger ones as summaries
+FULL_NUMEL = 256  # tensors up to this size are recorded in full, larger ones as summaries
 
 
 def seeded_state(shapes: dict[str, tuple], seed: int, scale: dict[str, float] | None = None) -> dict[str, torch.Tensor]:

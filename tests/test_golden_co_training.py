@@ -29,19 +29,17 @@ def _check(ours, theirs, name):
     assert_matches_original(ours, theirs, name, rtol=1e-9, atol=1e-12)
 
 
-@pytest.fixture(scope="module")
-def golden_step():
+def build_network(meta):
+    """Our mmatch-family network (concat fusion, three heads) in the fixture's tiny configuration, float64."""
     from modeling_stil.configuration_baselines import MultimodalClassifierConfig
     from modeling_stil.configuration_stil import layout_from_field_lengths, placeholder_schema
     from modeling_stil.modeling_baselines import StilMultimodalClassifier
 
-    fixture, meta = load_golden("co_training")
     o = meta["overrides"]
-    n_l, n_u = meta["batch"]["labelled"], meta["batch"]["unlabelled"]
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        model = StilMultimodalClassifier(MultimodalClassifierConfig(
+        return StilMultimodalClassifier(MultimodalClassifierConfig(
             backbone=o["model"], image_size=o["img_size"], num_labels=o["num_classes"],
             tabular_schema=placeholder_schema(*layout_from_field_lengths(meta["field_lengths"])),
             tabular_embedding_dim=o["tabular_embedding_dim"], tabular_num_layers=o["tabular_transformer_num_layers"],
@@ -49,6 +47,14 @@ def golden_step():
             image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0]))
     finally:
         torch.set_default_dtype(default)
+
+
+@pytest.fixture(scope="module")
+def golden_step():
+    fixture, meta = load_golden("co_training")
+    o = meta["overrides"]
+    n_l, n_u = meta["batch"]["labelled"], meta["batch"]["unlabelled"]
+    model = build_network(meta)
     own = model.state_dict()
     student = seeded_state(float_shapes(own), meta["seeds"]["student"], meta["scale"])
     teacher = perturbed(student, meta["seeds"]["teacher"])

@@ -313,7 +313,7 @@ class DistributionAlignment(nn.Module):
 
     @torch.no_grad()
     def forward(self, probs: torch.Tensor, state: TrainState | None = None, target: torch.Tensor | None = None):
-        probs = probs.detach().float()
+        probs = at_least_float32(probs.detach())
         batch_mean = probs.mean(dim=0)
         if state is not None and state.num_processes > 1:
             batch_mean = state.reduce_sum(batch_mean) / state.num_processes

@@ -260,7 +260,7 @@ def generate() -> list[str]:
         "logged": {k: float(v) for k, v in logged.items() if torch.is_tensor(v) and v.numel() == 1},
     }
     save_golden("stil", tensors, meta)
-    return ["stil", generate_co_training()]
+    return ["stil", generate_co_training(), generate_mmatch()]
 
 
 # ------------------------------------------------------------------------------------------ co-training
@@ -392,3 +392,121 @@ def generate_co_training() -> str:
     }
     save_golden("co_training", tensors, meta)
     return "co_training"
+
+
+# ------------------------------------------------------------------------------------------ MMatch
+MM_FILES = ("config_dvm_MMatch.yaml", "models/resnet50.yaml", "dataset/dvm_all_server_reordered_SemiPseudo_0.01.yaml")
+MM_TINY = dict(CO_TINY, th1=0.9)
+MM_QUEUE_PTR, MM_DA_PTR = 630, 5  # near the end of the 640-column queue: the write is truncated
+
+
+def generate_mmatch() -> str:
+    """One step of the original MMatch (DA on, memory smoothing and both unimodal terms active): the
+    embedding and label queues, the DA queue and their pointers are seeded (non-zero, the embedding
+    write truncated at the end of the queue)."""
+    import torch
+    import torch.nn.functional as F
+    from omegaconf import OmegaConf
+
+    from gen_tip import _install_stand_ins
+    from golden_io import save_golden
+    from tests._golden_seeded import float_shapes, record, seeded_state
+
+    src = os.environ[ENV]
+    use_checkout(src)
+    _install_stand_ins()
+    from models.SemiMultimodal.MMatch import MMatch
+
+    class _AtEpoch(MMatch):
+        pinned_epoch = 0
+
+        @property
+        def current_epoch(self):
+            return self.pinned_epoch
+
+    parts = []
+    for name in MM_FILES:
+        part = OmegaConf.load(os.path.join(src, "configs", name))
+        part.pop("defaults", None)
+        parts.append(part)
+    hp = OmegaConf.merge(*parts)
+    with tempfile.TemporaryDirectory() as tmp:
+        lengths = os.path.join(tmp, "tabular_lengths.pt")
+        torch.save(FIELD_LENGTHS, lengths)
+        hp.merge_with(dict(MM_TINY, field_lengths_tabular=lengths))
+        with contextlib.redirect_stdout(io.StringIO()):
+            module = _AtEpoch(hp)
+    module.use_ddp = False
+    module.pinned_epoch = int(hp.start_epoch) + 1
+    disable_dropout(module)
+    module.double()
+    student = seeded_state(float_shapes(module.model.state_dict()), SEED_STUDENT, CO_SCALE)
+    g = torch.Generator().manual_seed(SEED_METHOD)
+    with torch.no_grad():
+        module.model.load_state_dict(student, strict=False)
+        module.embed_queue.copy_(F.normalize(torch.randn(module.embed_queue.shape, generator=g, dtype=torch.float64), dim=0))
+        module.probs_queue.copy_(torch.rand(module.probs_queue.shape, generator=g, dtype=torch.float64).softmax(dim=0))
+        module.DA_queue.copy_(torch.rand(module.DA_queue.shape, generator=g, dtype=torch.float64).softmax(dim=1))
+        module.embed_queue_ptr.fill_(MM_QUEUE_PTR)
+        module.DA_ptr.fill_(MM_DA_PTR)
+    inputs = make_inputs()
+    x = inputs
+    probe_x = [torch.cat((x["image_l"], x["image_u"])), torch.cat((x["table_l"], x["table_u"]))]
+    import copy
+
+    overrides = {}
+    probe = copy.deepcopy(module.model).train()
+    with torch.no_grad():
+        for head, z in zip(HEADS, probe(probe_x)[:3]):
+            bias = getattr(module.model, head).bias
+            bias -= z.mean(0)
+            overrides[f"model.{head}.bias"] = bias.detach().clone()
+    initial = {k: v.detach().clone() for k, v in module.state_dict().items() if not k.startswith("model.")}
+    ones, zeros = torch.ones(N_L, dtype=torch.bool), torch.zeros(N_U, dtype=torch.bool)
+    batch = {"l": ([None, x["image_l"]], [None, x["table_l"]], x["y_l"], None, ones),
+             "u": ([None, x["image_u"]], [None, x["table_u"]], torch.zeros(N_U, dtype=torch.long), None, zeros)}
+    ce = _Recorder(module.criterion_ce.forward)
+    module.criterion_ce.forward = ce
+    module.log = lambda *a, **k: None
+    captured = {}
+
+    def profiler(frame, event, arg):
+        if event == "return" and frame.f_code.co_name == "training_step" and "mask1" in frame.f_locals:
+            captured.update(frame.f_locals)
+
+    optimizer = module.configure_optimizers()["optimizer"]
+    module.train()
+    sys.setprofile(profiler)
+    try:
+        loss = module.training_step(batch, 0)
+    finally:
+        sys.setprofile(None)
+    loss.backward()
+    grads = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
+    optimizer.step()
+    loc = captured
+    terms = {"sup_loss_multimodal": ce.calls[0], "sup_loss_image": ce.calls[1], "sup_loss_tabular": ce.calls[2],
+             "unsup_loss_image": loc["loss_i_u"], "unsup_loss_tabular": loc["loss_t_u"], "loss": loss}
+    tensors = {f"input.{k}": v for k, v in inputs.items() if not k.startswith("image")}
+    tensors.update(record("input.", {k: v for k, v in inputs.items() if k.startswith("image")}))
+    tensors.update({f"init.override.{k}": v for k, v in overrides.items()})
+    tensors.update({f"init.state.{k}": v for k, v in initial.items()})
+    tensors.update({f"term.{k}": v.detach() for k, v in terms.items()})
+    tensors.update({"step.pseudo_label": loc["pseudo_label"], "step.mask": loc["mask1"].double()})
+    tensors.update(record("grad.", grads))
+    state = module.state_dict()
+    tensors.update(record("post.", {k: v for k, v in state.items() if v.is_floating_point()}))
+    tensors.update({f"post.{k}": state[k].clone() for k in ("embed_queue_ptr", "DA_ptr")})
+    meta = {
+        "original": {"repository": "siyi-wind/STiL", "commit": _git_commit(src), "file": "models/SemiMultimodal/MMatch.py",
+                     "class": "MMatch (MultimodalBackbone)", "config": " + ".join(MM_FILES)},
+        "overrides": {k: v for k, v in MM_TINY.items() if k != "checkpoint"}, "field_lengths": FIELD_LENGTHS,
+        "batch": {"labelled": N_L, "unlabelled": N_U}, "scale": CO_SCALE,
+        "seeds": {"student": SEED_STUDENT, "queues": SEED_METHOD, "inputs": SEED_INPUT},
+        "weights": "seeded_state over model.*; classifier biases as init.override.*; queues, DA queue and pointers as init.state.*",
+        "epoch": int(module.current_epoch), "start_epoch": int(hp.start_epoch), "dtype": "float64",
+        "randomness": {"dropout": "none in this network (drop rates 0)"},
+        "mask_rows": int(loc["mask1"].sum()), "queue_ptr": [MM_QUEUE_PTR, int(state["embed_queue_ptr"])],
+    }
+    save_golden("mmatch", tensors, meta)
+    return "mmatch"
