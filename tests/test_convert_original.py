@@ -141,8 +141,9 @@ def stil_full_shapes(backbone, d, classes, proj=128, dvm=True):
             s.update({f"{name}.weight": (proj, d), f"{name}.bias": (proj,)})
         else:
             s.update(mlp_shapes(name, d, d, proj, ("layers.0", "layers.2")))
-    s.update(mlp_shapes("CLUB_imaging", d, d, d, ("p_mu.0", "p_mu.2")))
-    s.update(mlp_shapes("CLUB_tabular", d, d, d, ("p_mu.0", "p_mu.2")))
+    # the original's CLUBMean(d, d) keeps its default hidden_size=512 at any d
+    s.update(mlp_shapes("CLUB_imaging", d, 512, d, ("p_mu.0", "p_mu.2")))
+    s.update(mlp_shapes("CLUB_tabular", d, 512, d, ("p_mu.0", "p_mu.2")))
     s.update({f"ema.{k}": v for k, v in backbone.items()})
     return s
 

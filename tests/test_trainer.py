@@ -235,6 +235,39 @@ def test_best_selection_and_test(tmp_path):
     assert (tmp_path / "run" / "plots" / "pseudo_labels.png").is_file()
 
 
+@pytest.mark.parametrize("scope", ["matrices", "all"])
+def test_weight_decay_scope(scope):
+    """'matrices' (default) exempts biases and 1-d parameters; 'all' decays every parameter, as the
+    STiL / TIP originals' single Adam group does (tests/test_golden_*.py compare that step)."""
+    from types import SimpleNamespace
+
+    from modeling_stil.training.trainer import build_optimizer
+
+    method = ToyMethod(ToyModel())
+    args = SimpleNamespace(optimizer="adam", learning_rate=0.1, weight_decay=0.01, weight_decay_scope=scope, adam_beta1=0.9, adam_beta2=0.999)
+    optimizer = build_optimizer(method, args, "cpu")
+    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    for name, p in method.named_parameters():
+        exempt = scope == "matrices" and (p.ndim <= 1 or name.endswith(".bias"))
+        assert decay[id(p)] == (0.0 if exempt else 0.01), name
+    assert len(set(decay.values())) == (2 if scope == "matrices" else 1)
+
+
+def test_early_stopping_counts_evaluations_without_an_improvement_above_min_delta(tmp_path):
+    """Lightning's EarlyStopping (the STiL originals': patience 100, min_delta 1e-4): the first
+    evaluation sets the best; accuracy can never beat it by more than 1.0, so the run stops after
+    `patience` further evaluations, with a checkpoint, and counts as finished (selection and export go on)."""
+    trainer = make_trainer(tmp_path, max_steps=40, eval_steps=2, learning_rate=0.1,
+                           early_stopping_patience=3, early_stopping_min_delta=1.0)
+    results = trainer.train()
+    assert results["early_stopped_at_step"] == 8 and results["stopped_at_step"] == 8 and results["finished"]
+    assert trainer.progress.early_stopping_wait == 3
+    assert (tmp_path / "run" / "checkpoints" / "checkpoint-8").is_dir()
+    # with min_delta 0 an improving run keeps going past that point
+    again = make_trainer(tmp_path / "b", max_steps=12, eval_steps=2, learning_rate=0.1, early_stopping_patience=100)
+    assert "early_stopped_at_step" not in again.train() and again.progress.step == 12
+
+
 def test_gradient_accumulation_matches_large_batch(tmp_path):
     class NoDropout(ToyMethod):
         def __init__(self, model, args=None):

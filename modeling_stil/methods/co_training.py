@@ -28,6 +28,7 @@ from torch import nn
 from .base import MethodArguments, SSLMethod, TrainState, register_method
 from .common import (
     EMATeacher,
+    at_least_float32,
     check_fraction,
     concat_views,
     confidence_mask,
@@ -102,8 +103,8 @@ class CoTraining(SSLMethod):
                 zi_t, zt_t = teacher.image_logits, teacher.tabular_logits
             else:
                 zi_t, zt_t = zi[n_l:], zt[n_l:]
-            q_i = zi_t.detach().float().softmax(dim=1)
-            q_t = zt_t.detach().float().softmax(dim=1)
+            q_i = at_least_float32(zi_t.detach()).softmax(dim=1)
+            q_t = at_least_float32(zt_t.detach()).softmax(dim=1)
             mask_i = confidence_mask(q_i, self.args.co_threshold)
             mask_t = confidence_mask(q_t, self.args.co_threshold)
         terms = {

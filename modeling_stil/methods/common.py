@@ -370,7 +370,7 @@ class DistributionAlignment(nn.Module):
 
     @torch.no_grad()
     def forward(self, probs: torch.Tensor, state: TrainState | None = None, target: torch.Tensor | None = None):
-        probs = probs.detach().float()
+        probs = at_least_float32(probs.detach())
         batch_mean = probs.mean(dim=0)
         if state is not None and state.num_processes > 1:
             batch_mean = state.reduce_sum(batch_mean) / state.num_processes
@@ -450,14 +450,13 @@ def pseudo_labels(logits: torch.Tensor, hard: bool = True, temperature: float = 
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "none") -> torch.Tensor:
-    """``-sum_c targets_c log softmax(logits)_c`` per sample (float32)."""
-    logits = at_least_float32(logits)
-    loss = -(targets.to(logits.dtype) * F.log_softmax(logits, dim=-1)).sum(dim=-1)
+    """``-sum_c targets_c log softmax(logits)_c`` per sample (float32 at least)."""
+    loss = -(at_least_float32(targets) * F.log_softmax(at_least_float32(logits), dim=-1)).sum(dim=-1)
     return _reduce(loss, reduction)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "none") -> torch.Tensor:
-    """Cross-entropy with hard (long, (B,)) or soft (float, (B, C)) targets, in float32."""
+    """Cross-entropy with hard (long, (B,)) or soft (float, (B, C)) targets, in float32 at least."""
     if targets.dtype in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
         return F.cross_entropy(at_least_float32(logits), targets.long(), reduction=reduction)
     if targets.shape != logits.shape:

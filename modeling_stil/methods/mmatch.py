@@ -32,6 +32,7 @@ from torch import nn
 from .base import DataInfo, MethodArguments, SSLMethod, TrainState, register_method
 from .common import (
     DistributionAlignment,
+    at_least_float32,
     check_fraction,
     concat_views,
     cross_entropy,
@@ -143,7 +144,7 @@ class MMatch(SSLMethod):
     def pseudo_labels(self, logits_u: torch.Tensor, features_u: torch.Tensor, state: TrainState) -> torch.Tensor:
         """p = DA(softmax(z_m,u)), smoothed with the queue after ``smoothing_start_epoch``."""
         a = self.args
-        p = logits_u.detach().float().softmax(dim=1)
+        p = at_least_float32(logits_u.detach()).softmax(dim=1)
         if self.DA is not None:
             p = self.DA(p, state)
         if unlabeled_gate_open(state, a.smoothing_start_epoch, a.smoothing_start_fraction):
@@ -160,7 +161,7 @@ class MMatch(SSLMethod):
         out = self.model(**inputs)
         zm, zi, zt = out.logits, out.image_logits, out.tabular_logits
         with torch.no_grad():
-            features = F.normalize(out.features.detach().float(), dim=1)
+            features = F.normalize(at_least_float32(out.features.detach()), dim=1)
             p = self.pseudo_labels(zm[n_l:], features[n_l:], state)
             max_probs, pseudo = p.max(dim=1)
             mask = (max_probs >= self.args.th1).float()

@@ -103,6 +103,9 @@ class StilArguments(MethodArguments):
     # (cardiac, lightly 1.2.22 SimCLRProjectionHead without BN). The multimodal one is always "mlp".
     unimodal_projector: str = "linear"
     repeat_ratio: int | None = None  # R; None = computed from the data sizes in setup (§1.3)
+    # hidden width of the CLUB estimators' mean network: the original's CLUBMean default, 512 at any
+    # d (the estimators are built as CLUBMean(d, d) with hidden_size left at 512)
+    club_hidden_dim: int = 512
     # The original trains the CLUB estimators and the encoders on bound + estimator NLL in one loss
     # (§9.9). True = standard CLUB: the estimator NLL sees detached features (trains only the
     # estimators) and the bound is computed with the estimator frozen (trains only the features).
@@ -121,6 +124,8 @@ class StilArguments(MethodArguments):
             raise ValueError("unimodal_projector must be 'linear' (DVM) or 'mlp' (cardiac)")
         if self.repeat_ratio is not None and self.repeat_ratio < 1:
             raise ValueError("repeat_ratio must be >= 1")
+        if self.club_hidden_dim < 1:
+            raise ValueError("club_hidden_dim must be >= 1 (the original's is 512)")
 
 
 class CLUBMean(nn.Module):
@@ -191,8 +196,8 @@ class Stil(SSLMethod):
             self.projector_imaging, self.projector_tabular = nn.Linear(d, p), nn.Linear(d, p)
         else:
             self.projector_imaging, self.projector_tabular = SimCLRProjectionHead(d, d, p), SimCLRProjectionHead(d, d, p)
-        self.CLUB_imaging = CLUBMean(d, d, d)
-        self.CLUB_tabular = CLUBMean(d, d, d)
+        self.CLUB_imaging = CLUBMean(d, d, a.club_hidden_dim)
+        self.CLUB_tabular = CLUBMean(d, d, a.club_hidden_dim)
         self.ema = EMATeacher(model, mode="state" if a.eman else "parameters") if a.use_ema else None
         self.register_buffer("ema_step", torch.tensor(-1, dtype=torch.long))  # last step the teacher was updated
         self._ema_step_host: int | None = None  # the same on the host (None: read the buffer once)

@@ -65,6 +65,12 @@ class TipPretrainArguments(MethodArguments):
             raise ValueError("lambda_0 must be in [0, 1]")
 
 
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """Losses in float32 at least: half-precision outputs are upcast, float64 stays float64 (a
+    float64 run, e.g. the golden test against the original, keeps its precision)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def contrastive_loss(z_i: torch.Tensor, z_t: torch.Tensor, temperature: float, lambda_0: float,
                      reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
     """CLIP loss of normalised embeddings; returns (loss, similarity logits S)."""
@@ -85,7 +91,7 @@ def hard_negatives(similarity: torch.Tensor, sample: bool = True) -> tuple[torch
     eye = torch.eye(similarity.shape[0], dtype=torch.bool, device=similarity.device)
 
     def pick(s):
-        weights = (s.float().softmax(dim=1) + 1e-4).masked_fill(eye, 0.0)
+        weights = (_f32(s).softmax(dim=1) + 1e-4).masked_fill(eye, 0.0)
         return torch.multinomial(weights, 1).squeeze(1) if sample else weights.argmax(dim=1)
 
     return pick(similarity), pick(similarity.T)
@@ -96,12 +102,13 @@ def reconstruction_loss(cat_logits, con_predictions, categorical, continuous, ma
     """(L_cat, L_con) over the masked cells (categorical targets as global slots code + offset).
     ``reduction="none"``: per-row means (rows without a masked cell of a kind give 0)."""
     n_cat = categorical.shape[1]
-    mask_cat, mask_con = masked_fields[:, :n_cat].float(), masked_fields[:, n_cat:].float()
+    dtype = torch.float64 if torch.float64 in (cat_logits.dtype, con_predictions.dtype) else torch.float32
+    mask_cat, mask_con = masked_fields[:, :n_cat].to(dtype), masked_fields[:, n_cat:].to(dtype)
     cat_ce = torch.zeros_like(mask_cat)
     if n_cat:
         targets = categorical.long() + offsets[None, :]
-        cat_ce = F.cross_entropy(cat_logits.float().transpose(1, 2), targets, reduction="none")
-    con_se = (con_predictions.float() - continuous.float()) ** 2 if mask_con.shape[1] else torch.zeros_like(mask_con)
+        cat_ce = F.cross_entropy(_f32(cat_logits).transpose(1, 2), targets, reduction="none")
+    con_se = (_f32(con_predictions) - _f32(continuous)) ** 2 if mask_con.shape[1] else torch.zeros_like(mask_con)
     if reduction == "none":
         per_row = lambda v, m: (v * m).sum(1) / m.sum(1).clamp_min(1.0)  # noqa: E731
         return per_row(cat_ce, mask_cat), per_row(con_se, mask_con)
@@ -140,13 +147,13 @@ class TipPretrain(SSLMethod):
         a = self.args
         image_tokens, _, z_i = model.encode_image(image["pixel_values"])
         tab_tokens, z_t = model.encode_tabular(table["categorical_values"], table["continuous_values"], table.get("missing_mask"))
-        loss_itc, similarity = contrastive_loss(z_i.float(), z_t.float(), a.temperature, a.lambda_0, reduction=reduction)
+        loss_itc, similarity = contrastive_loss(_f32(z_i), _f32(z_t), a.temperature, a.lambda_0, reduction=reduction)
 
         neg_table, neg_image = hard_negatives(similarity.detach(), sample=sample_negatives)
         n = image_tokens.shape[0]
         pairs_tab = torch.cat([tab_tokens, tab_tokens[neg_table], tab_tokens])
         pairs_img = torch.cat([image_tokens, image_tokens, image_tokens[neg_image]])
-        itm = model.itm_logits(model.fuse(pairs_tab, pairs_img)).float()
+        itm = _f32(model.itm_logits(model.fuse(pairs_tab, pairs_img)))
         itm_target = torch.cat([torch.ones(n, dtype=torch.long), torch.zeros(2 * n, dtype=torch.long)]).to(itm.device)
         itm_ce = F.cross_entropy(itm, itm_target, reduction="none")
         loss_itm = itm_ce.mean() if reduction == "mean" else itm_ce.view(3, n).mean(0)

@@ -144,6 +144,10 @@ class TrainingArguments:
     )
     learning_rate: float = _help("peak learning rate", default=1e-3)
     weight_decay: float = _help("weight decay (decoupled for adamw)", default=1e-4)
+    weight_decay_scope: Literal["matrices", "all"] = _help(
+        "which parameters weight_decay applies to: 'matrices' exempts biases and 1-d parameters (norms, tokens); "
+        "'all' decays every parameter, as the STiL and TIP originals' Adam does", default="matrices"
+    )
     optimizer: Literal["adamw", "adam", "sgd"] = _help("optimizer; adam and adamw use fused kernels on CUDA and CPU", default="adamw")
     momentum: float = _help("sgd momentum", default=0.9)
     nesterov: bool = _help("sgd nesterov", default=True)
@@ -187,6 +191,13 @@ class TrainingArguments:
         "nme for landmarks, rmse for regression)", default=None
     )
     greater_is_better: bool | None = _help("direction of metric_for_best_model (None: inferred)", default=None)
+    early_stopping_patience: int | None = _help(
+        "stop after this many evaluations in a row in which metric_for_best_model did not beat its best by more "
+        "than early_stopping_min_delta (Lightning's EarlyStopping, which the STiL originals use: 100, 1e-4). "
+        "None: never stop early", default=None
+    )
+    early_stopping_min_delta: float = _help("smallest change of metric_for_best_model that counts as an improvement "
+                                            "for early stopping", default=0.0)
     report_to: list[str] = _help(
         "trackers: tensorboard (default), wandb, comet_ml, mlflow, aim, ...; 'none' for JSONL only",
         default_factory=lambda: ["tensorboard"],

@@ -55,6 +55,8 @@ class TrainerProgress:
     best_metric: float | None = None
     best_step: int | None = None
     best_checkpoint: str | None = None  # folder name under checkpoints/
+    early_stopping_best: float | None = None  # best value by more than early_stopping_min_delta
+    early_stopping_wait: int = 0  # evaluations since it last improved
     fingerprint: dict[str, Any] = field(default_factory=dict)
 
     def state_dict(self) -> dict[str, Any]:

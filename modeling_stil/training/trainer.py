@@ -57,15 +57,18 @@ def default_best_metric(task: str, num_labels: int) -> tuple[str, bool]:
 
 def build_optimizer(method: SSLMethod, args, device_type: str) -> torch.optim.Optimizer:
     """The optimizer over ``method.parameter_groups()``: each group is split into decayed and not
-    decayed (biases, norm weights: ``ndim <= 1``) parameters; a group's own lr / weight_decay win."""
+    decayed (biases, norm weights: ``ndim <= 1``) parameters; a group's own lr / weight_decay win.
+    ``weight_decay_scope="all"`` decays every parameter (the STiL / TIP originals' single group)."""
     names = {id(p): n for n, p in method.named_parameters()}
+    decay_all = getattr(args, "weight_decay_scope", "matrices") == "all"
+    exempt = lambda p: not decay_all and (p.ndim <= 1 or names.get(id(p), "").endswith(".bias"))  # noqa: E731
     groups = []
     for group in method.parameter_groups():
         params = [p for p in group["params"] if p.requires_grad]
         options = {k: v for k, v in group.items() if k != "params"}
         decay_value = options.pop("weight_decay", args.weight_decay)
-        decay = [p for p in params if not (p.ndim <= 1 or names.get(id(p), "").endswith(".bias"))]
-        no_decay = [p for p in params if p.ndim <= 1 or names.get(id(p), "").endswith(".bias")]
+        decay = [p for p in params if not exempt(p)]
+        no_decay = [p for p in params if exempt(p)]
         groups += [{"params": decay, "weight_decay": decay_value, **options}, {"params": no_decay, "weight_decay": 0.0, **options}]
     groups = [g for g in groups if g["params"]]
     if not groups:
@@ -474,6 +477,25 @@ class Trainer:
             return True
         return value > best if self.greater_is_better else value < best
 
+    def _early_stopping(self, value: float | None) -> bool:
+        """Lightning's EarlyStopping rule: True once ``early_stopping_patience`` evaluations in a row
+        failed to beat the best value by more than ``early_stopping_min_delta``."""
+        patience, progress = self.targs.early_stopping_patience, self.progress
+        if not patience or self.best_metric_name == "last":
+            return False
+        delta, best = self.targs.early_stopping_min_delta, progress.early_stopping_best
+        if value is None or math.isnan(value):
+            improved = False
+        elif best is None:
+            improved = True
+        else:
+            improved = value - delta > best if self.greater_is_better else value + delta < best
+        if improved:
+            progress.early_stopping_best, progress.early_stopping_wait = float(value), 0
+        else:
+            progress.early_stopping_wait += 1
+        return progress.early_stopping_wait >= patience
+
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
         self._check_nonfinite()  # never keep a checkpoint with NaN weights as "good"
@@ -650,16 +672,21 @@ class Trainer:
                     progress.best_step = progress.step
                     progress.best_checkpoint = f"checkpoint-{progress.step}"
                 self.write_plots()
+                if self._early_stopping(value):
+                    self.results["early_stopped_at_step"] = progress.step
+                    last = True
             due = self.save_steps is not None and progress.step % self.save_steps == 0
             if self.save_steps is None and progress.step % self.eval_steps == 0:
                 due = True
             if improved or due or last:
                 self.save_checkpoint()
+            if "early_stopped_at_step" in self.results:
+                break
         if bar is not None:
             bar.close()
         self._check_nonfinite()
         self.results["stopped_at_step"] = progress.step
-        self.results["finished"] = progress.step >= self.max_steps
+        self.results["finished"] = progress.step >= self.max_steps or "early_stopped_at_step" in self.results
         return self.results
 
     def _log(self, split: str, values: dict[str, Any]) -> None:
