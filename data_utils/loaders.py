@@ -12,12 +12,12 @@ What the trainer calls::
         ...                                    # stop at max_steps: iterate() never ends
     val = loaders.build_eval_loader("validation", batch_size=256)
 
-Semantics (docs/architecture.md, "Loaders"; stil_method.md §1.3):
+Semantics (docs/architecture.md, "Loaders"; docs/methods.md, "stil"):
 
 * Labelled rows: the train split's ``labeled`` column (``metadata.labeled_column``); without it,
   ``metadata.labeled_indices``; without either, every train row (fully supervised).
 * Unlabelled pool: by default the train rows *not* labelled (the STiL/Match protocol);
-  ``unlabeled_includes_labeled=True`` uses every train row (L2I's AFLW protocol, l2i_methods.md §4.1).
+  ``unlabeled_includes_labeled=True`` uses every train row (L2I's AFLW protocol, docs/data.md).
 * One step = one labelled batch of ``batch_size`` and one unlabelled batch of ``mu * batch_size`` per
   process. One epoch = one pass over the unlabelled pool (``steps_per_epoch`` batches); the labelled
   stream cycles on its own, with a fresh shuffle each pass. A method without unlabelled views gets

@@ -97,7 +97,7 @@ class SyntheticConfigError(ValueError):
 
 @dataclass
 class MultimodalKnobs:
-    """Difficulty knobs of the synth-DVM generator (docs/synthetic.md, tip_and_data.md section 4.5)."""
+    """Difficulty knobs of the synth-DVM generator (docs/synthetic.md, docs/synthetic.md)."""
 
     image_factors: int = 5  # A: image-only factor (body motif); grown with table_factors when K > A*B
     table_factors: int = 4  # B: table-only factor (price tier)

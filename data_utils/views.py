@@ -20,7 +20,7 @@ after a resume. ``stream`` separates the labelled and unlabelled streams, so a r
 Decisions (deliberate; the architecture table in docs/architecture.md summarises the recipes):
 
 * ``ColorJitter`` hue = 0.2 in ``stil``/``hard``: the original code ran albumentations 1.3.1, whose
-  hidden default hue is 0.2 (stil_method.md §4.3, §9.20); the torchvision fallback of the originals
+  hidden default hue is 0.2 (docs/methods.md, "stil"); the torchvision fallback of the originals
   used hue 0, which nobody ran. Cardiac's jitter has p = 0.5 (albumentations' default), DVM's 0.8.
 * Gaussian blur kernels are given at the originals' 128 px (29 for ``stil``/``hard``, 19 for the
   DVM ``strong``) and scaled with ``image_size / 128`` (kept odd, >= 3); sigma's range (0.1, 2.0) is
@@ -30,11 +30,11 @@ Decisions (deliberate; the architecture table in docs/architecture.md summarises
 * Rotation (cardiac) pads with reflection (torch ``reflect`` == OpenCV ``BORDER_REFLECT_101``, the
   albumentations default) before rotating and crops back, as albumentations' ``Rotate`` does.
 * CIFAR pad-crop uses ``RandomCrop(padding=size/8, reflect)``: offsets 0..8 (symmetric), fixing the
-  L2I code's 0..7 off-by-one (l2i_methods.md §3.1).
+  L2I code's 0..7 off-by-one (docs/data.md).
 * ``strong`` for the ``default``/``cifar`` presets is weak + ``RandAugment(2 ops, magnitude 15/31)``
   + a square cutout (``RandomErasing`` p=1, 2-25 % of the area, grey 127), which is FixMatch's
   RandAugmentMC (random magnitude in 1..10 of 10, i.e. half strength on average) + Cutout.
-  For ``dvm``/``cardiac`` it is the STiL comparison methods' strong view (stil_baselines.md §1.3:
+  For ``dvm``/``cardiac`` it is the STiL comparison methods' strong view (docs/methods.md, "supervised":
   RRC(0.2-1), flip, ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8, grayscale p 0.2 (not cardiac), blur 19
   p 0.5), because those are the numbers the STiL tables were produced with.
 * ``hard`` is applied with probability ``augmentation_rate`` jointly with its 0.3 corruption (else
@@ -317,7 +317,7 @@ def _weak(cfg: ViewConfig) -> list:
 
 
 def _contrastive(cfg: ViewConfig, crop_scale: tuple[float, float]) -> list:
-    """STiL/TIP's contrastive augmentation (stil_method.md §4.3); ``hard`` uses crop scale 0.6-1."""
+    """STiL/TIP's contrastive augmentation (docs/methods.md, "stil"); ``hard`` uses crop scale 0.6-1."""
     if cfg.preset == "cardiac":
         return [*_flip(cfg), v2.RandomApply([RandomRotateReflect(45)], p=0.5),
                 _jitter(cfg, 0.5, 0.2, p=0.5),
@@ -594,7 +594,7 @@ for _recipe in (
     ViewRecipe("hard", "hard", TabularView("corrupt", 0.3), joint_p=-1.0),  # -1: use augmentation_rate
     ViewRecipe("masked", "stil", TabularView("mask", 0.5)),
     ViewRecipe("translate", "translate", TabularView("clean")),
-    # TIP pretraining's view 0: always-augmented image + corrupted row (tip_and_data.md §2.5).
+    # TIP pretraining's view 0: always-augmented image + corrupted row (docs/methods.md, "tip_pretrain").
     ViewRecipe("tip", "stil_always", TabularView("corrupt", 0.3)),
 ):
     register_recipe(_recipe)

@@ -4,12 +4,12 @@ They subclass `StilBaseConfig` (configuration_common.py: the fields of the model
 docs/architecture.md, and the model/data compatibility check, re-exported here under their old names):
 
 * `ImageClassifierConfig`     image-only classifier over a timm backbone (the Match family's
-                              image-only wrapper, stil_baselines.md §1.4c');
+                              image-only wrapper, docs/methods.md, "supervised");
 * `TabularClassifierConfig`   tabular-only transformer classifier (TIP's tabular encoder + linear head);
 * `MultimodalClassifierConfig` image + tabular: ``fusion="concat"`` (Match-family multimodal
-                              backbone, §1.4c) or ``fusion="tip"`` (TIP-style cross-attention fusion,
-                              tip_and_data.md §3), optionally with unimodal heads (``unimodal_heads=True``:
-                              the MMatch / co-training shared network of §1.4d).
+                              backbone) or ``fusion="tip"`` (TIP-style cross-attention fusion,
+                              docs/models.md, "Baselines"), optionally with unimodal heads (``unimodal_heads=True``:
+                              the MMatch / co-training shared network of).
 
 This file imports only transformers and configuration_common (no torch at import time) so that it runs
 as remote code next to saved weights (``register_for_auto_class`` copies it and its relative imports).
@@ -45,7 +45,7 @@ class ImageClassifierConfig(StilBaseConfig):
         self,
         backbone: str = "resnet50",
         backbone_kwargs: Mapping[str, Any] | None = None,
-        projection_hidden_dim: int | None = 2048,  # §1.4c': head Linear(2048,2048)-ReLU-Linear(2048,128)
+        projection_hidden_dim: int | None = 2048,  # the original's head Linear(2048,2048)-ReLU-Linear(2048,128)
         projection_dim: int = 128,
         classifier_dropout: float = 0.0,
         **kwargs,
@@ -93,12 +93,12 @@ class MultimodalClassifierConfig(StilBaseConfig):
     """Image + tabular classifier.
 
     fusion="concat": h = [image_proj(pooled image); tabular_proj(tabular CLS)] (Match-family backbone).
-      * unimodal_heads=False: logits = Linear(h), projection head MLP(h) -> projection_dim (§1.4c);
+      * unimodal_heads=False: logits = Linear(h), projection head MLP(h) -> projection_dim;
       * unimodal_heads=True:  x_m = multimodal_proj(h) (Linear to ``fused_dim`` = 128, no nonlinearity),
         logits = Linear(x_m), image_logits = Linear(pooled image), tabular_logits = Linear(tabular CLS)
-        (the MMatch / co-training shared network, §1.4d).
+        (the MMatch / co-training shared network).
     fusion="tip": the tabular tokens cross-attend to projected image tokens through ``fusion_num_layers``
-      blocks (TIP's multimodal encoder); logits = Linear(fused CLS) (tip_and_data.md §3). With
+      blocks (TIP's multimodal encoder); logits = Linear(fused CLS) (docs/models.md, "Baselines"). With
       unimodal_heads=True the image and tabular heads are added (TIPBackboneEnsemble-style pieces).
     """
 
@@ -141,7 +141,7 @@ class MultimodalClassifierConfig(StilBaseConfig):
         self.fusion_num_layers = int(fusion_num_layers)
         self.fusion_num_heads = int(fusion_num_heads)
         self.fused_dim = int(fused_dim)
-        # loss = CE(z_m) + w * (CE(z_i) + CE(z_t)) when unimodal_heads (the §1.2 supervised recipe with w = 1)
+        # loss = CE(z_m) + w * (CE(z_i) + CE(z_t)) when unimodal_heads (the STiL repository's supervised recipe with w = 1)
         self.unimodal_loss_weight = float(unimodal_loss_weight)
         self.projection_hidden_dim = projection_hidden_dim
         self.projection_dim = int(projection_dim)

@@ -1,6 +1,6 @@
 """Configuration of TCDCNN, the facial-landmark regressor of the L2I AFLW experiments.
 
-Defaults reproduce l2i_methods.md §4.2: 1x60x60 grayscale input in [0, 1] (no mean/std
+Defaults reproduce docs/models.md, "Baselines": 1x60x60 grayscale input in [0, 1] (no mean/std
 normalisation: mean 0, std 1), four conv + hardtanh (+ max-pool) stages with 20/48/64/80 filters and
 5/5/3/3 kernels, a 256-unit linear layer without activation, then 10 outputs (x1, y1, ..., x5, y5),
 trained with a mean-squared-error loss (``problem_type="regression"``).

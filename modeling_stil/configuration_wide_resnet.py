@@ -1,6 +1,6 @@
 """Configuration of the Wide ResNet used by the CIFAR-10 experiments of L2I / MixMatch (WRN-28-2).
 
-Defaults reproduce WRN-28-2 for 32x32 CIFAR-10 (l2i_methods.md §3.2): depth 28, widen factor 2,
+Defaults reproduce WRN-28-2 for 32x32 CIFAR-10 (docs/models.md, "Baselines"): depth 28, widen factor 2,
 LeakyReLU(0.1), BatchNorm momentum 0.001 / eps 1e-5, no dropout, 10 classes, CIFAR-10
 normalisation statistics.
 """

@@ -3,21 +3,21 @@
 All three follow the model input contract (docs/architecture.md) and return `BaselineOutput`.
 Sub-module names follow the originals so their checkpoints map 1:1:
 
-* `StilImageClassifier` (stil_baselines.md §1.4c', the Match family's image-only wrapper):
+* `StilImageClassifier` (docs/methods.md, "supervised", the Match family's image-only wrapper):
   ``encoder_imaging`` (timm) -> pooled feature -> ``classifier`` Linear(C_img -> classes);
   ``head`` Linear(C_img -> projection_hidden_dim)-ReLU-Linear(-> projection_dim), L2-normalised into
   ``projections``.
 * `StilTabularClassifier`: ``encoder_tabular`` (TIP's tabular transformer) -> CLS -> ``classifier``;
   ``head`` MLP on the CLS as above.
 * `StilMultimodalClassifier`:
-  - ``fusion="concat"`` (§1.4c, Multimodal SimMatch/CoMatch/FreeMatch): h = [``image_proj``(pooled);
+  - ``fusion="concat"`` (Multimodal SimMatch/CoMatch/FreeMatch): h = [``image_proj``(pooled);
     ``tabular_proj``(CLS)] (``tabular_proj`` is Identity when widths match), ``classifier_multimodal``
     Linear(h), ``head`` MLP(h) -> normalised ``projections``; ``features`` = h.
-  - ``fusion="concat", unimodal_heads=True`` (§1.4d, the MMatch / co-training network):
+  - ``fusion="concat", unimodal_heads=True`` (the MMatch / co-training network):
     x_m = ``multimodal_proj``(h) (Linear to ``fused_dim``, no nonlinearity), ``classifier_multimodal``
     on x_m (z_m), ``classifier_imaging`` on the pooled image feature (z_i), ``classifier_tabular`` on
     the tabular CLS (z_t); ``features`` = x_m. No projection head.
-  - ``fusion="tip"`` (tip_and_data.md §3, TIP downstream): ``encoder_multimodal`` (TIP's cross-attention
+  - ``fusion="tip"`` (docs/models.md, "Baselines", TIP downstream): ``encoder_multimodal`` (TIP's cross-attention
     encoder from modeling_stil.encoders: tabular tokens attend to projected image tokens) -> fused CLS
     -> ``classifier_multimodal``; ``unimodal_heads=True`` adds the TIPBackboneEnsemble image/tabular heads.
 

@@ -1,4 +1,4 @@
-"""TCDCNN: the facial-landmark regressor of the L2I AFLW experiments (l2i_methods.md §4.2).
+"""TCDCNN: the facial-landmark regressor of the L2I AFLW experiments (docs/models.md, "Baselines").
 
 Layers (defaults, 1x60x60 input): conv5x5 1->20, hardtanh, maxpool2 -> 20x28x28; conv5x5 20->48,
 hardtanh, maxpool2 -> 48x12x12; conv3x3 48->64, hardtanh, maxpool2 -> 64x5x5; conv3x3 64->80,

@@ -1,6 +1,6 @@
 """Wide ResNet (WRN-28-2 by default) as used by the CIFAR-10 experiments of L2I / MixMatch.
 
-Faithful to l2i_methods.md §3.2, including the two documented quirks of the MixMatch-pytorch WRN:
+Faithful to docs/models.md, "Baselines", including the two documented quirks of the MixMatch-pytorch WRN:
 
 * ``activate_before_residual`` is set for every block of the first group, but only matters in the one
   block that changes channels (``block1.layer.0``): there ``x <- LReLU(BN(x))`` feeds both the conv

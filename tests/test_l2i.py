@@ -1,5 +1,5 @@
 """L2I-O / L2I-L (modeling_stil/methods/l2i.py): the exact meta-gradient against a float64 hand-written
-double backward, the §5.1 closed form and finite differences; gradient routing of every loss term;
+double backward, the closed form and finite differences; gradient routing of every loss term;
 BatchNorm buffers in the virtual step; no ground truth of unlabelled rows in phase 1; the label
 memory's save/resume; one tiny run per task through train.py (resume, export, reload)."""
 
@@ -171,7 +171,7 @@ def test_l2i_l_label_gradient_equals_reference_closed_form_and_finite_difference
     torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-13)
     assert float(ref.abs().max()) > 1e-8
 
-    # 2. §5.1 closed form: dL/dy_hat_i = 2 c eta (J_i v); classification a = softmax, c = 1 (sum)
+    # 2. closed form: dL/dy_hat_i = 2 c eta (J_i v); classification a = softmax, c = 1 (sum)
     w = _weights(method)
     u1 = unlabeled["student"]["pixel_values"]
     fast = {n: (t - 0).detach().requires_grad_(True) for n, t in w.items()}

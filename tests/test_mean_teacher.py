@@ -181,7 +181,7 @@ def test_landmark_view_transfer_by_hand():
 
 
 def test_real_loader_views_transfer_onto_the_moved_ground_truth(tmp_path_factory):
-    """Spec check §7.5(5): the teacher view's (standardised) ground truth moved with the translations
+    """The teacher view's (standardised) ground truth moved with the translations
     equals the student view's ground truth: sign, order (x, y) and the 1/sigma factor are right."""
     from tests._helpers import fresh_accelerate_state, flags
     from modeling_stil.training.arguments import parse_run_arguments

@@ -49,7 +49,7 @@ def test_forward_backward_outputs_and_loss(name):
     assert all(n.startswith("head.") for n in no_grad), f"only the projection head is outside the loss: {no_grad}"
     ce = F.cross_entropy(out.logits, inputs["labels"])
     config = model.config
-    if name == "mmatch-tiny":  # §1.4d: z_m, z_i, z_t; loss = sum of the three CEs; 16-d fused feature
+    if name == "mmatch-tiny":  # z_m, z_i, z_t; loss = sum of the three CEs; 16-d fused feature
         assert out.image_logits.shape == out.tabular_logits.shape == (4, 3)
         expected = ce + F.cross_entropy(out.image_logits, inputs["labels"]) + F.cross_entropy(out.tabular_logits, inputs["labels"])
         torch.testing.assert_close(out.loss, expected)
@@ -63,7 +63,7 @@ def test_forward_backward_outputs_and_loss(name):
         assert out.image_logits is None and out.tabular_logits is None
         torch.testing.assert_close(out.projections.norm(dim=-1), torch.ones(4))
         assert out.projections.shape == (4, config.projection_dim)
-    if name == "multimodal-concat-tiny":  # §1.4c: classifier directly on [image_proj(x_img); CLS]
+    if name == "multimodal-concat-tiny":  # classifier directly on [image_proj(x_img); CLS]
         assert out.features.shape == (4, 2 * config.tabular_embedding_dim)
         h = torch.cat([model.image_proj(out.image_features), out.tabular_features], -1)
         torch.testing.assert_close(out.features, h)

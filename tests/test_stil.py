@@ -243,7 +243,7 @@ def test_each_term_reaches_exactly_its_parameters(base_model, club_standard):
         if club_standard:  # estimator NLL trains only the estimator; the bound never trains it
             assert est == club
             assert own not in bound and {spec, shared} <= bound
-        else:  # the original (§3.6d, §9.9): one loss, both terms reach estimator and features
+        else:  # the original: one loss, both terms reach estimator and features
             assert club | {spec, shared} <= est and club | {spec, shared} <= bound
     # nothing reaches the teacher through the total loss
     loss = sum(terms.values())

@@ -45,7 +45,7 @@ def batch(dtype=torch.float64, seed=1):
 
 
 def reference_losses(model, views, neg_table, neg_image, tau=0.1, lam=0.5):
-    """Written from tip_and_data.md §2.6 with the model's building blocks, in float64."""
+    """Written from docs/methods.md, "tip_pretrain" with the model's building blocks, in float64."""
     img, tab, masked, clean = views["image"], views["corrupted"], views["masked"], views["clean"]
     tokens_i, pooled, _ = model.encode_image(img["pixel_values"])
     z_i = model.projector_imaging(pooled)

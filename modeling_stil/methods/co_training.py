@@ -1,8 +1,8 @@
 """`co_training`: co-training between the image and the tabular view (Blum & Mitchell style), as
 implemented in the STiL repository (siyi-wind/STiL: models/SemiMultimodal/CoTraining.py,
-``CoTrain_Pseudo``; stil_baselines.md §6).
+``CoTrain_Pseudo``; docs/methods.md, "co_training").
 
-The MMatch network (preset ``mmatch``: fused z_m, image z_i and tabular z_t heads, §1.4d) and an
+The MMatch network (preset ``mmatch``: fused z_m, image z_i and tabular z_t heads) and an
 EMAN teacher of it (state EMA, momentum 0.996, eval mode). Student and teacher see the same
 labelled + unlabelled rows (one view each, recipe ``stil``)::
 

@@ -2,7 +2,7 @@
 
 ``freematch`` defaults to USB's classic-CV FreeMatch (microsoft/Semi-supervised-learning:
 semilearn/algorithms/freematch); ``multimodal_freematch`` is the STiL repository's "Multimodal
-FreeMatch" (siyi-wind/STiL: models/MatchModel/FreeMatchFolder, stil_baselines.md §4): the same
+FreeMatch" (siyi-wind/STiL: models/MatchModel/FreeMatchFolder, docs/methods.md, "freematch"): the same
 losses on the concat image+tabular network, with the STiL repository's teacher, gate and values.
 
 Per step, with B_l labelled rows and B_u unlabelled rows (weak view u_w, strong view u_s)::
@@ -98,7 +98,7 @@ class FreeMatchArguments(MethodArguments):
 
 @dataclass
 class MultimodalFreeMatchArguments(FreeMatchArguments):
-    """Defaults = siyi-wind/STiL configs/config_dvm_MultiFreeMatch.yaml (stil_baselines.md §4, §8)."""
+    """Defaults = siyi-wind/STiL configs/config_dvm_MultiFreeMatch.yaml (docs/methods.md, "freematch")."""
 
     mask_unsup: bool = False
     pseudo_labels_from: str = "teacher"
@@ -280,7 +280,7 @@ class MultimodalFreeMatch(FreeMatch):
     arguments_class = MultimodalFreeMatchArguments
     labeled_views = {"labeled": "hard"}
     required_modalities = ("image", "tabular")
-    preferred_model = "multimodal-concat-tiny"  # real data: --model multimodal-concat (ResNet-50, §1.4c)
+    preferred_model = "multimodal-concat-tiny"  # real data: --model multimodal-concat (ResNet-50)
     stream_defaults = {
         "unlabeled_includes_labeled": False,  # separate labelled / unlabelled files (SemiPseudo)
         "corruption_pool": "stream",  # each dataset corrupts from its own file's marginals

@@ -27,7 +27,7 @@ After both phases the Mean-Teacher hooks run once (eval EMA, decoupled student d
 on landmarks the original also updates the eval EMA after phase 0 (``eval_ema_each_phase``).
 
 The hypergradient is exact (double backward through the virtual step, `imputation_meta_gradient`);
-§5.1 gives its closed form ``dL_meta/dy_hat_i = 2 c eta_in b'(y_hat_i) * (J_i v)`` with
+Its closed form is ``dL_meta/dy_hat_i = 2 c eta_in b'(y_hat_i) * (J_i v)`` with
 ``J_i = d a_i / d theta`` and ``v = grad L_meta(theta')``; tests/test_l2i.py checks the code against a
 float64 hand-written double backward, this closed form and finite differences.
 
@@ -117,7 +117,7 @@ def inner_consistency_loss(student_logits: torch.Tensor, targets: torch.Tensor, 
     """Squared error between the student and the imputed targets, gradient into both: ``l_u`` of
     the meta step (and, with ``reduction="mean"``, L2I-L's ``L_u*``). Classification compares
     ``softmax(student)`` with target probabilities; ``squash``: tanh on both sides (regression
-    L2I-O, §4.7). ``reduction``: ``"sum"`` or ``"mean"`` over every entry. Same values as
+    L2I-O). ``reduction``: ``"sum"`` or ``"mean"`` over every entry. Same values as
     `mean_teacher.consistency_loss`, without its float32 cast."""
     student = _wide(student_logits)
     if task == TASK_CLASSIFICATION:
@@ -157,7 +157,7 @@ class L2IArguments(MeanTeacherArguments):
     # also update the eval EMA after phase 0 (the regression scripts update it after each optimizer step)
     eval_ema_each_phase: bool | None = None  # None: True for landmarks / regression, False for classification
     hypergradient: str = "double_backward"
-    # tanh on both sides of l_u; None: the original's (L2I-O on landmarks / regression: True, §4.7; else False)
+    # tanh on both sides of l_u; None: the original's (L2I-O on landmarks / regression: True; else False)
     squash: bool | None = None
 
     def __post_init__(self):
@@ -281,7 +281,7 @@ class _L2IBase(MeanTeacher):
 
 @register_method
 class L2IO(_L2IBase):
-    """L2I-O: missing labels are the Output of a network (a copy of the student, §3.6 / §4.7)."""
+    """L2I-O: missing labels are the Output of a network (a copy of the student)."""
 
     name = "l2i_o"
     arguments_class = L2IOArguments
@@ -308,7 +308,7 @@ class L2IO(_L2IBase):
 
 @register_method
 class L2IL(_L2IBase):
-    """L2I-L: missing labels are Learnable values, one exact meta-gradient step per iteration (§3.7 / §4.8)."""
+    """L2I-L: missing labels are Learnable values, one exact meta-gradient step per iteration."""
 
     name = "l2i_l"
     arguments_class = L2ILArguments

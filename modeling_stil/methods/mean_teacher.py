@@ -24,7 +24,7 @@ in **train mode** (batch statistics of the u2 batch) as in the original; only it
 
 Landmarks: the teacher's prediction on u2 is moved into u1's frame before the loss, with the two
 views' translations (pixels) and the targets' standard deviation (``--standardize_targets``):
-``q = p + (t1 - t2) / sigma`` per coordinate (§4.3). Without translations (plain regression,
+``q = p + (t1 - t2) / sigma`` per coordinate. Without translations (plain regression,
 image+tabular data) ``q = p``.
 
 Reusable pieces (L2I imports them): `consistency_loss`, `consistency_targets`, `transfer_to_view`,
@@ -192,7 +192,7 @@ def resolve_view(model, view: str | None) -> str:
 @torch.no_grad()
 def evaluation_ema_step(eval_ema: EMATeacher | None, model, state: TrainState, decay: float, warmup: bool,
                         student_weight_decay: float, span_fraction: float | None = None) -> None:
-    """The MixMatch-pytorch ``WeightEMA.step`` the L2I scripts share (§3.3): the evaluation EMA
+    """The MixMatch-pytorch ``WeightEMA.step`` the L2I scripts share: the evaluation EMA
     ``theta_eval <- d theta_eval + (1 - d) theta`` (parameters; BN buffers copied from the student),
     then the decoupled weight decay ``theta <- (1 - student_weight_decay * lr) theta`` on every
     floating parameter of the student (biases and BN affine included, as the original)."""

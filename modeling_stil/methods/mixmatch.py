@@ -1,5 +1,5 @@
 """`mixmatch`: MixMatch (Berthelot et al., NeurIPS 2019) as Learning-to-Impute's Classification/train-MM.py
-runs it (itself adapted from YU1ut/MixMatch-pytorch). Reference: l2i_methods.md §3.3, §3.5.
+runs it (itself adapted from YU1ut/MixMatch-pytorch). Reference: docs/methods.md, "mean_teacher"
 
 Per step, with a labelled batch (x, y) of B rows and an unlabelled batch in K = 2 views (u1, u2)::
 
@@ -76,7 +76,7 @@ def chunked_interleaved_logits(model, inputs: dict, chunk_size: int) -> torch.Te
 
 @dataclass
 class MixMatchArguments(MethodArguments):
-    """Defaults = Learning-to-impute Classification/train-MM.py (§3.5, §3.8)."""
+    """Defaults = Learning-to-impute Classification/train-MM.py."""
 
     lambda_u: float = 75.0  # weight of L_u
     temperature: float = 0.5  # sharpening T

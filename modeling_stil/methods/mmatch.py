@@ -1,8 +1,8 @@
 """`mmatch`: MMatch as implemented in the STiL repository (siyi-wind/STiL: models/SemiMultimodal/
-MMatch.py; stil_baselines.md §5).
+MMatch.py; docs/methods.md, "mmatch").
 
 One network with three heads (preset ``mmatch``: fused z_m, image z_i, tabular z_t and the fused
-feature x_m, §1.4d), no teacher. One forward over the labelled and unlabelled rows (one view each,
+feature x_m), no teacher. One forward over the labelled and unlabelled rows (one view each,
 recipe ``stil``: the contrastive image augmentation w.p. 0.95 and a 30 %-corrupted row)::
 
     L_sup = CE(z_m,l, y) + CE(z_i,l, y) + CE(z_t,l, y)

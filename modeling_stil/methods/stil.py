@@ -2,36 +2,36 @@
 
 Reference: docs/methods.md, "stil". One step, with B_l labelled
 and B_u unlabelled rows forwarded together (one view per row, recipe ``stil``: the same augmented image
-and corrupted table for student and teacher, §3.1, §9.1)::
+and corrupted table for student and teacher)::
 
     student(x) -> z_m, z_i, z_t, features, pooled pre-interaction specific u_i, u_t, shared v_i, v_t
-    h_m = norm(g_m(features)), h_i = norm(g_i(v_i)), h_t = norm(g_t(v_t))            (§3.2)
-    EMAN update of the teacher, THEN teacher(x) in eval mode -> z^T, h^T_m = norm(g_m(features^T))   (§3.3)
-    L_ce  = CE(z_m,l, y) + CE(z_i,l, y) + CE(z_t,l, y)                                  (§3.6a)
-    L_cc  = 0.5 CE(h_i h_t^T / tau, diag) + 0.5 CE(h_t h_i^T / tau, diag)                (§3.6c, DCC)
-    L_ds  = I_i + E_i + I_t + E_t  (CLUB bound I_k and estimator NLL E_k, mu_k = CLUB_k(u_k))   (§3.6d, DCC)
-    CGPL: cases from the argmaxes of z^T_{m,i,t} on unlabelled rows -> p (softmax of averaged logits)   (§3.4)
+    h_m = norm(g_m(features)), h_i = norm(g_i(v_i)), h_t = norm(g_t(v_t))
+    EMAN update of the teacher, THEN teacher(x) in eval mode -> z^T, h^T_m = norm(g_m(features^T))
+    L_ce  = CE(z_m,l, y) + CE(z_i,l, y) + CE(z_t,l, y)
+    L_cc  = 0.5 CE(h_i h_t^T / tau, diag) + 0.5 CE(h_t h_i^T / tau, diag)
+    L_ds  = I_i + E_i + I_t + E_t  (CLUB bound I_k and estimator NLL E_k, mu_k = CLUB_k(u_k))
+    CGPL: cases from the argmaxes of z^T_{m,i,t} on unlabelled rows -> p (softmax of averaged logits)
     PGLS: q = softmax(h^T_m,u P^T / tau); p_bar = rho p + (1-rho) q; p_hat = rho softmax(z^T_m) + (1-rho) q;
-          M = [max p_hat >= th1]                                                      (§3.5)
+          M = [max p_hat >= th1]
     L_uce = sum_k mean_u[ M * route_k * CE(z_k,u, p_bar) ]   (k = m: case1; i: case1|case2t|case3&r;
-                                                              t: case1|case2i|case3&~r)  (§3.6b)
+                                                              t: case1|case2i|case3&~r)
     L_pt  = mean_B [max y_hat >= th1] * -log(softmax(h_m P^T / tau)[argmax y_hat] + 1e-7),
-            y_hat = [one_hot(y_l); p_hat (zeros while epoch <= start_epoch)]           (§3.6e)
+            y_hat = [one_hot(y_l); p_hat (zeros while epoch <= start_epoch)]
     loss  = alpha L_ce + beta L_cc + gamma L_ds  (+ rate_pt L_pt + rate_uce L_uce once epoch > start_epoch)
-    prototype sums += reduce_sum(S_l / R + S_u) from teacher features of confident rows;   (§3.8)
+    prototype sums += reduce_sum(S_l / R + S_u) from teacher features of confident rows;
     on_epoch_end: P = sums / counts, sums reset.
 
 Where our hooks differ from Lightning's (decisions, see docs/methods.md "## stil"):
 
 * EMA timing: the original updates the teacher after the student forward and before the teacher
-  forward of every step (§2.9). We do the same, inside ``training_step``, once per optimisation step
+  forward of every step. We do the same, inside ``training_step``, once per optimisation step
   (guarded by ``ema_step``, a saved buffer mirrored by a host-side int so the check costs no device
   sync; gradient accumulation therefore does not update it per micro-batch
   and a resumed run continues exactly). ``after_optimizer_step`` therefore does nothing.
 * ``repeat_ratio`` R = max(num_unlabeled // (ratio * num_labeled) - 1, 1) with
   ratio = unlabeled_batch_size / labeled_batch_size (the original's ``unlabelled_ratio`` = 7 is the
   batch split 448/64), computed exactly in integers; ``MethodArguments.repeat_ratio`` overrides it.
-* The original asserts at epoch end that every class has a prototype count >= 1 (§9.6). We divide
+* The original asserts at epoch end that every class has a prototype count >= 1. We divide
   wherever the count is > 0 (identical whenever the original does not crash) and keep the previous
   prototype of a class with no contribution at all (counted in the ``prototypes_empty`` log).
 * The case-3 coin flip uses the global torch RNG (saved and restored by ``accelerator.save_state``).
@@ -80,7 +80,7 @@ METHOD_STATE_FILENAME = "stil_method_state.safetensors"  # written by modeling_s
 
 @dataclass
 class StilArguments(MethodArguments):
-    """Defaults = siyi-wind/STiL configs/config_dvm_STiL.yaml (cardiac values in brackets, §3.7)."""
+    """Defaults = siyi-wind/STiL configs/config_dvm_STiL.yaml (cardiac values in brackets)."""
 
     alpha: float = 0.2  # weight of L_ce (supervised CE of the three heads) [cardiac 0.2]
     beta: float = 3.0  # weight of L_cc (contrastive consistency of the shared features) [1.0]
@@ -102,12 +102,12 @@ class StilArguments(MethodArguments):
     # image/tabular projectors: "linear" = nn.Linear(d, P) (DVM), "mlp" = Linear-ReLU-Linear(d, d, P)
     # (cardiac, lightly 1.2.22 SimCLRProjectionHead without BN). The multimodal one is always "mlp".
     unimodal_projector: str = "linear"
-    repeat_ratio: int | None = None  # R; None = computed from the data sizes in setup (§1.3)
+    repeat_ratio: int | None = None  # R; None = computed from the data sizes in setup
     # hidden width of the CLUB estimators' mean network: the original's CLUBMean default, 512 at any
     # d (the estimators are built as CLUBMean(d, d) with hidden_size left at 512)
     club_hidden_dim: int = 512
-    # The original trains the CLUB estimators and the encoders on bound + estimator NLL in one loss
-    # (§9.9). True = standard CLUB: the estimator NLL sees detached features (trains only the
+    # The original trains the CLUB estimators and the encoders on bound + estimator NLL in one loss.
+    # True = standard CLUB: the estimator NLL sees detached features (trains only the
     # estimators) and the bound is computed with the estimator frozen (trains only the features).
     club_standard: bool = False
 
@@ -166,7 +166,7 @@ def club_terms(mu: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.T
 class Stil(SSLMethod):
     name = "stil"
     arguments_class = StilArguments
-    # one view per row for labelled and unlabelled data, shared by student and teacher (§3.1, §4.3-4.4)
+    # one view per row for labelled and unlabelled data, shared by student and teacher
     labeled_views = {"stil": "stil"}
     unlabeled_views = {"stil": "stil"}
     eval_views = {"eval": "eval"}
@@ -287,7 +287,7 @@ class Stil(SSLMethod):
 
     @staticmethod
     def cgpl(zm: torch.Tensor, zi: torch.Tensor, zt: torch.Tensor):
-        """CGPL (§3.4) on teacher logits: (p, case1, case2i, case2t, case3)."""
+        """CGPL on teacher logits: (p, case1, case2i, case2t, case3)."""
         am, ai, at = zm.argmax(1), zi.argmax(1), zt.argmax(1)
         case1 = (am == ai) & (am == at)
         case2i = (am == ai) & (am != at)
@@ -322,12 +322,12 @@ class Stil(SSLMethod):
 
     @staticmethod
     def routes(case1, case2i, case2t, case3, r):
-        """Which unlabelled rows train each head (§3.6b): (multimodal, image, tabular)."""
+        """Which unlabelled rows train each head: (multimodal, image, tabular)."""
         return case1, case1 | case2t | (case3 & r), case1 | case2i | (case3 & ~r)
 
     @staticmethod
     def pgls(p, p_tilde, features_u, prototypes, rho: float, temperature: float, threshold: float):
-        """PGLS (§3.5): (p_bar, p_hat, mask, q) with q = softmax(h P^T / tau)."""
+        """PGLS: (p_bar, p_hat, mask, q) with q = softmax(h P^T / tau)."""
         q = (features_u @ prototypes.T / temperature).softmax(dim=1)
         p_bar = rho * p + (1 - rho) * q
         p_hat = rho * p_tilde + (1 - rho) * q
@@ -336,7 +336,7 @@ class Stil(SSLMethod):
 
     @torch.no_grad()
     def accumulate_prototypes(self, features: torch.Tensor, y_hat: torch.Tensor, num_labeled: int, state: TrainState) -> None:
-        """§3.8: confident rows (max y_hat >= th1) add their (teacher) feature to their argmax class;
+        """Confident rows (max y_hat >= th1) add their (teacher) feature to their argmax class;
         the first ``num_labeled`` rows count 1/R. Summed over processes with ``state.reduce_sum``."""
         confident = (y_hat.max(dim=1).values >= self.args.th1).to(features.dtype)
         onehot = one_hot(y_hat.argmax(dim=1), y_hat.shape[1], features.dtype) * confident[:, None]
@@ -363,7 +363,7 @@ class Stil(SSLMethod):
         h_m, h_i, h_t = self._project(out)
 
         # teacher: EMA update first (student weights of the previous optimizer step, BN statistics
-        # after this forward), then an eval-mode forward on the same tensors (§2.9, §3.3)
+        # after this forward), then an eval-mode forward on the same tensors
         with torch.no_grad():
             if self.ema is not None:
                 if self._ema_step_host is None:  # first step of this process (fresh or resumed): one read
@@ -376,7 +376,7 @@ class Stil(SSLMethod):
             else:
                 t_out = out
             zm_T, zi_T, zt_T = (_f32(t.detach()) for t in (t_out.logits, t_out.image_logits, t_out.tabular_logits))
-            hT_m = F.normalize(_f32(self.projector_multimodal(t_out.features.detach())), dim=1)  # student's g_m (§9.2)
+            hT_m = F.normalize(_f32(self.projector_multimodal(t_out.features.detach())), dim=1)  # student's g_m
 
         # (a) supervised CE of the three heads on labelled rows
         zm, zi, zt = _f32(out.logits), _f32(out.image_logits), _f32(out.tabular_logits)
@@ -413,7 +413,7 @@ class Stil(SSLMethod):
         probs_pt = (h_m @ prototypes.T / a.temperature).softmax(dim=1)
         terms["loss_pt"] = (confident * -torch.log(probs_pt.gather(1, hard[:, None]).squeeze(1) + 1e-7)).mean()
 
-        # prototype sums from teacher features, all rows of the step (§3.8)
+        # prototype sums from teacher features, all rows of the step
         self.accumulate_prototypes(hT_m, y_hat, n_l, state)
 
         logs = {k: v.detach() for k, v in terms.items()}
@@ -432,7 +432,7 @@ class Stil(SSLMethod):
         loss_ce = terms["sup_loss_multimodal"] + terms["sup_loss_image"] + terms["sup_loss_tabular"]
         loss_ds = terms["club_bound_image"] + terms["club_estimator_image"] + terms["club_bound_tabular"] + terms["club_estimator_tabular"]
         loss = a.alpha * loss_ce + a.beta * terms["loss_cc"] + a.gamma * loss_ds
-        if unlabeled_gate_open(state, a.start_epoch, a.start_fraction):  # L_pt and L_uce switch on after start_epoch (§3.7)
+        if unlabeled_gate_open(state, a.start_epoch, a.start_fraction):  # L_pt and L_uce switch on after start_epoch
             loss_uce = terms["unsup_loss_multimodal"] + terms["unsup_loss_image"] + terms["unsup_loss_tabular"]
             loss = loss + a.rate_pt * terms["loss_pt"] + a.rate_uce * loss_uce
         logs["loss"] = loss.detach()
@@ -455,4 +455,4 @@ class Stil(SSLMethod):
         return {"logits": out.logits, "image_logits": out.image_logits, "tabular_logits": out.tabular_logits}
 
     def eval_model(self) -> nn.Module:
-        return self.model  # the student (§2.9, §5)
+        return self.model  # the student
