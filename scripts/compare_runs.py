@@ -37,7 +37,7 @@ def run_config(run_dir: str) -> dict:
     import yaml
 
     path = Path(run_dir) / "run_config.yaml"
-    return yaml.safe_load(path.read_text()) or {} if path.is_file() else {}
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
 
 def main(argv=None) -> int:
