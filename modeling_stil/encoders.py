@@ -52,9 +52,14 @@ __all__ = [
 _INIT_TAG = "_stil_init"
 
 
-def _tag_modules(module: nn.Module, tag: str) -> None:
+_INIT_STD = "_stil_init_std"
+TIP_INIT_STD = 0.02  # TIP's normal(0, 0.02) (BERT/ViT's value, chosen for widths of 512 and more)
+
+
+def _tag_modules(module: nn.Module, tag: str, init_std: float = TIP_INIT_STD) -> None:
     for m in module.modules():
         setattr(m, _INIT_TAG, tag)
+        setattr(m, _INIT_STD, float(init_std))
 
 
 @torch.no_grad()
@@ -66,16 +71,17 @@ def init_module_weights(module: nn.Module) -> None:
     if tag == "timm":
         return
     if tag == "tip":
+        std = getattr(module, _INIT_STD, TIP_INIT_STD)
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
         elif isinstance(module, TabularTransformerEncoder):
-            nn.init.trunc_normal_(module.cls_token, std=0.02)
-            nn.init.trunc_normal_(module.mask_special_token, std=0.02)
+            nn.init.trunc_normal_(module.cls_token, std=std)
+            nn.init.trunc_normal_(module.mask_special_token, std=std)
         return
     if isinstance(module, (nn.Linear, nn.Embedding, nn.LayerNorm, nn.Conv2d)):
         module.reset_parameters()
@@ -211,6 +217,19 @@ def _create_timm_backbone(model_name: str, num_channels: int, timm_kwargs: dict)
             "name as pretrained weights (load_pretrained_weights / config image_pretrained), so the model "
             "can be rebuilt offline from its config"
         )
+    # timm zero-initialises the last norm of every residual branch (``zero_init_last=True``);
+    # TIP/STiL and the Match family build torchvision ResNets, whose BN weights start at 1. Zeroed
+    # branches make the encoder the stem plus the shortcut path at step 0 (93 % of the tiny ResNet's
+    # gradient entries from TIP's contrastive loss were exactly 0), so we build like the originals
+    # unless ``zero_init_last`` is given in the encoder kwargs.
+    kwargs = {"zero_init_last": False, **timm_kwargs}
+    try:
+        return timm.create_model(
+            base_name, pretrained=False, num_classes=0, global_pool="", in_chans=num_channels, **kwargs
+        )
+    except TypeError as error:  # an architecture without residual-branch zero init (ViT, ...)
+        if "zero_init_last" not in str(error) or "zero_init_last" in timm_kwargs:
+            raise
     return timm.create_model(
         base_name, pretrained=False, num_classes=0, global_pool="", in_chans=num_channels, **timm_kwargs
     )
@@ -391,6 +410,7 @@ class TabularTransformerEncoder(nn.Module):
         drop_rate: float = 0.0,
         embedding_dropout: float = 0.0,
         check_codes: bool = True,
+        init_std: float = TIP_INIT_STD,
     ):
         super().__init__()
         self.cat_cardinalities = [int(c) for c in cat_cardinalities]
@@ -416,7 +436,7 @@ class TabularTransformerEncoder(nn.Module):
         self.transformer_blocks = nn.ModuleList(
             TransformerBlock(dim, num_heads, mlp_ratio, qkv_bias=False, drop=drop_rate) for _ in range(num_layers)
         )
-        _tag_modules(self, "tip")
+        _tag_modules(self, "tip", init_std)
         self.reset_buffers()
         for m in self.modules():
             init_module_weights(m)
@@ -546,7 +566,8 @@ class MultimodalCrossEncoder(nn.Module):
     (tabular_proj when widths differ) go through blocks of self-attention + cross-attention to the
     image tokens + MLP; final LayerNorm. Output (B, 1 + F, d); row 0 is the multimodal CLS."""
 
-    def __init__(self, image_dim: int, tabular_dim: int, dim: int = 512, num_layers: int = 4, num_heads: int = 8, mlp_ratio: float = 4.0):
+    def __init__(self, image_dim: int, tabular_dim: int, dim: int = 512, num_layers: int = 4, num_heads: int = 8, mlp_ratio: float = 4.0,
+                 init_std: float = TIP_INIT_STD):
         super().__init__()
         self.image_proj = nn.Linear(image_dim, dim)
         self.image_norm = nn.LayerNorm(dim)
@@ -555,7 +576,7 @@ class MultimodalCrossEncoder(nn.Module):
             TransformerBlock(dim, num_heads, mlp_ratio, qkv_bias=False, cross_attention_dim=dim) for _ in range(num_layers)
         )
         self.norm = nn.LayerNorm(dim)
-        _tag_modules(self, "tip")
+        _tag_modules(self, "tip", init_std)
         for m in self.modules():
             init_module_weights(m)
 
@@ -574,12 +595,12 @@ class TabularPredictor(nn.Module):
     positions (one softmax over all slots), ``con_regressor`` Linear(d, 1) on continuous ones
     (CLS dropped)."""
 
-    def __init__(self, dim: int, num_cat: int, num_unique_cat: int):
+    def __init__(self, dim: int, num_cat: int, num_unique_cat: int, init_std: float = TIP_INIT_STD):
         super().__init__()
         self.num_cat = num_cat
         self.cat_classifier = nn.Linear(dim, max(num_unique_cat, 1))
         self.con_regressor = nn.Linear(dim, 1)
-        _tag_modules(self, "tip")
+        _tag_modules(self, "tip", init_std)
         for m in self.modules():
             init_module_weights(m)
 

@@ -23,7 +23,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .configuration_common import check_data_compatibility
-from .encoders import ImageEncoder, TabularTransformerEncoder, compute_loss, init_module_weights
+from .encoders import TIP_INIT_STD, ImageEncoder, TabularTransformerEncoder, compute_loss, init_module_weights
 
 
 def build_image_encoder(config) -> ImageEncoder:
@@ -54,6 +54,7 @@ def build_tabular_encoder(config) -> TabularTransformerEncoder:
         drop_rate=drop_rate,
         embedding_dropout=getattr(config, "embedding_dropout", 0.0),
         check_codes=getattr(config, "check_categorical_codes", True),
+        init_std=getattr(config, "initializer_range", None) or TIP_INIT_STD,
     )
 
 

@@ -63,9 +63,10 @@ class TipModel(TabularImagePreTrainedModel):
             config.multimodal_num_layers,
             config.multimodal_num_heads,
             config.multimodal_mlp_ratio,
+            init_std=config.initializer_range,
         )
         self.predictor_tabular = TabularPredictor(
-            config.hidden_size, len(config.cat_cardinalities), sum(config.cat_cardinalities)
+            config.hidden_size, len(config.cat_cardinalities), sum(config.cat_cardinalities), init_std=config.initializer_range
         )
         self.itm_head = LinearHead(config.hidden_size, 2)
         self.post_init()

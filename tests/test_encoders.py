@@ -42,6 +42,34 @@ def test_tokens_row_major_and_pooled():
     assert isinstance(copy.deepcopy(enc), ImageEncoder)
 
 
+def test_residual_branches_start_like_torchvision():
+    """No BatchNorm weight starts at 0 (timm's zero_init_last, which the originals' torchvision ResNets
+    do not do); asking for it explicitly still gets it; architectures without the option build."""
+    for name, kwargs in (("resnet18", {"channels": [8, 16, 32, 64]}), ("test_resnet", {})):
+        bn_weights = {k: v for k, v in ImageEncoder(name, 3, kwargs).state_dict().items() if "bn" in k and k.endswith("weight")}
+        assert bn_weights and all(torch.all(v == 1) for v in bn_weights.values()), name
+    zeroed = ImageEncoder("resnet18", 3, {"channels": [8, 16, 32, 64], "zero_init_last": True}).state_dict()
+    assert sum(not v.any() for k, v in zeroed.items() if k.endswith("bn2.weight")) == 8
+    tokens, _ = ImageEncoder("test_vit", 3, {})(torch.zeros(1, 3, 160, 160))
+    assert tokens.ndim == 3
+
+
+def test_tabular_cls_differs_between_rows_at_tiny_width():
+    """TIP's normal(0, 0.02) at d = 32 leaves the CLS token nearly the same for every row; the tiny
+    presets' width-scaled 0.08 gives it the spread the original has at d = 512."""
+    torch.manual_seed(0)
+    cat = torch.stack([torch.randint(0, 3, (64,)), torch.randint(0, 4, (64,))], 1)
+    con = torch.randn(64, 3)
+
+    def spread(init_std):
+        torch.manual_seed(1)
+        with torch.no_grad():
+            cls = TabularTransformerEncoder([3, 4], 3, dim=32, num_layers=2, num_heads=4, init_std=init_std)(cat, con)[:, 0]
+        return float((cls - cls.mean(0)).norm(dim=1).mean() / cls.mean(0).norm())
+
+    assert spread(0.02) < 0.01 < 0.03 < spread(0.08)
+
+
 def test_unknown_name_lists_close_matches():
     with pytest.raises(ValueError, match=r"resnet50"):
         ImageEncoder("resnet5O")
