@@ -1,4 +1,5 @@
-"""Golden fixtures from microsoft/Semi-supervised-learning (USB): FixMatch, FreeMatch, SimMatch, CoMatch.
+"""Golden fixtures from microsoft/Semi-supervised-learning (USB): FixMatch, FreeMatch, SimMatch, CoMatch,
+PseudoLabel (the original of our classification ``pseudo_label``).
 
     USB_ORIGINAL_SRC=<checkout of microsoft/Semi-supervised-learning> python scripts/golden/generate.py --only gen_usb
 
@@ -82,7 +83,7 @@ def _import_usb(src: str):
 
     modules = {
         name: importlib.import_module(f"semilearn.algorithms.{name}.{name}")
-        for name in ("fixmatch", "freematch", "simmatch", "comatch")
+        for name in ("fixmatch", "freematch", "simmatch", "comatch", "pseudolabel")
     }
     modules["base"] = importlib.import_module("semilearn.core.algorithmbase")
     modules["hooks"] = importlib.import_module("semilearn.core.hooks")
@@ -511,6 +512,47 @@ def _comatch(usb, version, generator):
     return "usb_comatch"
 
 
+# ------------------------------------------------------------------------------------------ PseudoLabel
+PL_TRAIN_ITER = 10  # num_train_iter: the unsupervised warm-up clip(it / (0.4 x 10)) is 0.5, then 0.75
+
+
+def _pseudolabel(usb, version, generator):
+    import torch
+    from golden_io import save_golden
+
+    model = _our_model(generator, logit_scale=12.0)
+    net = _backbone_class()(model)
+    name_map = lambda n: n.removeprefix("model.")
+    teacher = _perturbed({k: v for k, v in net.named_parameters()}, generator)
+    x_lb, x_w = _images(generator, B_L), _images(generator, B_U)
+    y_lb = torch.randint(0, NUM_CLASSES, (B_L,), generator=generator)
+    tensors = _initial(net, teacher, name_map)
+    # what PseudoLabel.__init__ and AlgorithmBase.__init__ set: p_cutoff, unsup_warm_up, the BN controller
+    # (running statistics frozen around the unlabelled forward), num_train_iter
+    alg = _algorithm(usb, usb["pseudolabel"].PseudoLabel, net, teacher, dict(ulb_loss_ratio=1.0),
+                     p_cutoff=0.95, unsup_warm_up=0.4, num_train_iter=PL_TRAIN_ITER,
+                     bn_controller=usb["utils"].Bn_Controller())
+    masks, labels = [], []
+    _record_calls(alg.hooks_dict["MaskingHook"], "masking", masks)
+    _record_calls(alg.hooks_dict["PseudoLabelingHook"], "gen_ulb_targets", labels)
+    schedule = [{"epoch": 0, "it": 2}, {"epoch": 0, "it": 3}]
+    tensors.update(_steps(alg, name_map, dict(x_lb=x_lb, y_lb=y_lb, x_ulb_w=x_w), schedule,
+                          lambda: {"mask": masks[-1], "pseudo_label": labels[-1]}))
+    _check_masks("pseudolabel", masks)
+    tensors.update({"input.x_lb": x_lb, "input.y_lb": y_lb, "input.x_ulb_w": x_w})
+    ours = dict(threshold=0.95, lambda_u=1.0, rampup="linear", rampup_fraction=0.4, eval_ema_decay=EMA_M,
+                eval_ema_warmup=False, student_weight_decay=0.0, view="weak")
+    meta = _meta(version, "PseudoLabel", "semilearn/algorithms/pseudolabel/pseudolabel.py", ours, schedule,
+                 "config: pseudolabel_cifar10 values (p_cutoff 0.95, unsup_warm_up 0.4, ulb_loss_ratio 1, ema_m 0.999) "
+                 f"except num_train_iter {PL_TRAIN_ITER} (warm-up weight 0.5 and 0.75 at it 2 and 3); "
+                 "ours: student_weight_decay 0 (USB has only SGD's weight decay), the labeller view = the student view = "
+                 "x_ulb_w (USB labels from the student's own forward); term.util_ratio = mask mean; "
+                 "pseudo_label recorded by wrapping PseudoLabelingHook.gen_ulb_targets")
+    meta["train_states"] = [dict(state, max_steps=PL_TRAIN_ITER) for state in meta["train_states"]]
+    save_golden("usb_pseudolabel", tensors, meta)
+    return "usb_pseudolabel"
+
+
 def generate() -> list[str]:
     import os
 
@@ -523,7 +565,7 @@ def generate() -> list[str]:
     kept = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        for build in (_fixmatch, _freematch, _simmatch, _comatch):
+        for build in (_fixmatch, _freematch, _simmatch, _comatch, _pseudolabel):
             generator = torch.Generator().manual_seed(SEED)
             written.append(build(usb, version, generator))
     finally:
