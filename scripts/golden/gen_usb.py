@@ -307,7 +307,7 @@ def _fixmatch(usb, version, generator):
                 ema_warmup=False, ema_mode="parameters")
     meta = _meta(version, "FixMatch", "semilearn/algorithms/fixmatch/fixmatch.py", ours, schedule,
                  "config: fixmatch_cifar10 values (p_cutoff 0.95, hard_label, ulb_loss_ratio 1, use_cat, ema_m 0.999); "
-                 "ours: ema_warmup False (USB's EMA momentum is constant; our default warms it up, docs/methods.md)")
+                 "ours: ema_warmup False (USB's EMA momentum is constant; our default warms it up, docs/methods.md §4)")
     save_golden("usb_fixmatch", tensors, meta)
     return "usb_fixmatch"
 
