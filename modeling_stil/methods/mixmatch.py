@@ -1,5 +1,5 @@
 """`mixmatch`: MixMatch (Berthelot et al., NeurIPS 2019) as Learning-to-Impute's Classification/train-MM.py
-runs it (itself adapted from YU1ut/MixMatch-pytorch). Reference: docs/methods.md, "mean_teacher"
+runs it (itself adapted from YU1ut/MixMatch-pytorch). Reference: docs/methods.md, "mixmatch".
 
 Per step, with a labelled batch (x, y) of B rows and an unlabelled batch in K = 2 views (u1, u2)::
 

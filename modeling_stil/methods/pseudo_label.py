@@ -1,5 +1,5 @@
-"""`pseudo_label`: pseudo-labelling as Learning-to-Impute's Regression/train-PL.py runs it (docs/methods.md, "l2i_o / l2i_l"
-), with a classification counterpart (not in the original, see docs/methods.md).
+"""`pseudo_label`: pseudo-labelling as Learning-to-Impute's Regression/train-PL.py runs it
+(docs/methods.md, "pseudo_label"), with a classification counterpart (not in the original, see there).
 
 Per step, with a labelled batch (x, y) and an unlabelled batch in two views (u1 student, u2 labeller)::
 
