@@ -1,0 +1,188 @@
+"""Golden tests: our multimodal Match methods against one step of the ORIGINAL siyi-wind/STiL ports
+(models/MatchModel/), recorded by scripts/golden/gen_stil_match.py in tests/golden/stil_multimodal_*.
+
+Weights are regenerated from the recorded seeds into our ``multimodal-concat`` network (the original
+``MultimodalBackbone``'s tensors; the projection head is ``head.model.N`` here, ``head.N`` there),
+float64. Our losses upcast with ``.float()``; inside these tests ``Tensor.float`` keeps float64
+tensors float64 (as in tests/test_golden_usb.py).
+
+``multimodal_freematch``: the original updates its EMAN teacher inside the forward (after the student
+forward, before the teacher forward), ours after the optimizer step (docs/methods.md "freematch": the
+same parameters, BN statistics one forward later); the test applies our ``EMATeacher.update`` at the
+original's moment, then runs our step. Every term, the pseudo-labels and SAT mask, every gradient,
+the state after the Adam step and the SAT state (time_p, p_model, label_hist) must equal the
+original's to rtol 1e-9.
+"""
+
+from __future__ import annotations
+
+import copy
+import types
+
+import pytest
+import torch
+
+import modeling_stil.methods.freematch as freematch_module
+from modeling_stil.methods.base import TrainState
+from modeling_stil.methods.freematch import MultimodalFreeMatch, MultimodalFreeMatchArguments
+from modeling_stil.training.trainer import build_optimizer
+from tests._golden import assert_matches_original, load_golden, with_prefix
+from tests._golden_seeded import compare_recorded, float_shapes, perturbed, seeded_images, seeded_state
+
+
+def _check(ours, theirs, name):
+    assert_matches_original(ours, theirs, name, rtol=1e-9, atol=1e-12)
+
+
+@pytest.fixture(autouse=True)
+def float64_upcasts(monkeypatch):
+    original = torch.Tensor.float
+    monkeypatch.setattr(torch.Tensor, "float", lambda self, *a, **k: self if self.dtype == torch.float64 else original(self, *a, **k))
+
+
+def original_names(state: dict) -> dict:
+    """Our tensor names -> the original MultimodalBackbone's (``head.model.N`` -> ``head.N``)."""
+    return {k.replace("head.model.", "head."): v for k, v in state.items()}
+
+
+def build_concat_network(meta):
+    """Our Match-family concat network (``multimodal-concat``) in the fixture's tiny configuration, float64."""
+    from modeling_stil.configuration_baselines import MultimodalClassifierConfig
+    from modeling_stil.configuration_stil import layout_from_field_lengths, placeholder_schema
+    from modeling_stil.modeling_baselines import StilMultimodalClassifier
+
+    o = meta["overrides"]
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        return StilMultimodalClassifier(MultimodalClassifierConfig(
+            backbone=o["model"], image_size=o["img_size"], num_labels=o["num_classes"],
+            tabular_schema=placeholder_schema(*layout_from_field_lengths(meta["field_lengths"])),
+            tabular_embedding_dim=o["tabular_embedding_dim"], tabular_num_layers=o["tabular_transformer_num_layers"],
+            tabular_num_heads=8, fusion="concat", unimodal_heads=False, projection_dim=o["projection_dim"],
+            projection_hidden_dim=o["multimodal_embedding_dim"], image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0]))
+    finally:
+        torch.set_default_dtype(default)
+
+
+def seeded_networks(fixture, meta):
+    """(our network with the student weights, the teacher's weights in our names)."""
+    model = build_concat_network(meta)
+    own = model.state_dict()
+    to_ours = {original: ours for ours, original in zip(own, original_names(own))}
+    shapes = original_names(float_shapes(own))
+    student = seeded_state(shapes, meta["seeds"]["student"], meta["scale"])
+    teacher = perturbed(student, meta["seeds"]["teacher"])
+    biases = with_prefix(fixture, "init.override.")
+    student.update(with_prefix(biases, "main."))
+    teacher.update(with_prefix(biases, "ema."))
+    model.load_state_dict({**own, **{to_ours[k]: v for k, v in student.items()}})
+    return model, {**own, **{to_ours[k]: v for k, v in teacher.items()}}
+
+
+def batch_views(fixture, meta):
+    o = meta["overrides"]
+    n_l, n_u = meta["batch"]["labelled"], meta["batch"]["unlabelled"]
+    images = seeded_images(n_l + n_u, o["img_size"], meta["seeds"]["inputs"])
+    image_s = seeded_images(n_u, o["img_size"], meta["seeds"]["strong"])
+    n_cat = sum(k > 1 for k in meta["field_lengths"])
+
+    def view(image, table):
+        return {"pixel_values": image, "categorical_values": table[:, :n_cat].long(), "continuous_values": table[:, n_cat:]}
+
+    labeled = {"labels": fixture["input.y_l"], "labeled": view(images[:n_l], fixture["input.table_l"])}
+    unlabeled = {"weak": view(images[n_l:], fixture["input.table_u"]), "strong": view(image_s, fixture["input.table_s"])}
+    return labeled, unlabeled
+
+
+def adam(method, o):
+    return build_optimizer(method, types.SimpleNamespace(
+        optimizer="adam", learning_rate=o["lr_eval"], weight_decay=o["weight_decay_eval"], weight_decay_scope="all",
+        adam_beta1=0.9, adam_beta2=0.999), "cpu")
+
+
+def post_state(method) -> dict:
+    """Our state after the step in the original's names (``main.*``, ``ema.*``)."""
+    out = {}
+    for k, v in method.state_dict().items():
+        if not v.is_floating_point():
+            continue
+        if k.startswith("model."):
+            out["main." + k[len("model."):]] = v
+        elif k.startswith("ema.module."):
+            out["ema." + k[len("ema.module."):]] = v
+    return original_names(out)
+
+
+# ------------------------------------------------------------------------------------------ FreeMatch
+@pytest.fixture(scope="module")
+def freematch_step():
+    fixture, meta = load_golden("stil_multimodal_freematch")
+    o = meta["overrides"]
+    model, teacher = seeded_networks(fixture, meta)
+    method = MultimodalFreeMatch(model, MultimodalFreeMatchArguments(
+        lambda_u=meta["lambda_u"], lambda_e=meta["lambda_e"], sat_momentum=meta["sat_momentum"],
+        ema_momentum=o["ema_momentum"], start_epoch=meta["start_epoch"])).double().train()
+    method.ema.module.load_state_dict(teacher)
+    sat = with_prefix(fixture, "init.sat.")
+    with torch.no_grad():
+        for name in ("time_p", "p_model", "label_hist"):
+            getattr(method, name).copy_(sat[name])
+    labeled, unlabeled = batch_views(fixture, meta)
+    # the original's teacher update: this step's student weights, BN statistics after its forward
+    probe = copy.deepcopy(model).train()
+    with torch.no_grad():
+        probe(**{k: torch.cat([labeled["labeled"][k], unlabeled["strong"][k]]) for k in labeled["labeled"]})
+    method.ema.update(probe, o["ema_momentum"])
+
+    seen = {}
+    compute_terms, sat_mask = method.compute_terms, freematch_module.sat_mask
+
+    def capture_terms(*a, **k):
+        seen["terms"], logs = compute_terms(*a, **k)
+        return seen["terms"], logs
+
+    def capture_mask(probs, *a, **k):
+        seen["q"], seen["mask"] = probs, sat_mask(probs, *a, **k)
+        return seen["mask"]
+
+    method.compute_terms = capture_terms
+    optimizer = adam(method, o)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(freematch_module, "sat_mask", capture_mask)
+        patch.setattr(torch.Tensor, "float", lambda self, *a, _f=torch.Tensor.float, **k: self if self.dtype == torch.float64 else _f(self, *a, **k))
+        loss, _ = method.training_step(labeled, unlabeled, TrainState(epoch=meta["epoch"], num_labels=o["num_classes"]))
+    loss.backward()
+    grads = original_names({n[len("model."):]: p.grad for n, p in method.named_parameters() if p.grad is not None})
+    optimizer.step()
+    post = post_state(method)
+    post.update({f"sat.{k}": getattr(method, k) for k in ("time_p", "p_model", "label_hist")})
+    return fixture, seen, loss, grads, post
+
+
+def test_freematch_every_loss_term_matches_original(freematch_step):
+    fixture, seen, loss, *_ = freematch_step
+    recorded = with_prefix(fixture, "term.")
+    for name, value in recorded.items():
+        _check((loss if name == "loss" else seen["terms"][name]).detach(), value, f"term {name}")
+    assert len(recorded) == 4
+
+
+def test_freematch_pseudo_labels_and_mask_match_original(freematch_step):
+    fixture, seen, *_ = freematch_step
+    one_hot = torch.nn.functional.one_hot(seen["q"].argmax(1), fixture["step.pseudo_label"].shape[1]).double()
+    _check(one_hot, fixture["step.pseudo_label"], "step pseudo_label")
+    _check(seen["mask"].double(), fixture["step.mask"], "step mask")
+    assert 0 < int(fixture["step.mask"].sum()) < fixture["step.mask"].numel()
+
+
+def test_freematch_every_gradient_matches_original(freematch_step):
+    fixture, _, _, grads, _ = freematch_step
+    assert compare_recorded(fixture, "grad.", grads, _check, "gradients") > 50
+
+
+def test_freematch_state_after_the_step_matches_original(freematch_step):
+    """Student after Adam, the teacher after the original's in-step update, the SAT state."""
+    fixture, *_, post = freematch_step
+    recorded = {k: v for k, v in post.items() if f"post.{k}" in fixture or f"post.{k}#sum" in fixture}
+    assert compare_recorded(fixture, "post.", recorded, _check, "state after the step") > 100
