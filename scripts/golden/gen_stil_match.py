@@ -1,5 +1,6 @@
 """Golden fixtures of siyi-wind/STiL's multimodal Match ports (models/MatchModel/): one training step
-of the original ``FreeMatch`` on the concat ``MultimodalBackbone`` (fixture ``stil_multimodal_freematch``).
+of the original ``FreeMatch`` and ``SimMatch`` on the concat ``MultimodalBackbone`` (fixtures
+``stil_multimodal_freematch``, ``stil_multimodal_simmatch``).
 
 Imports the checkout named by STIL_ORIGINAL_SRC with the stand-ins of gen_tip / benchmark_original
 (lightly head, recording pl_bolts scheduler, pl_bolts' ``torchvision_ssl_encoder``); nothing of the
@@ -27,7 +28,7 @@ from gen_stil import (FIELD_LENGTHS, IMG, N_L, N_U, NUM_CLASSES, SEED_INPUT, SEE
 ENV = "STIL_ORIGINAL_SRC"
 NEEDS = ("pytorch_lightning", "torchmetrics", "omegaconf", "einops", "timm")
 
-SEED_STRONG, SEED_SAT = 6, 7
+SEED_STRONG, SEED_SAT, SEED_BANK = 6, 7, 8
 MATCH_DATA = ("models/resnet50.yaml", "dataset/dvm_all_server_reordered_SemiPseudo_0.01.yaml")
 MATCH_TINY = dict(model="resnet18", embedding_dim=512, img_size=IMG, num_classes=NUM_CLASSES, num_cat=2, num_con=3,
                   tabular_embedding_dim=8, multimodal_embedding_dim=8, projection_dim=8, tabular_transformer_num_layers=1,
@@ -108,7 +109,7 @@ def strong_view(inputs):
 
 
 def generate() -> list[str]:
-    return [generate_freematch()]
+    return [generate_freematch(), generate_simmatch()]
 
 
 # ------------------------------------------------------------------------------------------ FreeMatch
@@ -203,3 +204,127 @@ def generate_freematch() -> str:
     }
     save_golden("stil_multimodal_freematch", tensors, meta)
     return "stil_multimodal_freematch"
+
+
+def split_batch(inputs, image_s, table_s, index=None):
+    """The originals' batch: ``l`` = ((image, table), labels, bank positions), ``u`` = ((weak, strong), labels)."""
+    import torch
+
+    x = inputs
+    return {"l": ((x["image_l"], x["table_l"]), x["y_l"], index),
+            "u": (((x["image_u"], x["table_u"]), (image_s, table_s)), torch.zeros(N_U, dtype=torch.long))}
+
+
+def record_post(module) -> dict:
+    """Floating state after the step without ``model.``; the teacher's image encoder: BN statistics
+    only (its weights are m * teacher + (1 - m) * student, checked through the teacher's other
+    tensors), to keep the fixture small."""
+    return {k[len("model."):]: v for k, v in module.state_dict().items() if v.is_floating_point()
+            and not (k.startswith("model.ema.encoder_imaging.") and not k.endswith(("running_mean", "running_var")))}
+
+
+def run_step(module, batch, marker: str):
+    """One training step of the original (locals of ``training_step`` captured), backward, its Adam step."""
+    captured = {}
+
+    def profiler(frame, event, arg):
+        if event == "return" and frame.f_code.co_name == "training_step" and marker in frame.f_locals:
+            captured.update(frame.f_locals)
+
+    optimizer = module.configure_optimizers()["optimizer"]
+    module.train()
+    sys.setprofile(profiler)
+    try:
+        loss = module.training_step(batch, 0)
+    finally:
+        sys.setprofile(None)
+    loss.backward()
+    grads = {n[len("model.main."):]: p.grad for n, p in module.named_parameters() if p.grad is not None}
+    optimizer.step()
+    return loss, captured, grads
+
+
+# ------------------------------------------------------------------------------------------ SimMatch
+SIM_K, SIM_POSITIONS, SIM_DA_PTR = 16, (3, 7, 11, 14), 5
+
+
+def generate_simmatch() -> str:
+    """One step of the original SimMatch (config_dvm_MultiSimMatch: EMAN teacher, DA, c_smooth 0.9,
+    bank overwritten): bank (P x K, K = 16) and its labels seeded, the labelled rows written at
+    positions 3, 7, 11, 14; the DA queue full of seeded batch means, pointer 5; sim_threshold set
+    between two rows' max p_hat so the mask keeps half the rows. The default dtype is float64 during
+    the step (the original allocates its aggregation buffer with ``torch.zeros`` in the default dtype)."""
+    import torch
+    import torch.nn.functional as F
+
+    from golden_io import save_golden
+    from tests._golden_seeded import record
+
+    src = os.environ[ENV]
+    torch.set_num_threads(2)
+    module, hp = load_original(src, "config_dvm_MultiSimMatch.yaml", "models.MatchModel.SimMatch", "SimMatch",
+                               dict(MATCH_TINY, K=SIM_K))
+    net = module.model
+    net.use_ddp = False
+    inputs = make_inputs()
+    overrides = seed_networks(net.main, net.ema, inputs)
+    image_s, table_s = strong_view(inputs)
+    index = torch.tensor(SIM_POSITIONS)
+    batch = split_batch(inputs, image_s, table_s, index)
+    module.log = lambda *a, **k: None
+    g = torch.Generator().manual_seed(SEED_BANK)
+    with torch.no_grad():
+        net.bank.copy_(F.normalize(torch.randn(net.bank.shape, generator=g, dtype=torch.float64), dim=0))
+        net.labels.copy_(torch.randint(0, NUM_CLASSES, net.labels.shape, generator=g))
+        net.DA_queue.copy_(torch.rand(net.DA_queue.shape, generator=g, dtype=torch.float64).softmax(dim=1))
+        net.DA_ptr.fill_(SIM_DA_PTR)
+    initial = {k: v.detach().clone() for k, v in net.named_buffers() if k in ("bank", "labels", "DA_queue", "DA_ptr")}
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        trial = copy.deepcopy(module)
+        seen = {}
+        forward = trial.model.forward
+        trial.model.forward = lambda *a, **k: seen.setdefault("out", forward(*a, **k))
+        with torch.no_grad():
+            trial.train().training_step(batch, 0)
+        top = seen["out"][1].max(1).values.sort().values
+        module.threshold = float(0.5 * (top[N_U // 2 - 1] + top[N_U // 2]))
+        loss, loc, grads = run_step(module, batch, "loss_in")
+    finally:
+        torch.set_default_dtype(default)
+    tensors = {f"input.{k}": v for k, v in inputs.items() if not k.startswith("image")}
+    tensors["input.table_s"] = table_s
+    tensors["input.positions"] = index
+    tensors.update(record("input.", {k: v for k, v in inputs.items() if k.startswith("image")}))
+    tensors.update(record("input.", {"image_s": image_s}))
+    tensors.update({f"init.override.{k}": v for k, v in overrides.items()})
+    tensors.update({f"init.state.{k}": v for k, v in initial.items()})
+    terms = {"sup_loss": loc["loss_x"], "unsup_loss": loc["loss_u"], "in_loss": loc["loss_in"], "loss": loss}
+    tensors.update({f"term.{k}": v.detach() for k, v in terms.items()})
+    tensors.update({"step.p_hat": loc["pseudo_label"], "step.mask": loc["mask"].double()})
+    tensors.update(record("grad.", grads))
+    tensors.update(record("post.", record_post(module)))
+    tensors.update({"post.labels": net.labels.clone(), "post.DA_ptr": net.DA_ptr.clone()})
+    meta = {
+        "original": {"repository": "siyi-wind/STiL", "commit": _git_commit(src),
+                     "file": "models/MatchModel/SimMatch.py + simmatch_model.py",
+                     "class": "SimMatch (SimMatchModel, MultimodalBackbone)",
+                     "config": " + ".join(("config_dvm_MultiSimMatch.yaml",) + MATCH_DATA)},
+        "overrides": {k: v for k, v in dict(MATCH_TINY, K=SIM_K).items() if k != "checkpoint"},
+        "field_lengths": FIELD_LENGTHS, "batch": {"labelled": N_L, "unlabelled": N_U}, "scale": MATCH_SCALE,
+        "seeds": {"student": SEED_STUDENT, "teacher": SEED_TEACHER, "inputs": SEED_INPUT, "strong": SEED_STRONG, "bank": SEED_BANK},
+        "weights": "seeded_state over model.main.* (student); model.ema.* = perturbed(student, seeds.teacher); classifier "
+                   "biases as init.override.*; bank (P x K), bank labels, DA queue and pointer as init.state.*",
+        "args": {"threshold": module.threshold, "lambda_u": float(hp.lambda_u), "lambda_in": float(hp.lambda_in),
+                 "temperature_teacher": float(hp.tt), "temperature_student": float(hp.st),
+                 "smoothing_alpha": float(hp.c_smooth), "da_len": int(net.DA_len)},
+        "epoch": int(module.current_epoch), "start_epoch": int(hp.start_epoch), "dtype": "float64",
+        "randomness": {"dropout": "none in this network (drop rates 0)", "step": "no random draw inside the step"},
+        "teacher_update": "the original updates the EMAN teacher inside forward, after the student forward and before the "
+                          "teacher forward; ours after the optimizer step: the test applies the original's update first",
+        "mask_rows": int(loc["mask"].sum()),
+    }
+    save_golden("stil_multimodal_simmatch", tensors, meta)
+    return "stil_multimodal_simmatch"
