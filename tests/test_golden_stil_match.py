@@ -12,6 +12,12 @@ same parameters, BN statistics one forward later); the test applies our ``EMATea
 original's moment, then runs our step. Every term, the pseudo-labels and SAT mask, every gradient,
 the state after the Adam step and the SAT state (time_p, p_model, label_hist) must equal the
 original's to rtol 1e-9.
+
+``multimodal_simmatch``: the same teacher-update bridge; the original's bank is (P, K) and ours (K, P)
+(compared transposed), its DA queue a plain full buffer (ours: the same buffer marked full). Every
+term (L_x, L_u, L_in, total), p_hat and the mask, every gradient (projection head included), the
+network and teacher after the step, the bank after the write, its labels, the DA queue and pointer
+must equal the original's to rtol 1e-9.
 """
 
 from __future__ import annotations
@@ -23,8 +29,10 @@ import pytest
 import torch
 
 import modeling_stil.methods.freematch as freematch_module
-from modeling_stil.methods.base import TrainState
+from modeling_stil.methods.base import DataInfo, TrainState
+from modeling_stil.methods.common import ProjectedNet
 from modeling_stil.methods.freematch import MultimodalFreeMatch, MultimodalFreeMatchArguments
+from modeling_stil.methods.simmatch import MultimodalSimMatch, MultimodalSimMatchArguments
 from modeling_stil.training.trainer import build_optimizer
 from tests._golden import assert_matches_original, load_golden, with_prefix
 from tests._golden_seeded import compare_recorded, float_shapes, perturbed, seeded_images, seeded_state
@@ -109,6 +117,8 @@ def post_state(method) -> dict:
             continue
         if k.startswith("model."):
             out["main." + k[len("model."):]] = v
+        elif k.startswith("ema.module.model."):  # SimMatch / CoMatch: the teacher is a ProjectedNet
+            out["ema." + k[len("ema.module.model."):]] = v
         elif k.startswith("ema.module."):
             out["ema." + k[len("ema.module."):]] = v
     return original_names(out)
@@ -186,3 +196,90 @@ def test_freematch_state_after_the_step_matches_original(freematch_step):
     fixture, *_, post = freematch_step
     recorded = {k: v for k, v in post.items() if f"post.{k}" in fixture or f"post.{k}#sum" in fixture}
     assert compare_recorded(fixture, "post.", recorded, _check, "state after the step") > 100
+
+
+# ------------------------------------------------------------------------------------------ SimMatch
+@pytest.fixture(scope="module")
+def simmatch_step():
+    fixture, meta = load_golden("stil_multimodal_simmatch")
+    o = meta["overrides"]
+    model, teacher = seeded_networks(fixture, meta)
+    method = MultimodalSimMatch(model, MultimodalSimMatchArguments(ema_momentum=o["ema_momentum"], start_epoch=meta["start_epoch"],
+                                                                  **meta["args"]))
+    method.setup(DataInfo(num_labeled=o["K"], num_labels=o["num_classes"]))
+    method.double().train()
+    method.ema.module.model.load_state_dict(teacher)
+    initial = with_prefix(fixture, "init.state.")
+    with torch.no_grad():
+        method.bank.copy_(initial["bank"].T)
+        method.bank_labels.copy_(initial["labels"])
+        method.DA.queue.buffer.copy_(initial["DA_queue"])
+        method.DA.queue.ptr.fill_(int(initial["DA_ptr"]))
+        method.DA.queue.count.fill_(method.DA.queue.size)  # the original's DA queue is a plain full buffer
+    labeled, unlabeled = batch_views(fixture, meta)
+    labeled["position"] = fixture["input.positions"]
+    probe = copy.deepcopy(model).train()
+    with torch.no_grad():
+        probe(**{k: torch.cat([labeled["labeled"][k], unlabeled["strong"][k]]) for k in labeled["labeled"]})
+    method.ema.update(ProjectedNet(probe, None), o["ema_momentum"])
+
+    seen = {}
+    compute_terms, unfold_aggregate = method.compute_terms, method.unfold_aggregate
+
+    def capture_terms(*a, **k):
+        seen["terms"], logs = compute_terms(*a, **k)
+        return seen["terms"], logs
+
+    def capture_unfold(similarity, probs, bank_labels):
+        seen["probs"], seen["similarity"] = probs, similarity
+        return unfold_aggregate(similarity, probs, bank_labels)
+
+    method.compute_terms, method.unfold_aggregate = capture_terms, capture_unfold
+    optimizer = adam(method, o)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.Tensor, "float", lambda self, *a, _f=torch.Tensor.float, **k: self if self.dtype == torch.float64 else _f(self, *a, **k))
+        loss, _ = method.training_step(labeled, unlabeled, TrainState(epoch=meta["epoch"], num_labels=o["num_classes"]))
+    loss.backward()
+    grads = original_names({n[len("model."):]: p.grad for n, p in method.named_parameters()
+                            if p.grad is not None and n.startswith("model.")})
+    optimizer.step()
+    post = post_state(method)
+    post["bank"] = method.bank.T
+    post["DA_queue"] = method.DA.queue.buffer
+    post["labels"], post["DA_ptr"] = method.bank_labels, method.DA.queue.ptr
+    return fixture, meta, seen, loss, grads, post
+
+
+def test_simmatch_every_loss_term_matches_original(simmatch_step):
+    fixture, _, seen, loss, *_ = simmatch_step
+    recorded = with_prefix(fixture, "term.")
+    for name, value in recorded.items():
+        _check((loss if name == "loss" else seen["terms"][name]).detach(), value, f"term {name}")
+    assert len(recorded) == 4
+
+
+def test_simmatch_pseudo_labels_and_mask_match_original(simmatch_step):
+    fixture, meta, seen, *_ = simmatch_step
+    a = meta["args"]
+    _, aggregated = MultimodalSimMatch.unfold_aggregate(seen["similarity"], seen["probs"], with_prefix(fixture, "init.state.")["labels"])
+    p_hat = a["smoothing_alpha"] * seen["probs"] + (1 - a["smoothing_alpha"]) * aggregated
+    _check(p_hat, fixture["step.p_hat"], "step p_hat")
+    _check((p_hat.max(1).values >= a["threshold"]).double(), fixture["step.mask"], "step mask")
+    assert 0 < int(fixture["step.mask"].sum()) < fixture["step.mask"].numel()
+
+
+def test_simmatch_every_gradient_matches_original(simmatch_step):
+    fixture, _, _, _, grads, _ = simmatch_step
+    assert compare_recorded(fixture, "grad.", grads, _check, "gradients") > 50
+    assert any(k.startswith("grad.head.") for k in fixture)  # L_in reaches the projection head
+
+
+def test_simmatch_state_after_the_step_matches_original(simmatch_step):
+    """Student after Adam, the teacher after the original's in-step update, bank, labels, DA queue."""
+    fixture, *_, post = simmatch_step
+    for name in ("labels", "DA_ptr"):
+        assert torch.equal(post[name].reshape(-1), fixture[f"post.{name}"].reshape(-1)), name
+    floats = {k: v for k, v in post.items() if k not in ("labels", "DA_ptr")
+              and (f"post.{k}" in fixture or f"post.{k}#sum" in fixture)}
+    fixture_floats = {k: v for k, v in fixture.items() if k not in ("post.labels", "post.DA_ptr")}
+    assert compare_recorded(fixture_floats, "post.", floats, _check, "state after the step") > 100
