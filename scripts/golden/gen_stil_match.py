@@ -1,6 +1,6 @@
 """Golden fixtures of siyi-wind/STiL's multimodal Match ports (models/MatchModel/): one training step
-of the original ``FreeMatch`` and ``SimMatch`` on the concat ``MultimodalBackbone`` (fixtures
-``stil_multimodal_freematch``, ``stil_multimodal_simmatch``).
+of the original ``FreeMatch``, ``SimMatch`` and ``CoMatch`` on the concat ``MultimodalBackbone``
+(fixtures ``stil_multimodal_freematch``, ``stil_multimodal_simmatch``, ``stil_multimodal_comatch``).
 
 Imports the checkout named by STIL_ORIGINAL_SRC with the stand-ins of gen_tip / benchmark_original
 (lightly head, recording pl_bolts scheduler, pl_bolts' ``torchvision_ssl_encoder``); nothing of the
@@ -28,7 +28,7 @@ from gen_stil import (FIELD_LENGTHS, IMG, N_L, N_U, NUM_CLASSES, SEED_INPUT, SEE
 ENV = "STIL_ORIGINAL_SRC"
 NEEDS = ("pytorch_lightning", "torchmetrics", "omegaconf", "einops", "timm")
 
-SEED_STRONG, SEED_SAT, SEED_BANK = 6, 7, 8
+SEED_STRONG, SEED_SAT, SEED_BANK, SEED_STRONG_1, SEED_QUEUES = 6, 7, 8, 9, 10
 MATCH_DATA = ("models/resnet50.yaml", "dataset/dvm_all_server_reordered_SemiPseudo_0.01.yaml")
 MATCH_TINY = dict(model="resnet18", embedding_dim=512, img_size=IMG, num_classes=NUM_CLASSES, num_cat=2, num_con=3,
                   tabular_embedding_dim=8, multimodal_embedding_dim=8, projection_dim=8, tabular_transformer_num_layers=1,
@@ -109,7 +109,7 @@ def strong_view(inputs):
 
 
 def generate() -> list[str]:
-    return [generate_freematch(), generate_simmatch()]
+    return [generate_freematch(), generate_simmatch(), generate_comatch()]
 
 
 # ------------------------------------------------------------------------------------------ FreeMatch
@@ -215,15 +215,15 @@ def split_batch(inputs, image_s, table_s, index=None):
             "u": (((x["image_u"], x["table_u"]), (image_s, table_s)), torch.zeros(N_U, dtype=torch.long))}
 
 
-def record_post(module) -> dict:
+def record_post(module, teacher: str = "ema") -> dict:
     """Floating state after the step without ``model.``; the teacher's image encoder: BN statistics
     only (its weights are m * teacher + (1 - m) * student, checked through the teacher's other
     tensors), to keep the fixture small."""
     return {k[len("model."):]: v for k, v in module.state_dict().items() if v.is_floating_point()
-            and not (k.startswith("model.ema.encoder_imaging.") and not k.endswith(("running_mean", "running_var")))}
+            and not (k.startswith(f"model.{teacher}.encoder_imaging.") and not k.endswith(("running_mean", "running_var")))}
 
 
-def run_step(module, batch, marker: str):
+def run_step(module, batch, marker: str, student: str = "main"):
     """One training step of the original (locals of ``training_step`` captured), backward, its Adam step."""
     captured = {}
 
@@ -239,7 +239,7 @@ def run_step(module, batch, marker: str):
     finally:
         sys.setprofile(None)
     loss.backward()
-    grads = {n[len("model.main."):]: p.grad for n, p in module.named_parameters() if p.grad is not None}
+    grads = {n[len(f"model.{student}."):]: p.grad for n, p in module.named_parameters() if p.grad is not None}
     optimizer.step()
     return loss, captured, grads
 
@@ -328,3 +328,102 @@ def generate_simmatch() -> str:
     }
     save_golden("stil_multimodal_simmatch", tensors, meta)
     return "stil_multimodal_simmatch"
+
+
+# ------------------------------------------------------------------------------------------ CoMatch
+CO_K, CO_PTR_W, CO_PTR_S, CO_HIST = 24, 16, 4, 5
+
+
+def generate_comatch() -> str:
+    """One step of the original CoMatch (config_dvm_MultiCoMatch: parameter-EMA momentum encoder in
+    train mode, DA over the batch-mean history, memory smoothing and the memory graph on): K = 24,
+    queue_w / probs_xu / queue_s / probs_u seeded, the weak write (12 rows) from pointer 16 truncated
+    at the end, the strong write (8 rows) from pointer 4; the DA history holds 5 seeded batch means;
+    co_threshold set between two rows' max p so the mask keeps half the rows. Float64 is the default
+    dtype during the step (the original builds its one-hot rows with ``torch.zeros``)."""
+    import torch
+    import torch.nn.functional as F
+
+    from golden_io import save_golden
+    from tests._golden_seeded import record, seeded_images
+
+    src = os.environ[ENV]
+    torch.set_num_threads(2)
+    module, hp = load_original(src, "config_dvm_MultiCoMatch.yaml", "models.MatchModel.CoMatch", "CoMatch",
+                               dict(MATCH_TINY, K=CO_K))
+    net = module.model
+    net.use_ddp = False
+    inputs = make_inputs()
+    overrides = seed_networks(net.encoder, net.m_encoder, inputs)
+    image_s, table_s = strong_view(inputs)
+    g = torch.Generator().manual_seed(SEED_STRONG_1)
+    table_s1 = inputs["table_u"].clone()
+    n_cat = sum(k > 1 for k in FIELD_LENGTHS)
+    table_s1[:, n_cat:] -= 0.5 * torch.randn(table_s1[:, n_cat:].shape, generator=g, dtype=torch.float64)
+    image_s1 = seeded_images(N_U, IMG, SEED_STRONG_1)
+    x = inputs
+    batch = {"l": ((x["image_l"], x["table_l"]), x["y_l"], None),
+             "u": (((x["image_u"], x["table_u"]), (image_s, table_s), (image_s1, table_s1)), torch.zeros(N_U, dtype=torch.long))}
+    module.log = lambda *a, **k: None
+    g = torch.Generator().manual_seed(SEED_QUEUES)
+    with torch.no_grad():
+        net.queue_w.copy_(torch.randn(net.queue_w.shape, generator=g, dtype=torch.float64))
+        net.probs_xu.copy_(torch.rand(net.probs_xu.shape, generator=g, dtype=torch.float64).mul(4).softmax(dim=0))
+        net.queue_s.copy_(F.normalize(torch.randn(net.queue_s.shape, generator=g, dtype=torch.float64), dim=0))
+        net.probs_u.copy_(torch.rand(net.probs_u.shape, generator=g, dtype=torch.float64).mul(4).softmax(dim=0))
+        net.queue_ptr_w.fill_(CO_PTR_W)
+        net.queue_ptr_s.fill_(CO_PTR_S)
+    hist = torch.rand(CO_HIST, NUM_CLASSES, generator=g, dtype=torch.float64).softmax(dim=1)
+    net.hist_prob = list(hist.clone())
+    initial = {k: v.detach().clone() for k, v in net.named_buffers() if k in ("queue_w", "probs_xu", "queue_s", "probs_u",
+                                                                               "queue_ptr_w", "queue_ptr_s")}
+    initial["hist_prob"] = hist
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        trial = copy.deepcopy(module)
+        seen = {}
+        forward = trial.model.forward
+        trial.model.forward = lambda *a, **k: seen.setdefault("out", forward(*a, **k))
+        with torch.no_grad():
+            trial.train().training_step(batch, 0)
+        top = seen["out"][3].max(1).values.sort().values
+        module.thr = float(0.5 * (top[N_U // 2 - 1] + top[N_U // 2]))
+        loss, loc, grads = run_step(module, batch, "loss_contrast", student="encoder")
+    finally:
+        torch.set_default_dtype(default)
+    tensors = {f"input.{k}": v for k, v in inputs.items() if not k.startswith("image")}
+    tensors.update({"input.table_s": table_s, "input.table_s1": table_s1})
+    tensors.update(record("input.", {k: v for k, v in inputs.items() if k.startswith("image")}))
+    tensors.update(record("input.", {"image_s": image_s, "image_s1": image_s1}))
+    tensors.update({f"init.override.{k.replace('main.', 'encoder.').replace('ema.', 'm_encoder.')}": v for k, v in overrides.items()})
+    tensors.update({f"init.state.{k}": v for k, v in initial.items()})
+    terms = {"sup_loss": loc["loss_x"], "unsup_loss": loc["loss_u"], "contrast_loss": loc["loss_contrast"], "loss": loss}
+    tensors.update({f"term.{k}": v.detach() for k, v in terms.items()})
+    tensors.update({"step.probs": loc["probs"], "step.mask": loc["mask"].double(), "step.Q": loc["Q"]})
+    tensors.update(record("grad.", grads))
+    tensors.update(record("post.", record_post(module, teacher="m_encoder")))
+    tensors.update({"post.queue_ptr_w": net.queue_ptr_w.clone(), "post.queue_ptr_s": net.queue_ptr_s.clone()})
+    meta = {
+        "original": {"repository": "siyi-wind/STiL", "commit": _git_commit(src),
+                     "file": "models/MatchModel/CoMatch.py + comatch_model.py",
+                     "class": "CoMatch (CoMatchModel, MultimodalBackbone)",
+                     "config": " + ".join(("config_dvm_MultiCoMatch.yaml",) + MATCH_DATA)},
+        "overrides": {k: v for k, v in dict(MATCH_TINY, K=CO_K).items() if k != "checkpoint"},
+        "field_lengths": FIELD_LENGTHS, "batch": {"labelled": N_L, "unlabelled": N_U}, "scale": MATCH_SCALE,
+        "seeds": {"student": SEED_STUDENT, "teacher": SEED_TEACHER, "inputs": SEED_INPUT, "strong": SEED_STRONG,
+                  "strong_1": SEED_STRONG_1, "queues": SEED_QUEUES},
+        "weights": "seeded_state over model.encoder.* (student); model.m_encoder.* = perturbed(student, seeds.teacher); "
+                   "classifier biases as init.override.*; queues, pointers and the DA history as init.state.*",
+        "args": {"threshold": module.thr, "contrast_threshold": float(hp.contrast_th), "temperature": float(hp.co_temperature),
+                 "alpha": float(hp.alpha), "lambda_u": float(hp.lam_u), "lambda_c": float(hp.lam_c), "queue_size": CO_K},
+        "epoch": int(module.current_epoch), "start_epoch": int(hp.start_epoch), "dtype": "float64",
+        "randomness": {"dropout": "none in this network (drop rates 0)", "step": "no random draw inside the step"},
+        "teacher_update": "the original moves the momentum encoder's parameters (not its buffers) inside forward, after the "
+                          "student forward and before the teacher forward; ours after the optimizer step: the test applies "
+                          "the original's parameter update first",
+        "mask_rows": int(loc["mask"].sum()),
+    }
+    save_golden("stil_multimodal_comatch", tensors, meta)
+    return "stil_multimodal_comatch"
