@@ -18,6 +18,15 @@ original's to rtol 1e-9.
 term (L_x, L_u, L_in, total), p_hat and the mask, every gradient (projection head included), the
 network and teacher after the step, the bank after the write, its labels, the DA queue and pointer
 must equal the original's to rtol 1e-9.
+
+``multimodal_comatch``: the original moves its momentum encoder's parameters (not its BN buffers)
+inside the forward, before the teacher forward; the test applies that parameter update to our
+teacher first (our ``after_optimizer_step`` is not run). Queues are (P | C, K) there, (K, P | C) here
+(compared transposed); the original's DA history is a list of batch means (ours: the same rows in
+the DA queue). Every term (L_x, L_u, L_c, total), the smoothed pseudo-labels, the mask and the
+pseudo-label graph Q, every gradient, the network and momentum encoder (its BN statistics moved by
+its train-mode forward) after the step, the four queues after a truncated and a plain write, and both
+pointers must equal the original's to rtol 1e-9.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import torch
 
 import modeling_stil.methods.freematch as freematch_module
 from modeling_stil.methods.base import DataInfo, TrainState
+from modeling_stil.methods.comatch import MultimodalCoMatch, MultimodalCoMatchArguments
 from modeling_stil.methods.common import ProjectedNet
 from modeling_stil.methods.freematch import MultimodalFreeMatch, MultimodalFreeMatchArguments
 from modeling_stil.methods.simmatch import MultimodalSimMatch, MultimodalSimMatchArguments
@@ -73,7 +83,7 @@ def build_concat_network(meta):
         torch.set_default_dtype(default)
 
 
-def seeded_networks(fixture, meta):
+def seeded_networks(fixture, meta, student_prefix="main.", teacher_prefix="ema."):
     """(our network with the student weights, the teacher's weights in our names)."""
     model = build_concat_network(meta)
     own = model.state_dict()
@@ -82,8 +92,8 @@ def seeded_networks(fixture, meta):
     student = seeded_state(shapes, meta["seeds"]["student"], meta["scale"])
     teacher = perturbed(student, meta["seeds"]["teacher"])
     biases = with_prefix(fixture, "init.override.")
-    student.update(with_prefix(biases, "main."))
-    teacher.update(with_prefix(biases, "ema."))
+    student.update(with_prefix(biases, student_prefix))
+    teacher.update(with_prefix(biases, teacher_prefix))
     model.load_state_dict({**own, **{to_ours[k]: v for k, v in student.items()}})
     return model, {**own, **{to_ours[k]: v for k, v in teacher.items()}}
 
@@ -109,18 +119,18 @@ def adam(method, o):
         adam_beta1=0.9, adam_beta2=0.999), "cpu")
 
 
-def post_state(method) -> dict:
-    """Our state after the step in the original's names (``main.*``, ``ema.*``)."""
+def post_state(method, student="main.", teacher="ema.") -> dict:
+    """Our state after the step in the original's names (``main.*``, ``ema.*`` or CoMatch's)."""
     out = {}
     for k, v in method.state_dict().items():
         if not v.is_floating_point():
             continue
         if k.startswith("model."):
-            out["main." + k[len("model."):]] = v
+            out[student + k[len("model."):]] = v
         elif k.startswith("ema.module.model."):  # SimMatch / CoMatch: the teacher is a ProjectedNet
-            out["ema." + k[len("ema.module.model."):]] = v
+            out[teacher + k[len("ema.module.model."):]] = v
         elif k.startswith("ema.module."):
-            out["ema." + k[len("ema.module."):]] = v
+            out[teacher + k[len("ema.module."):]] = v
     return original_names(out)
 
 
@@ -282,4 +292,100 @@ def test_simmatch_state_after_the_step_matches_original(simmatch_step):
     floats = {k: v for k, v in post.items() if k not in ("labels", "DA_ptr")
               and (f"post.{k}" in fixture or f"post.{k}#sum" in fixture)}
     fixture_floats = {k: v for k, v in fixture.items() if k not in ("post.labels", "post.DA_ptr")}
+    assert compare_recorded(fixture_floats, "post.", floats, _check, "state after the step") > 100
+
+
+# ------------------------------------------------------------------------------------------ CoMatch
+@pytest.fixture(scope="module")
+def comatch_step():
+    fixture, meta = load_golden("stil_multimodal_comatch")
+    o = meta["overrides"]
+    model, teacher = seeded_networks(fixture, meta, "encoder.", "m_encoder.")
+    method = MultimodalCoMatch(model, MultimodalCoMatchArguments(ema_momentum=o["ema_momentum"], start_epoch=meta["start_epoch"],
+                                                                smoothing_start_epoch=meta["start_epoch"] + 1, **meta["args"]))
+    method.setup(DataInfo(num_labels=o["num_classes"]))
+    method.double().train()
+    method.ema.module.model.load_state_dict(teacher)
+    initial = with_prefix(fixture, "init.state.")
+    hist = initial["hist_prob"]
+    with torch.no_grad():
+        for name in ("queue_w", "probs_xu", "queue_s", "probs_u"):
+            getattr(method, name).copy_(initial[name].T)
+        method.queue_ptr_w.fill_(int(initial["queue_ptr_w"]))
+        method.queue_ptr_s.fill_(int(initial["queue_ptr_s"]))
+        method.DA.queue.buffer[: len(hist)] = hist  # the original's history list, oldest first
+        method.DA.queue.ptr.fill_(len(hist))
+        method.DA.queue.count.fill_(len(hist))
+        # the original's momentum update: parameters only, before the teacher forward
+        for t, s in zip(method.ema.module.model.parameters(), model.parameters()):
+            t.mul_(o["ema_momentum"]).add_((1 - o["ema_momentum"]) * s)
+    labeled, unlabeled = batch_views(fixture, meta)
+    n_cat = sum(k > 1 for k in meta["field_lengths"])
+    image_s1 = seeded_images(meta["batch"]["unlabelled"], o["img_size"], meta["seeds"]["strong_1"])
+    unlabeled = {"weak": unlabeled["weak"], "strong_0": unlabeled["strong"],
+                 "strong_1": {"pixel_values": image_s1, "categorical_values": fixture["input.table_s1"][:, :n_cat].long(),
+                              "continuous_values": fixture["input.table_s1"][:, n_cat:]}}
+
+    seen = {}
+    compute_terms, graph_loss = method.compute_terms, method.graph_loss
+
+    def capture_terms(*a, **k):
+        seen["terms"], logs = compute_terms(*a, **k)
+        return seen["terms"], logs
+
+    def capture_graph(probs, emb_logits, contrast_threshold, past_probs=None):
+        seen["probs"], seen["past"] = probs, past_probs
+        return graph_loss(probs, emb_logits, contrast_threshold, past_probs)
+
+    method.compute_terms, method.graph_loss = capture_terms, capture_graph
+    optimizer = adam(method, o)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.Tensor, "float", lambda self, *a, _f=torch.Tensor.float, **k: self if self.dtype == torch.float64 else _f(self, *a, **k))
+        loss, _ = method.training_step(labeled, unlabeled, TrainState(epoch=meta["epoch"], num_labels=o["num_classes"]))
+    loss.backward()
+    grads = original_names({n[len("model."):]: p.grad for n, p in method.named_parameters()
+                            if p.grad is not None and n.startswith("model.")})
+    optimizer.step()
+    post = post_state(method, "encoder.", "m_encoder.")
+    for name in ("queue_w", "probs_xu", "queue_s", "probs_u"):
+        post[name] = getattr(method, name).T
+    post["queue_ptr_w"], post["queue_ptr_s"] = method.queue_ptr_w, method.queue_ptr_s
+    return fixture, meta, seen, loss, grads, post
+
+
+def test_comatch_every_loss_term_matches_original(comatch_step):
+    fixture, _, seen, loss, *_ = comatch_step
+    recorded = with_prefix(fixture, "term.")
+    for name, value in recorded.items():
+        _check((loss if name == "loss" else seen["terms"][name]).detach(), value, f"term {name}")
+    assert len(recorded) == 4
+
+
+def test_comatch_pseudo_labels_mask_and_graph_match_original(comatch_step):
+    fixture, meta, seen, *_ = comatch_step
+    p = seen["probs"]
+    _check(p, fixture["step.probs"], "step probs (smoothed)")
+    _check((p.max(1).values >= meta["args"]["threshold"]).double(), fixture["step.mask"], "step mask")
+    q_self = p @ p.T
+    q_self.fill_diagonal_(1.0)
+    _check(torch.cat([q_self, p @ seen["past"].T], dim=1), fixture["step.Q"], "step Q")
+    assert 0 < int(fixture["step.mask"].sum()) < fixture["step.mask"].numel()
+    edges = fixture["step.Q"] >= meta["args"]["contrast_threshold"]
+    assert 0 < int(edges.sum()) < edges.numel()
+
+
+def test_comatch_every_gradient_matches_original(comatch_step):
+    fixture, _, _, _, grads, _ = comatch_step
+    assert compare_recorded(fixture, "grad.", grads, _check, "gradients") > 50
+    assert any(k.startswith("grad.head.") for k in fixture)  # L_c reaches the projection head
+
+
+def test_comatch_state_after_the_step_matches_original(comatch_step):
+    """Student after Adam, the momentum encoder, the four queues and both pointers."""
+    fixture, *_, post = comatch_step
+    for name in ("queue_ptr_w", "queue_ptr_s"):
+        assert int(post[name]) == int(fixture[f"post.{name}"]), name
+    floats = {k: v for k, v in post.items() if not k.startswith("queue_ptr")
+              and (f"post.{k}" in fixture or f"post.{k}#sum" in fixture)}
+    fixture_floats = {k: v for k, v in fixture.items() if not k.startswith("post.queue_ptr")}
     assert compare_recorded(fixture_floats, "post.", floats, _check, "state after the step") > 100
