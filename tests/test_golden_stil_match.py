@@ -3,8 +3,8 @@
 
 Weights are regenerated from the recorded seeds into our ``multimodal-concat`` network (the original
 ``MultimodalBackbone``'s tensors; the projection head is ``head.model.N`` here, ``head.N`` there),
-float64. Our losses upcast with ``.float()``; inside these tests ``Tensor.float`` keeps float64
-tensors float64 (as in tests/test_golden_usb.py).
+float64 (our losses keep float64 with ``common.at_least_float32``; they had cast it to float32 with
+``.float()``, which these tests caught).
 
 ``multimodal_freematch``: the original updates its EMAN teacher inside the forward (after the student
 forward, before the teacher forward), ours after the optimizer step (docs/methods.md "freematch": the
@@ -50,12 +50,6 @@ from tests._golden_seeded import compare_recorded, float_shapes, perturbed, seed
 
 def _check(ours, theirs, name):
     assert_matches_original(ours, theirs, name, rtol=1e-9, atol=1e-12)
-
-
-@pytest.fixture(autouse=True)
-def float64_upcasts(monkeypatch):
-    original = torch.Tensor.float
-    monkeypatch.setattr(torch.Tensor, "float", lambda self, *a, **k: self if self.dtype == torch.float64 else original(self, *a, **k))
 
 
 def original_names(state: dict) -> dict:
@@ -170,7 +164,6 @@ def freematch_step():
     optimizer = adam(method, o)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(freematch_module, "sat_mask", capture_mask)
-        patch.setattr(torch.Tensor, "float", lambda self, *a, _f=torch.Tensor.float, **k: self if self.dtype == torch.float64 else _f(self, *a, **k))
         loss, _ = method.training_step(labeled, unlabeled, TrainState(epoch=meta["epoch"], num_labels=o["num_classes"]))
     loss.backward()
     grads = original_names({n[len("model."):]: p.grad for n, p in method.named_parameters() if p.grad is not None})
@@ -247,7 +240,6 @@ def simmatch_step():
     method.compute_terms, method.unfold_aggregate = capture_terms, capture_unfold
     optimizer = adam(method, o)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch.Tensor, "float", lambda self, *a, _f=torch.Tensor.float, **k: self if self.dtype == torch.float64 else _f(self, *a, **k))
         loss, _ = method.training_step(labeled, unlabeled, TrainState(epoch=meta["epoch"], num_labels=o["num_classes"]))
     loss.backward()
     grads = original_names({n[len("model."):]: p.grad for n, p in method.named_parameters()
@@ -340,7 +332,6 @@ def comatch_step():
     method.compute_terms, method.graph_loss = capture_terms, capture_graph
     optimizer = adam(method, o)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch.Tensor, "float", lambda self, *a, _f=torch.Tensor.float, **k: self if self.dtype == torch.float64 else _f(self, *a, **k))
         loss, _ = method.training_step(labeled, unlabeled, TrainState(epoch=meta["epoch"], num_labels=o["num_classes"]))
     loss.backward()
     grads = original_names({n[len("model."):]: p.grad for n, p in method.named_parameters()
