@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from .base import DataInfo, MethodArguments, SSLMethod, TrainState, register_method
 from .common import (
+    at_least_float32,
     DistributionAlignment,
     EMATeacher,
     ProjectedNet,
@@ -246,7 +247,7 @@ class CoMatch(SSLMethod):
                 q = torch.cat([q, probs @ past_probs.T], dim=1)
             q = q * (q >= contrast_threshold).to(q.dtype)
             q_hat = q / q.sum(dim=1, keepdim=True)
-        log_p = torch.log(emb_logits.float().softmax(dim=1) + 1e-7)
+        log_p = torch.log(at_least_float32(emb_logits).softmax(dim=1) + 1e-7)
         return (-(q_hat * log_p).sum(dim=1)).mean(), q_hat
 
     @torch.no_grad()
@@ -254,15 +255,15 @@ class CoMatch(SSLMethod):
         a = self.args
         onehot = F.one_hot(y.long(), self.num_classes).to(self.probs_xu.dtype)
         # gathered piece by piece: [labelled of all ranks; weak of all ranks] = one process's global batch
-        feats_w = torch.cat([gather_no_grad(g_l.float(), state), gather_no_grad(g_w.float(), state)])
-        probs_w = torch.cat([gather_no_grad(onehot, state), gather_no_grad(p_orig.float(), state)])
+        feats_w = torch.cat([gather_no_grad(at_least_float32(g_l), state), gather_no_grad(at_least_float32(g_w), state)])
+        probs_w = torch.cat([gather_no_grad(onehot, state), gather_no_grad(at_least_float32(p_orig), state)])
         ptr = self.queue_ptr_w.clone()
         enqueue_rows(self.queue_w, self.queue_ptr_w, feats_w, a.queue_overflow)
         enqueue_rows(self.probs_xu, ptr, probs_w, a.queue_overflow)
         if a.memory_graph:
             ptr = self.queue_ptr_s.clone()
-            enqueue_rows(self.queue_s, self.queue_ptr_s, gather_no_grad(g_s1.float(), state), a.queue_overflow)
-            enqueue_rows(self.probs_u, ptr, gather_no_grad(p.float(), state), a.queue_overflow)
+            enqueue_rows(self.queue_s, self.queue_ptr_s, gather_no_grad(at_least_float32(g_s1), state), a.queue_overflow)
+            enqueue_rows(self.probs_u, ptr, gather_no_grad(at_least_float32(p), state), a.queue_overflow)
 
     # ------------------------------------------------------------------ the step
     def forward_views(self, labeled: dict, unlabeled: dict):
@@ -300,19 +301,19 @@ class CoMatch(SSLMethod):
         else:
             smoothing = state.epoch >= a.smoothing_start_epoch and state.step >= a.smoothing_start_step
         with torch.no_grad():
-            probs = z_w.float().softmax(dim=1)
+            probs = at_least_float32(z_w).softmax(dim=1)
             if self.DA is not None:
                 probs = self.DA(probs, state)
             p_orig = probs
             if smoothing:
-                affinity = (g_w.float() @ self.queue_w.T / a.temperature).softmax(dim=1)
+                affinity = (at_least_float32(g_w) @ self.queue_w.T / a.temperature).softmax(dim=1)
                 probs = a.alpha * probs + (1 - a.alpha) * affinity @ self.probs_xu
             mask = (probs.max(dim=1).values >= a.threshold).float()
-        emb_logits = g_s0.float() @ g_s1.float().T / a.temperature
+        emb_logits = at_least_float32(g_s0) @ at_least_float32(g_s1).T / a.temperature
         past = None
         if a.memory_graph:
             queue_s = self.queue_s.clone()  # read before this step's write (kept for backward)
-            emb_logits = torch.cat([emb_logits, g_s0.float() @ queue_s.T / a.temperature], dim=1)
+            emb_logits = torch.cat([emb_logits, at_least_float32(g_s0) @ queue_s.T / a.temperature], dim=1)
             past = self.probs_u.clone()
         contrast_loss, q_hat = self.graph_loss(probs, emb_logits, a.contrast_threshold, past)
         terms = {

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from .base import DataInfo, MethodArguments, SSLMethod, TrainState, register_method
 from .common import (
+    at_least_float32,
     EMATeacher,
     EMA_MODES,
     check_fraction,
@@ -114,7 +115,7 @@ class MultimodalFreeMatchArguments(FreeMatchArguments):
 def sat_batch_statistics(probs: torch.Tensor, state: TrainState | None = None):
     """(mean max-probability, mean probability (C,), normalised argmax histogram (C,)) of the batch,
     summed over processes with ``state.reduce_sum`` (one collective): the global batch's values."""
-    probs = probs.detach().float()
+    probs = at_least_float32(probs.detach())
     num_classes = probs.shape[1]
     max_probs, max_idx = probs.max(dim=1)
     counts = F.one_hot(max_idx, num_classes).to(probs.dtype).sum(dim=0)
@@ -141,13 +142,13 @@ def fairness_loss(logits_s: torch.Tensor, mask: torch.Tensor, p_model: torch.Ten
     """SAF: sum_c a_c log(d_c + 1e-12) with a = normalise(p~/h), d = normalise(q_bar/h_bar) over the
     masked-in rows (USB ``entropy_loss``; gradient only through q_bar). 0 when no row is masked in,
     computed without a host sync."""
-    probs_s = F.softmax(logits_s.float(), dim=1)
-    weights = mask.detach().float()[:, None]
+    probs_s = F.softmax(at_least_float32(logits_s), dim=1)
+    weights = mask.detach().to(probs_s.dtype)[:, None]
     n = weights.sum()
     q_bar = (weights * probs_s).sum(dim=0) / n.clamp_min(1.0)
-    hist_s = (weights * F.one_hot(probs_s.detach().argmax(dim=1), probs_s.shape[1]).float()).sum(dim=0)
+    hist_s = (weights * F.one_hot(probs_s.detach().argmax(dim=1), probs_s.shape[1]).to(probs_s.dtype)).sum(dim=0)
     hist_s = hist_s / hist_s.sum().clamp_min(1.0)
-    a = p_model.float() * _safe_reciprocal(label_hist.float())
+    a = at_least_float32(p_model) * _safe_reciprocal(at_least_float32(label_hist))
     a = a / a.sum().clamp_min(1e-30)
     d = q_bar * _safe_reciprocal(hist_s)
     d = d / d.sum().clamp_min(1e-30)
@@ -224,7 +225,7 @@ class FreeMatch(SSLMethod):
         logits_l, logits_w, logits_s = self._forward(
             model_inputs(labeled_view), model_inputs(unlabeled["weak"]), model_inputs(unlabeled["strong"])
         )
-        probs_w = logits_w.float().softmax(dim=1)
+        probs_w = at_least_float32(logits_w).softmax(dim=1)
         self.update_sat(probs_w, state)  # before masking, with this batch (USB, STiL)
         mask = sat_mask(probs_w, self.time_p, self.p_model)
         pseudo = probs_w.argmax(dim=1)

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from .base import DataInfo, MethodArguments, SSLMethod, TrainState, register_method
 from .common import (
+    at_least_float32,
     DistributionAlignment,
     EMATeacher,
     ProjectedNet,
@@ -196,7 +197,7 @@ class SimMatch(SSLMethod):
     @torch.no_grad()
     def update_bank(self, features: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor, state: TrainState) -> None:
         """bank[k] <- g (or normalize(m bank[k] + (1 - m) g)); labels[k] <- y; gathered over processes."""
-        features = gather_no_grad(features.float(), state).to(self.bank.dtype)
+        features = gather_no_grad(at_least_float32(features), state).to(self.bank.dtype)
         labels = gather_no_grad(labels, state)
         positions = gather_no_grad(positions, state).long()
         m = self.args.bank_momentum
@@ -240,15 +241,15 @@ class SimMatch(SSLMethod):
         # "from epoch k" is the gate "after epoch k - 1"
         instance_on = unlabeled_gate_open(state, a.instance_start_epoch - 1, a.instance_start_fraction)
         with torch.no_grad():
-            probs = z_w.float().softmax(dim=1)
+            probs = at_least_float32(z_w).softmax(dim=1)
             if self.DA is not None:
                 probs = self.DA(probs, state)
-            similarity = (g_w.float() @ bank.T / a.temperature_teacher).softmax(dim=1)
+            similarity = (at_least_float32(g_w) @ bank.T / a.temperature_teacher).softmax(dim=1)
             unfolded, aggregated = self.unfold_aggregate(similarity, probs, self.bank_labels)
             smoothed = a.smoothing_alpha * probs + (1 - a.smoothing_alpha) * aggregated
             p_hat = smoothed if (instance_on and a.smoothing_alpha < 1) else probs
             mask = (p_hat.max(dim=1).values >= a.threshold).float()
-        log_t = F.log_softmax(g_s.float() @ bank.T / a.temperature_student, dim=1)
+        log_t = F.log_softmax(at_least_float32(g_s) @ bank.T / a.temperature_student, dim=1)
         in_loss = (-(unfolded * log_t).sum(dim=1)).mean()
         if not instance_on:
             in_loss = in_loss * 0.0
