@@ -2,7 +2,7 @@
 """One prepared GPU check: every figure docs/benchmarks.md needs from one accelerator, in one run.
 
     python scripts/gpu_check.py --out gpu_check/            # on the GPU machine, < 8 minutes on one H200
-    python scripts/gpu_check.py --out /tmp/x --dry-run      # the same code paths on the CPU, tiny sizes
+    python scripts/gpu_check.py --out gpu_check_dry/ --dry-run   # the same code paths on the CPU, tiny sizes
 
 Each part runs as its own subprocess (so a crash or an out-of-memory in one does not stop the others)
 with its own time limit, and writes ``<out>/<part>.json``: the command, status (``ok``, ``failed`` with
