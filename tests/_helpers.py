@@ -2,6 +2,7 @@
 
 import contextlib
 import importlib.util
+import io
 import sys
 from pathlib import Path
 
@@ -90,3 +91,33 @@ def flags(defaults: dict, *extra: str) -> list[str]:
     for flag, value in zip(extra[::2], extra[1::2]):
         values[flag.lstrip("-")] = value
     return [item for key, value in values.items() for item in (f"--{key}", value)]
+
+
+# A tiny fixmatch run on the synthetic multimodal data (the newcomer's and the run-folder tests' job).
+TINY_FIXMATCH = {
+    "synthetic_num_samples": "300", "labeled_fraction": "0.2", "mu": "2", "method": "fixmatch",
+    "per_device_train_batch_size": "4", "per_device_eval_batch_size": "64", "max_steps": "4", "eval_steps": "2",
+    "logging_steps": "2", "learning_rate": "0.01", "report_to": "none", "disable_tqdm": "true", "seed": "3",
+}
+
+
+def tiny_fixmatch_argv(out: Path, cache: Path, *extra: str) -> list[str]:
+    """train.py arguments of `TINY_FIXMATCH` into ``out``; ``extra`` flags replace defaults."""
+    return flags({"output_dir": str(out), "dataset_cache_dir": str(cache), **TINY_FIXMATCH}, *extra)
+
+
+def train_captured(args: list[str]) -> tuple[int, str, str]:
+    """`run_train` with stdout and stderr captured: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = run_train(args)
+    return code, out.getvalue(), err.getvalue()
+
+
+def one_error_line(code: int, stderr: str) -> str:
+    """The run failed with exactly one ``train.py: error:`` line and no traceback; that line."""
+    assert code == 1, stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = [l for l in stderr.splitlines() if l.startswith("train.py: error:")]
+    assert len(lines) == 1, stderr[-3000:]
+    return lines[0]

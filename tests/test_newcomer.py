@@ -14,35 +14,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests._helpers import ROOT, load_script, run_train
+from tests._helpers import (
+    load_script,
+    one_error_line,
+    tiny_fixmatch_argv,
+)
+from tests._helpers import train_captured as train
 
-
-def argv(out: Path, cache: Path, *extra: str) -> list[str]:
-    """A tiny fixmatch run on the synthetic multimodal data; ``extra`` flags replace defaults."""
-    values = {
-        "output_dir": str(out), "dataset_cache_dir": str(cache), "synthetic_num_samples": "300",
-        "labeled_fraction": "0.2", "mu": "2", "method": "fixmatch", "per_device_train_batch_size": "4",
-        "per_device_eval_batch_size": "64", "max_steps": "4", "eval_steps": "2", "logging_steps": "2",
-        "learning_rate": "0.01", "report_to": "none", "disable_tqdm": "true", "seed": "3",
-    }
-    for flag, value in zip(extra[::2], extra[1::2]):
-        values[flag.lstrip("-")] = value
-    return [item for key, value in values.items() for item in (f"--{key}", value)]
-
-
-def train(args: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = run_train(args)
-    return code, out.getvalue(), err.getvalue()
-
-
-def one_error_line(code: int, stderr: str) -> str:
-    assert code == 1, stderr[-2000:]
-    assert "Traceback" not in stderr, stderr[-3000:]
-    lines = [l for l in stderr.splitlines() if l.startswith("train.py: error:")]
-    assert len(lines) == 1, stderr[-3000:]
-    return lines[0]
+argv = tiny_fixmatch_argv
 
 
 @pytest.fixture(scope="module")
