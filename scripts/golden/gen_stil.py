@@ -163,6 +163,29 @@ class _Recorder:
         return out
 
 
+def run_original_step(module, batch, marker: str, prefix: str = ""):
+    """One training step of the original, as Lightning's automatic optimisation runs it: the locals of
+    ``training_step`` captured at its return (the frame holding ``marker``), backward, then the step of
+    the optimizer its ``configure_optimizers`` returns. (loss, locals, gradients by name without ``prefix``)."""
+    captured = {}
+
+    def profiler(frame, event, arg):
+        if event == "return" and frame.f_code.co_name == "training_step" and marker in frame.f_locals:
+            captured.update(frame.f_locals)
+
+    optimizer = module.configure_optimizers()["optimizer"]
+    module.train()
+    sys.setprofile(profiler)
+    try:
+        loss = module.training_step(batch, 0)
+    finally:
+        sys.setprofile(None)
+    loss.backward()
+    grads = {n[len(prefix):]: p.grad for n, p in module.named_parameters() if p.grad is not None and n.startswith(prefix)}
+    optimizer.step()
+    return loss, captured, grads
+
+
 def generate() -> list[str]:
     import torch
 
@@ -194,26 +217,8 @@ def generate() -> list[str]:
     logged = {}
     module.log = lambda name, value, *a, **k: logged.__setitem__(name, value.detach().clone() if torch.is_tensor(value) else value)
 
-    # the step's locals (pseudo-labels, masks, cases) at return of training_step
-    captured = {}
-
-    def profiler(frame, event, arg):
-        if event == "return" and frame.f_code.co_name == "training_step" and "mask1" in frame.f_locals:
-            captured.update(frame.f_locals)
-
-    optimizer = module.configure_optimizers()["optimizer"]
-    module.train()
     torch.manual_seed(SEED_COINS)  # the only draw inside the step: the case-3 coin flips
-    sys.setprofile(profiler)
-    try:
-        loss = module.training_step(batch, 0)
-    finally:
-        sys.setprofile(None)
-    loss.backward()
-    grads = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
-    optimizer.step()
-
-    loc = captured
+    loss, loc, grads = run_original_step(module, batch, "mask1")  # loc: pseudo-labels, masks, cases
     if os.environ.get("GOLDEN_DEBUG"):
         for k in ("y_hat_m_ue", "y_hat_i_ue", "y_hat_t_ue", "prediction", "teacher_probs"):
             print(k, loc[k])
@@ -349,23 +354,7 @@ def generate_co_training() -> str:
     ce = _Recorder(module.criterion_ce.forward)
     module.criterion_ce.forward = ce
     module.log = lambda *a, **k: None
-    captured = {}
-
-    def profiler(frame, event, arg):
-        if event == "return" and frame.f_code.co_name == "training_step" and "mask_i" in frame.f_locals:
-            captured.update(frame.f_locals)
-
-    optimizer = module.configure_optimizers()["optimizer"]
-    module.train()
-    sys.setprofile(profiler)
-    try:
-        loss = module.training_step(batch, 0)
-    finally:
-        sys.setprofile(None)
-    loss.backward()
-    grads = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
-    optimizer.step()
-    loc = captured
+    loss, loc, grads = run_original_step(module, batch, "mask_i")
     terms = {"sup_loss_multimodal": ce.calls[0], "sup_loss_image": ce.calls[1], "sup_loss_tabular": ce.calls[2],
              "unsup_loss_image": loc["loss_i_u"], "unsup_loss_tabular": loc["loss_t_u"], "loss": loss}
     tensors = {f"input.{k}": v for k, v in inputs.items() if not k.startswith("image")}
@@ -468,23 +457,7 @@ def generate_mmatch() -> str:
     ce = _Recorder(module.criterion_ce.forward)
     module.criterion_ce.forward = ce
     module.log = lambda *a, **k: None
-    captured = {}
-
-    def profiler(frame, event, arg):
-        if event == "return" and frame.f_code.co_name == "training_step" and "mask1" in frame.f_locals:
-            captured.update(frame.f_locals)
-
-    optimizer = module.configure_optimizers()["optimizer"]
-    module.train()
-    sys.setprofile(profiler)
-    try:
-        loss = module.training_step(batch, 0)
-    finally:
-        sys.setprofile(None)
-    loss.backward()
-    grads = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
-    optimizer.step()
-    loc = captured
+    loss, loc, grads = run_original_step(module, batch, "mask1")
     terms = {"sup_loss_multimodal": ce.calls[0], "sup_loss_image": ce.calls[1], "sup_loss_tabular": ce.calls[2],
              "unsup_loss_image": loc["loss_i_u"], "unsup_loss_tabular": loc["loss_t_u"], "loss": loss}
     tensors = {f"input.{k}": v for k, v in inputs.items() if not k.startswith("image")}

@@ -19,11 +19,10 @@ import contextlib
 import copy
 import io
 import os
-import sys
 import tempfile
 
 from gen_stil import (FIELD_LENGTHS, IMG, N_L, N_U, NUM_CLASSES, SEED_INPUT, SEED_STUDENT, SEED_TEACHER,
-                      _git_commit, disable_dropout, make_inputs, use_checkout)
+                      _git_commit, disable_dropout, make_inputs, run_original_step, use_checkout)
 
 ENV = "STIL_ORIGINAL_SRC"
 NEEDS = ("pytorch_lightning", "torchmetrics", "omegaconf", "einops", "timm")
@@ -150,23 +149,7 @@ def generate_freematch() -> str:
     net.time_p = (target - (1 - m) * q.max(1).values.mean()) / m
     initial = {"time_p": net.time_p.clone(), "p_model": net.p_model.clone(), "label_hist": net.label_hist.clone()}
 
-    captured = {}
-
-    def profiler(frame, event, arg):
-        if event == "return" and frame.f_code.co_name == "training_step" and "ent_loss" in frame.f_locals:
-            captured.update(frame.f_locals)
-
-    optimizer = module.configure_optimizers()["optimizer"]
-    module.train()
-    sys.setprofile(profiler)
-    try:
-        loss = module.training_step(batch, 0)
-    finally:
-        sys.setprofile(None)
-    loss.backward()
-    grads = {n[len("model.main."):]: p.grad for n, p in module.named_parameters() if p.grad is not None}
-    optimizer.step()
-    loc = captured
+    loss, loc, grads = run_step(module, batch, "ent_loss")
     state = module.state_dict()
     # the teacher's image encoder: only its BN statistics (the part set by the step's forward; its
     # weights are m * teacher + (1 - m) * student, checked through every other teacher tensor), to keep
@@ -224,24 +207,8 @@ def record_post(module, teacher: str = "ema") -> dict:
 
 
 def run_step(module, batch, marker: str, student: str = "main"):
-    """One training step of the original (locals of ``training_step`` captured), backward, its Adam step."""
-    captured = {}
-
-    def profiler(frame, event, arg):
-        if event == "return" and frame.f_code.co_name == "training_step" and marker in frame.f_locals:
-            captured.update(frame.f_locals)
-
-    optimizer = module.configure_optimizers()["optimizer"]
-    module.train()
-    sys.setprofile(profiler)
-    try:
-        loss = module.training_step(batch, 0)
-    finally:
-        sys.setprofile(None)
-    loss.backward()
-    grads = {n[len(f"model.{student}."):]: p.grad for n, p in module.named_parameters() if p.grad is not None}
-    optimizer.step()
-    return loss, captured, grads
+    """`gen_stil.run_original_step` with the gradients of the student network ``model.<student>`` only."""
+    return run_original_step(module, batch, marker, prefix=f"model.{student}.")
 
 
 # ------------------------------------------------------------------------------------------ SimMatch
