@@ -9,11 +9,24 @@ sum of squares, 64 strided entries) rather than in full.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 
 FULL_NUMEL = 256  # tensors up to this size are recorded in full, larger ones as summaries
+
+
+@contextlib.contextmanager
+def float64_default():
+    """torch's default dtype is float64 inside the block (modules built there hold float64 weights, and
+    tensors an original allocates with the default dtype are float64); restored after, also on error."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def seeded_state(shapes: dict[str, tuple], seed: int, scale: dict[str, float] | None = None) -> dict[str, torch.Tensor]:

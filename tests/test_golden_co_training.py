@@ -22,7 +22,7 @@ from modeling_stil.methods.base import TrainState
 from modeling_stil.methods.co_training import CoTraining, CoTrainingArguments
 from modeling_stil.training.trainer import build_optimizer
 from tests._golden import assert_matches_original, load_golden, with_prefix
-from tests._golden_seeded import compare_recorded, float_shapes, perturbed, seeded_images, seeded_state
+from tests._golden_seeded import compare_recorded, float64_default, float_shapes, perturbed, seeded_images, seeded_state
 
 
 def _check(ours, theirs, name):
@@ -36,17 +36,13 @@ def build_network(meta):
     from modeling_stil.modeling_baselines import StilMultimodalClassifier
 
     o = meta["overrides"]
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
+    with float64_default():
         return StilMultimodalClassifier(MultimodalClassifierConfig(
             backbone=o["model"], image_size=o["img_size"], num_labels=o["num_classes"],
             tabular_schema=placeholder_schema(*layout_from_field_lengths(meta["field_lengths"])),
             tabular_embedding_dim=o["tabular_embedding_dim"], tabular_num_layers=o["tabular_transformer_num_layers"],
             tabular_num_heads=8, fusion="concat", unimodal_heads=True, fused_dim=o["projection_dim"],
             image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0]))
-    finally:
-        torch.set_default_dtype(default)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from modeling_stil.methods.base import TrainState
 from modeling_stil.methods.stil import Stil, StilArguments
 from modeling_stil.training.trainer import build_optimizer
 from tests._golden import assert_matches_original, load_golden, with_prefix
-from tests._golden_seeded import compare_recorded, float_shapes, perturbed, record, seeded_images, seeded_state
+from tests._golden_seeded import compare_recorded, float64_default, float_shapes, perturbed, record, seeded_images, seeded_state
 
 RTOL, ATOL = 1e-9, 1e-12
 
@@ -69,12 +69,8 @@ def golden_step(tmp_path_factory):
     state = _original_state(meta, fixture, shell.state_dict(), method_own)
 
     # through the converter, as an original checkpoint; built in float64 so the float64 weights load exactly
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
+    with float64_default():
         model, method_state = convert_stil_state_dict(state, meta["field_lengths"], num_classes=o["num_classes"], weights="student", **config)
-    finally:
-        torch.set_default_dtype(default)
     folder = tmp_path_factory.mktemp("converted")
     save_file({k: v.contiguous() for k, v in method_state.items()}, str(folder / METHOD_STATE_FILENAME))
     method = Stil(model.double(), args).double()

@@ -45,7 +45,7 @@ from modeling_stil.methods.freematch import MultimodalFreeMatch, MultimodalFreeM
 from modeling_stil.methods.simmatch import MultimodalSimMatch, MultimodalSimMatchArguments
 from modeling_stil.training.trainer import build_optimizer
 from tests._golden import assert_matches_original, load_golden, with_prefix
-from tests._golden_seeded import compare_recorded, float_shapes, perturbed, seeded_images, seeded_state
+from tests._golden_seeded import compare_recorded, float64_default, float_shapes, perturbed, seeded_images, seeded_state
 
 
 def _check(ours, theirs, name):
@@ -64,17 +64,13 @@ def build_concat_network(meta):
     from modeling_stil.modeling_baselines import StilMultimodalClassifier
 
     o = meta["overrides"]
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
+    with float64_default():
         return StilMultimodalClassifier(MultimodalClassifierConfig(
             backbone=o["model"], image_size=o["img_size"], num_labels=o["num_classes"],
             tabular_schema=placeholder_schema(*layout_from_field_lengths(meta["field_lengths"])),
             tabular_embedding_dim=o["tabular_embedding_dim"], tabular_num_layers=o["tabular_transformer_num_layers"],
             tabular_num_heads=8, fusion="concat", unimodal_heads=False, projection_dim=o["projection_dim"],
             projection_hidden_dim=o["multimodal_embedding_dim"], image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0]))
-    finally:
-        torch.set_default_dtype(default)
 
 
 def seeded_networks(fixture, meta, student_prefix="main.", teacher_prefix="ema."):
@@ -239,8 +235,7 @@ def simmatch_step():
 
     method.compute_terms, method.unfold_aggregate = capture_terms, capture_unfold
     optimizer = adam(method, o)
-    with pytest.MonkeyPatch.context() as patch:
-        loss, _ = method.training_step(labeled, unlabeled, TrainState(epoch=meta["epoch"], num_labels=o["num_classes"]))
+    loss, _ = method.training_step(labeled, unlabeled, TrainState(epoch=meta["epoch"], num_labels=o["num_classes"]))
     loss.backward()
     grads = original_names({n[len("model."):]: p.grad for n, p in method.named_parameters()
                             if p.grad is not None and n.startswith("model.")})
@@ -331,8 +326,7 @@ def comatch_step():
 
     method.compute_terms, method.graph_loss = capture_terms, capture_graph
     optimizer = adam(method, o)
-    with pytest.MonkeyPatch.context() as patch:
-        loss, _ = method.training_step(labeled, unlabeled, TrainState(epoch=meta["epoch"], num_labels=o["num_classes"]))
+    loss, _ = method.training_step(labeled, unlabeled, TrainState(epoch=meta["epoch"], num_labels=o["num_classes"]))
     loss.backward()
     grads = original_names({n[len("model."):]: p.grad for n, p in method.named_parameters()
                             if p.grad is not None and n.startswith("model.")})

@@ -24,7 +24,7 @@ from modeling_stil.methods.base import TrainState
 from modeling_stil.methods.tip_pretrain import TipPretrain, TipPretrainArguments
 from modeling_stil.training.trainer import build_optimizer
 from tests._golden import assert_matches_original, load_golden, with_prefix
-from tests._golden_seeded import compare_recorded, float_shapes, record, seeded_images, seeded_state
+from tests._golden_seeded import compare_recorded, float64_default, float_shapes, record, seeded_images, seeded_state
 
 EXACT = dict(rtol=1e-9, atol=1e-12)
 
@@ -50,9 +50,7 @@ def golden_step(monkeypatch_module):
     fixture, meta = load_golden("tip")
     o = meta["overrides"]
     overrides = dict(image_encoder=o["model"], image_size=o["img_size"], tabular_num_heads=8, multimodal_num_heads=8)  # Block's default
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)  # built in float64 so the float64 weights load exactly
-    try:
+    with float64_default():  # built in float64 so the float64 weights load exactly
         from modeling_stil.configuration_tip import TipConfig
         from modeling_stil.modeling_tip import TipModel
 
@@ -64,8 +62,6 @@ def golden_step(monkeypatch_module):
         own = shell.state_dict()
         state = {**own, **seeded_state(float_shapes(own), meta["seeds"]["weights"])}
         model = convert_tip_state_dict(state, meta["field_lengths"], **overrides)
-    finally:
-        torch.set_default_dtype(default)
     method = TipPretrain(model, TipPretrainArguments()).double().train()
 
     negatives = (fixture["input.negative_tables"], fixture["input.negative_images"])

@@ -225,7 +225,7 @@ def generate_simmatch() -> str:
     import torch.nn.functional as F
 
     from golden_io import save_golden
-    from tests._golden_seeded import record
+    from tests._golden_seeded import float64_default, record
 
     src = os.environ[ENV]
     torch.set_num_threads(2)
@@ -247,9 +247,7 @@ def generate_simmatch() -> str:
         net.DA_ptr.fill_(SIM_DA_PTR)
     initial = {k: v.detach().clone() for k, v in net.named_buffers() if k in ("bank", "labels", "DA_queue", "DA_ptr")}
 
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
+    with float64_default():
         trial = copy.deepcopy(module)
         seen = {}
         forward = trial.model.forward
@@ -259,8 +257,6 @@ def generate_simmatch() -> str:
         top = seen["out"][1].max(1).values.sort().values
         module.threshold = float(0.5 * (top[N_U // 2 - 1] + top[N_U // 2]))
         loss, loc, grads = run_step(module, batch, "loss_in")
-    finally:
-        torch.set_default_dtype(default)
     tensors = {f"input.{k}": v for k, v in inputs.items() if not k.startswith("image")}
     tensors["input.table_s"] = table_s
     tensors["input.positions"] = index
@@ -312,7 +308,7 @@ def generate_comatch() -> str:
     import torch.nn.functional as F
 
     from golden_io import save_golden
-    from tests._golden_seeded import record, seeded_images
+    from tests._golden_seeded import float64_default, record, seeded_images
 
     src = os.environ[ENV]
     torch.set_num_threads(2)
@@ -346,9 +342,7 @@ def generate_comatch() -> str:
                                                                                "queue_ptr_w", "queue_ptr_s")}
     initial["hist_prob"] = hist
 
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
+    with float64_default():
         trial = copy.deepcopy(module)
         seen = {}
         forward = trial.model.forward
@@ -358,8 +352,6 @@ def generate_comatch() -> str:
         top = seen["out"][3].max(1).values.sort().values
         module.thr = float(0.5 * (top[N_U // 2 - 1] + top[N_U // 2]))
         loss, loc, grads = run_step(module, batch, "loss_contrast", student="encoder")
-    finally:
-        torch.set_default_dtype(default)
     tensors = {f"input.{k}": v for k, v in inputs.items() if not k.startswith("image")}
     tensors.update({"input.table_s": table_s, "input.table_s1": table_s1})
     tensors.update(record("input.", {k: v for k, v in inputs.items() if k.startswith("image")}))

@@ -562,14 +562,12 @@ def generate() -> list[str]:
 
     usb, version = _import_usb(os.environ[ENV])
     written = []
-    kept = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
+    from tests._golden_seeded import float64_default
+
+    with float64_default():
         for build in (_fixmatch, _freematch, _simmatch, _comatch, _pseudolabel):
             generator = torch.Generator().manual_seed(SEED)
             written.append(build(usb, version, generator))
-    finally:
-        torch.set_default_dtype(kept)
     # USB's CIFAR-10 config values for tests/test_usb_recipes.py (scripts/golden/usb_recipes.py prints them)
     import json
 
