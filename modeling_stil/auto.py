@@ -1,8 +1,10 @@
-"""Registration of our configs/models/processors with the transformers Auto classes.
+"""Registration of our configs/models/processor with the transformers Auto classes.
 
 Each entry: (module, config class, model class, Auto task classes). Models are also registered
 for remote code in their own modeling files (``register_for_auto_class``) so ``save_pretrained``
-writes ``auto_map``.
+writes ``auto_map``. `StilProcessor` serves every model: ``AutoProcessor`` finds it by config type and
+by the ``processor_class`` name in ``processor_config.json`` (exports written before it shipped as
+remote code load through this registration).
 """
 
 import importlib
@@ -27,6 +29,8 @@ def register_auto_classes() -> None:
         return
     import transformers
 
+    from .processing_stil import StilProcessor
+
     for module_name, config_name, model_name, auto_names in MODEL_REGISTRY:
         module = importlib.import_module(f"{__package__}.{module_name}")
         config_cls = getattr(module, config_name)
@@ -34,4 +38,5 @@ def register_auto_classes() -> None:
         transformers.AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
         for auto_name in ("AutoModel",) + tuple(auto_names):
             getattr(transformers, auto_name).register(config_cls, model_cls, exist_ok=True)
+        transformers.AutoProcessor.register(config_cls, StilProcessor, exist_ok=True)
     _registered = True

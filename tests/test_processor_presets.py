@@ -4,6 +4,7 @@ import csv
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +15,9 @@ from torchvision.transforms.v2 import functional as TF
 
 import modeling_stil  # noqa: F401
 from data_utils.io import DatasetMetadata
-from data_utils.schema import SchemaError
 from modeling_stil.configuration_baselines import DataCompatibilityError
 from modeling_stil.presets import PRESETS, create_model, list_presets
-from modeling_stil.processing_stil import PROCESSOR_FILENAME, StilProcessor
+from modeling_stil.processing_stil import PROCESSOR_FILENAME, SchemaError, StilProcessor
 from tests._helpers import TOY_METADATA, TOY_SCHEMA, load_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,6 +64,53 @@ def test_processor_tabular_raw_rows_and_errors():
         processor(tabular={"color": "red", "age": "old"})
     with pytest.raises(ValueError, match="no image settings"):
         processor(images=_image(0))
+
+
+def test_processor_gives_the_tensors_and_errors_of_the_training_pipeline():
+    """The processor is shipped as remote code, so it writes data_utils' three rules again (raw-row
+    encoding, the 16-bit rule, the eval view + normalize_batch); both must agree, errors included."""
+    from data_utils import schema as training_schema
+    from data_utils.images import to_8bit
+    from data_utils.views import ViewConfig, build_image_view, normalize_batch
+
+    fields = [*TOY_SCHEMA.to_dict()["fields"], {"name": "flat", "kind": "continuous", "categories": None, "mean": None, "std": 0.0}]
+    for allow_missing in (True, False):
+        schema = {"allow_missing": allow_missing, "fields": fields}
+        processor = StilProcessor(tabular_schema=schema, image_size=None)
+        reference = training_schema.TabularSchema.from_dict(schema)
+        batches = [
+            [{"color": "green", "make": 2.0, "age": 7, "km": 150.0, "price": 4.0, "flat": 3.0}, {"color": "red", "make": "d", "age": -1.5, "km": 0, "price": 1e6, "flat": -2}],
+            [{"color": None, "make": "", "age": float("nan"), "price": None}, {"color": 2, "make": "a"}],  # 2 is no category name
+            [{"color": "blue", "make": "a", "age": float("inf"), "km": 1.0, "price": 2.0, "flat": 0.0}],
+            [{"color": "blue", "make": "e", "age": 1.0, "km": 1.0, "price": 2.0, "flat": 0.0}],
+        ]
+        for rows in batches:
+            try:
+                expected = reference.encode_raw_rows(rows)
+            except training_schema.SchemaError as error:
+                with pytest.raises(SchemaError) as raised:
+                    processor(tabular=rows)
+                assert str(raised.value) == str(error)
+                continue
+            out = processor(tabular=rows)
+            for key, value in expected.items():
+                assert out[key].dtype == torch.from_numpy(value).dtype and torch.equal(out[key], torch.from_numpy(value)), key
+
+    sixteen = Image.fromarray(np.random.default_rng(4).integers(0, 65535, (20, 30)).astype(np.uint16))
+    for channels, mean, std, resize, image in ((3, [0.5, 0.4, 0.3], [0.2, 0.25, 0.3], None, _image(5, size=(50, 37))),
+                                              (1, [0.1], [0.7], 40, _image(6, size=(33, 45), mode="L")),
+                                              (1, None, None, None, sixteen), (3, None, None, 32, _image(7, size=(32, 32)))):
+        processor = StilProcessor(image_size=32, num_channels=channels, image_mean=mean, image_std=std, resize_size=resize)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the 16-bit notice
+            pixels = processor(images=image)["pixel_values"]
+            decoded, _ = to_8bit(image)
+        tensor = TF.pil_to_tensor(decoded.convert("RGB" if channels == 3 else "L"))
+        if resize:
+            tensor = TF.center_crop(TF.resize(tensor, [resize, resize], antialias=True), [32, 32])
+        cfg = ViewConfig(image_size=32, num_channels=channels, image_mean=mean, image_std=std)
+        expected = normalize_batch(build_image_view("eval", cfg)(tensor)[0][None], cfg)
+        assert torch.equal(pixels, expected)
 
 
 def test_processor_save_load_and_from_model(tmp_path):
