@@ -108,6 +108,62 @@ def test_model_card_metadata_and_plots(offline_push_run):
             f"warm-up {config['warmup']} of the steps") in card.text
 
 
+# Runs a file of Python where this repository's packages cannot be imported (the venv has stil installed
+# in editable mode, so leaving the repository off PYTHONPATH is not enough): what a Hub user without stil has.
+WITHOUT_STIL = """
+import importlib.abc, sys
+
+class BlockStil(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("modeling_stil", "data_utils"):
+            raise ImportError(name + " is blocked: this process stands for a machine without stil")
+
+sys.meta_path.insert(0, BlockStil())
+exec(compile(open(sys.argv[1]).read(), sys.argv[1], "exec"), {"__name__": "__main__"})
+"""
+
+
+def test_model_card_snippet_predicts_without_stil(offline_push_run, tmp_path):
+    """The card's snippet, as a Hub user runs it (transformers alone, trust_remote_code), predicts a raw
+    row + image from the export, and predicts what the same snippet does with stil installed."""
+    import ast
+    import contextlib
+    import io
+    import os
+    import subprocess
+
+    import numpy as np
+    from PIL import Image
+
+    _, _, out, _ = offline_push_run
+    card = (out / "README.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1).replace('"someone/stil-tiny"', repr(str(out)))
+    assert "modeling_stil" not in snippet and "trust_remote_code=True" in snippet
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "example.jpg")
+    (tmp_path / "snippet.py").write_text(snippet)
+    (tmp_path / "without_stil.py").write_text(WITHOUT_STIL)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    done = subprocess.run([sys.executable, "without_stil.py", "snippet.py"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    remote = ast.literal_eval(done.stdout.strip().splitlines()[-1])
+
+    printed = io.StringIO()
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        with contextlib.redirect_stdout(printed):
+            exec(compile(snippet, "card-snippet", "exec"), {"__name__": "__main__"})
+    finally:
+        os.chdir(cwd)
+    local = ast.literal_eval(printed.getvalue().strip().splitlines()[-1])
+    labels = set(json.loads((out / "config.json").read_text())["id2label"].values())
+    assert len(remote) == 1 and len(remote[0]) == 3 and {p["label"] for p in remote[0]} <= labels
+    assert [p["label"] for p in remote[0]] == [p["label"] for p in local[0]]
+    assert [p["score"] for p in remote[0]] == pytest.approx([p["score"] for p in local[0]], abs=1e-6)
+
+
 def test_evaluate_script_prints_and_writes(offline_push_run, tmp_path):
     """Run exactly as a user does (`python scripts/evaluate.py`, scripts/ first on sys.path), which
     once let scripts/evaluate.py shadow the `evaluate` library."""

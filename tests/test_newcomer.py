@@ -347,7 +347,7 @@ def test_card_after_push_names_the_repo_and_its_snippet_predicts_from_raw_inputs
     data_ = card.data.to_dict()
     assert "pipeline_tag" not in data_ and "datasets" not in data_  # no failing pipeline, no local folder as a dataset
     assert str(out) not in card.text and str(tmp_path) not in card.text
-    assert 'from_pretrained("someone/cars")' in card.text
+    assert 'from_pretrained("someone/cars", trust_remote_code=True)' in card.text
     recipe = yaml.safe_load(re.search(r"```yaml\n(.*?)```", card.text, re.S).group(1))
     assert not any(k.startswith("synthetic_") for k in recipe) and "hub_token" not in recipe and "report_to" not in recipe
     assert recipe["method"] == "fixmatch" and recipe["max_steps"] == 2

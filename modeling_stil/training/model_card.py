@@ -30,8 +30,10 @@ A `{{ model_type }}` model trained with the **{{ method }}** method of stil
 
 ## Use
 
+The model and its processor load with transformers alone (their code ships with the weights):
+
 ```bash
-pip install stil  # the library that defines the model and its processor (or: trust_remote_code=True for the model)
+pip install torch transformers timm
 ```
 
 ```python
@@ -39,8 +41,9 @@ pip install stil  # the library that defines the model and its processor (or: tr
 ```
 
 `transformers.pipeline(...)` does not apply to this model (it reads {{ modalities_text }} through
-`StilProcessor`, which no pipeline knows): build the inputs with the processor as above.
-`scripts/predict.py --model {{ repo_or_path }} --table rows.csv` predicts a whole table of raw rows.
+its own processor, which no pipeline knows): build the inputs with the processor as above.
+With stil installed, `scripts/predict.py --model {{ repo_or_path }} --table rows.csv` predicts a whole
+table of raw rows.
 
 ## Results
 
@@ -227,16 +230,14 @@ def warmup_text(t: dict[str, Any], steps: int | None = None) -> str:
 
 def usage_snippet(repo: str, modalities: list[str], example_row: dict[str, Any] | None, image_column: str | None,
                   task: str) -> str:
-    """Python that loads the model and its processor and predicts one raw example (image file + raw row)."""
+    """Python that loads the model and its processor with transformers alone (``trust_remote_code``: the
+    export ships their code) and predicts one raw example (image file + raw row)."""
     lines = [
         "import torch",
-        "from transformers import AutoModel",
+        "from transformers import AutoModel, AutoProcessor",
         "",
-        "import modeling_stil  # registers the stil model classes with the Auto classes",
-        "from modeling_stil.processing_stil import StilProcessor",
-        "",
-        f'model = AutoModel.from_pretrained("{repo}").eval()',
-        f'processor = StilProcessor.from_pretrained("{repo}")',
+        f'model = AutoModel.from_pretrained("{repo}", trust_remote_code=True).eval()',
+        f'processor = AutoProcessor.from_pretrained("{repo}", trust_remote_code=True)',
     ]
     call = []
     if "image" in modalities:
