@@ -109,7 +109,7 @@ def save_dataset(
 class DatasetError(ValueError, FileNotFoundError):
     """A dataset argument that cannot be loaded: no such folder or Hub dataset, a folder that is not a
     stil dataset, or an unreadable file in one. The message names the path and what a dataset must
-    look like. Also a ``FileNotFoundError`` so callers that catch that (train.py, scripts/evaluate.py)
+    look like. Also a ``FileNotFoundError`` so callers that catch that (train.py, scripts/evaluate_model.py)
     print the one line instead of a traceback."""
 
 

@@ -47,8 +47,8 @@ def assert_same_up_to_kernel_choice(actual, expected, ulps: int = 16, msg: str =
 def load_script(name: str):
     """Import a CLI from scripts/ as a module without putting scripts/ on sys.path.
 
-    scripts/ holds files named like libraries (scripts/evaluate.py): on sys.path they would shadow
-    `import evaluate` for the rest of the test session."""
+    On sys.path, scripts/ would stay there for the rest of the test session, where a script named like
+    a library would shadow it (test_export_hub checks none is)."""
     module_name = f"stil_scripts_{name}"
     if module_name in sys.modules:
         return sys.modules[module_name]

@@ -23,7 +23,7 @@ from data_utils.schema import TabularField, TabularSchema
 from tests._helpers import ROOT, TOY_METADATA, TOY_SCHEMA, load_script, run_train
 
 prepare_dataset = load_script("prepare_dataset")
-evaluate_script = load_script("evaluate")
+evaluate_script = load_script("evaluate_model")
 predict_script = load_script("predict")
 
 

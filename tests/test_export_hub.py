@@ -1,4 +1,4 @@
-"""A tiny real job end to end: export (safetensors + processor + card), reload, evaluate.py,
+"""A tiny real job end to end: export (safetensors + processor + card), reload, evaluate_model.py,
 and the Hub upload at its boundary (offline failure after saving; the exact files and card sent)."""
 
 from __future__ import annotations
@@ -165,15 +165,15 @@ def test_model_card_snippet_predicts_without_stil(offline_push_run, tmp_path):
 
 
 def test_evaluate_script_prints_and_writes(offline_push_run, tmp_path):
-    """Run exactly as a user does (`python scripts/evaluate.py`, scripts/ first on sys.path), which
-    once let scripts/evaluate.py shadow the `evaluate` library."""
+    """Run exactly as a user does (`python scripts/evaluate_model.py`, scripts/ first on sys.path), which
+    once let the script, then named evaluate.py, shadow the `evaluate` library."""
     import os
     import subprocess
 
     _, _, out, cache = offline_push_run
     dataset = next(cache.iterdir())
     done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--model", str(out), "--dataset", str(dataset),
+        [sys.executable, str(ROOT / "scripts" / "evaluate_model.py"), "--model", str(out), "--dataset", str(dataset),
          "--split", "test", "--write"],
         cwd=tmp_path, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=180,
     )
@@ -182,6 +182,15 @@ def test_evaluate_script_prints_and_writes(offline_push_run, tmp_path):
     expected = json.loads((out / "eval_results.json").read_text())
     assert printed["accuracy"] == pytest.approx(expected["test"]["accuracy"])
     assert expected["evaluations"][f"{dataset.name}:test"]["accuracy"] == pytest.approx(printed["accuracy"])
+
+
+def test_no_script_shadows_an_installed_module():
+    """`python scripts/X.py` puts scripts/ first on sys.path: a script named like a library (evaluate.py
+    was) would replace it for everything that script imports."""
+    import importlib.util
+
+    shadowing = [p.name for p in (ROOT / "scripts").glob("*.py") if importlib.util.find_spec(p.stem) is not None]
+    assert not shadowing, f"rename {shadowing}: installed modules of that name exist"
 
 
 def test_push_sends_the_export_without_checkpoints(offline_push_run, monkeypatch):

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Evaluate a saved stil model on a split of a stil dataset and print the metrics as JSON.
 
-    python scripts/evaluate.py --model runs/default --dataset DATASET_DIR --split test [--write]
+    python scripts/evaluate_model.py --model runs/default --dataset DATASET_DIR --split test [--write]
 
 ``--model``: an exported folder or a Hub id; ``--dataset``: a stil dataset folder or Hub dataset id.
 With ``--write`` the metrics are added to ``eval_results.json`` next to the model (local folders).
@@ -15,11 +15,9 @@ import os
 import sys
 from pathlib import Path
 
-# Run as `python scripts/evaluate.py`, Python puts scripts/ first on sys.path, where this very file
-# would shadow the `evaluate` library our metrics import. Drop scripts/, add the repository root.
-_SCRIPTS = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _SCRIPTS]
-sys.path.insert(0, str(_SCRIPTS.parent))
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 
 def evaluate_model(model, dataset_dict, metadata, schema, split: str, batch_size: int = 128, max_samples: int | None = None,
@@ -32,7 +30,7 @@ def evaluate_model(model, dataset_dict, metadata, schema, split: str, batch_size
     from modeling_stil.training.trainer import split_eval_batch
 
     if split not in dataset_dict:
-        raise SystemExit(f"evaluate.py: the dataset has no {split!r} split; splits: {sorted(dataset_dict)}")
+        raise SystemExit(f"evaluate_model.py: the dataset has no {split!r} split; splits: {sorted(dataset_dict)}")
     if max_samples is not None and len(dataset_dict[split]) > max_samples:
         dataset_dict = dataset_dict.copy()
         dataset_dict[split] = dataset_dict[split].select(range(max_samples))
@@ -72,26 +70,26 @@ def main(argv=None) -> int:
     try:
         model = load_saved_model(args.model, dtype=torch.float32)
     except ValueError as error:
-        print(f"evaluate.py: cannot load model {args.model!r}: {error}", file=sys.stderr)
+        print(f"evaluate_model.py: cannot load model {args.model!r}: {error}", file=sys.stderr)
         return 1
     try:
         dataset_dict, metadata, schema = load_dataset(args.dataset)
     except FileNotFoundError as error:
-        print(f"evaluate.py: {error}", file=sys.stderr)
+        print(f"evaluate_model.py: {error}", file=sys.stderr)
         return 1
     check = getattr(model, "check_data_compatibility", None)
     if check is not None:
         try:
             check(schema, metadata)
         except ValueError as error:
-            print(f"evaluate.py: the model does not fit this dataset: {error}", file=sys.stderr)
+            print(f"evaluate_model.py: the model does not fit this dataset: {error}", file=sys.stderr)
             return 1
     metrics = evaluate_model(model, dataset_dict, metadata, schema, args.split, args.batch_size, args.max_samples, args.device)
     print(json.dumps(metrics))
     if args.write:
         folder = Path(args.model)
         if not folder.is_dir():
-            print("evaluate.py: --write needs a local model folder", file=sys.stderr)
+            print("evaluate_model.py: --write needs a local model folder", file=sys.stderr)
             return 1
         path = folder / "eval_results.json"
         results = json.loads(path.read_text()) if path.is_file() else {}
