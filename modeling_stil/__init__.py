@@ -58,7 +58,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from .configuration_tcdcnn import TCDCNNConfig
     from .configuration_tip import TipConfig
     from .configuration_wide_resnet import WideResNetConfig
-    from .modeling_baselines import StilImageClassifier, StilMultimodalClassifier, StilTabularClassifier
+    from .modeling_baselines import ImageClassifier, MultimodalClassifier, TabularClassifier
     from .modeling_stil import StilModel
     from .modeling_tcdcnn import TCDCNNForLandmarkRegression
     from .modeling_tip import TipModel

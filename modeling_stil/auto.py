@@ -15,9 +15,9 @@ MODEL_REGISTRY: list[tuple[str, str, str, tuple[str, ...]]] = [
     ("modeling_tip", "TipConfig", "TipModel", ()),
     ("modeling_wide_resnet", "WideResNetConfig", "WideResNetForImageClassification", ("AutoModelForImageClassification",)),
     ("modeling_tcdcnn", "TCDCNNConfig", "TCDCNNForLandmarkRegression", ()),
-    ("modeling_baselines", "ImageClassifierConfig", "StilImageClassifier", ("AutoModelForImageClassification",)),
-    ("modeling_baselines", "TabularClassifierConfig", "StilTabularClassifier", ()),
-    ("modeling_baselines", "MultimodalClassifierConfig", "StilMultimodalClassifier", ()),
+    ("modeling_baselines", "ImageClassifierConfig", "ImageClassifier", ("AutoModelForImageClassification",)),
+    ("modeling_baselines", "TabularClassifierConfig", "TabularClassifier", ()),
+    ("modeling_baselines", "MultimodalClassifierConfig", "MultimodalClassifier", ()),
 ]
 
 _registered = False

@@ -3,13 +3,13 @@
 All three follow the model input contract (docs/architecture.md) and return `BaselineOutput`.
 Sub-module names follow the originals so their checkpoints map 1:1:
 
-* `StilImageClassifier` (docs/methods.md, "supervised", the Match family's image-only wrapper):
+* `ImageClassifier` (docs/methods.md, "supervised", the Match family's image-only wrapper):
   ``encoder_imaging`` (timm) -> pooled feature -> ``classifier`` Linear(C_img -> classes);
   ``head`` Linear(C_img -> projection_hidden_dim)-ReLU-Linear(-> projection_dim), L2-normalised into
   ``projections``.
-* `StilTabularClassifier`: ``encoder_tabular`` (TIP's tabular transformer) -> CLS -> ``classifier``;
+* `TabularClassifier`: ``encoder_tabular`` (TIP's tabular transformer) -> CLS -> ``classifier``;
   ``head`` MLP on the CLS as above.
-* `StilMultimodalClassifier`:
+* `MultimodalClassifier`:
   - ``fusion="concat"`` (Multimodal SimMatch/CoMatch/FreeMatch): h = [``image_proj``(pooled);
     ``tabular_proj``(CLS)] (``tabular_proj`` is Identity when widths match), ``classifier_multimodal``
     Linear(h), ``head`` MLP(h) -> normalised ``projections``; ``features`` = h.
@@ -65,7 +65,7 @@ def _projection_head(config, in_dim: int):
     return TwoLayerMLP(in_dim, hidden, config.projection_dim)
 
 
-class StilBaselinePreTrainedModel(StilPreTrainedModel):
+class BaselinePreTrainedModel(StilPreTrainedModel):
     """Weight init, data check, loss and encoder builders come from modeling_common.StilPreTrainedModel."""
 
     base_model_prefix = "stil_baseline"
@@ -78,7 +78,7 @@ class StilBaselinePreTrainedModel(StilPreTrainedModel):
         return F.dropout(x, p, self.training) if p > 0 else x
 
 
-class StilImageClassifier(StilBaselinePreTrainedModel):
+class ImageClassifier(BaselinePreTrainedModel):
     config_class = ImageClassifierConfig
     input_modalities = ("image",)
     _extra_auto_classes = ("AutoModelForImageClassification",)
@@ -93,7 +93,7 @@ class StilImageClassifier(StilBaselinePreTrainedModel):
 
     def forward(self, pixel_values=None, labels=None, return_dict=None, **unused) -> BaselineOutput:
         if pixel_values is None:
-            raise ValueError("StilImageClassifier needs pixel_values")
+            raise ValueError("ImageClassifier needs pixel_values")
         _, pooled = self.encoder_imaging(pixel_values)
         logits = self.classifier(self._dropout(pooled))
         projections = F.normalize(self.head(pooled), dim=-1) if self.head is not None else None
@@ -103,7 +103,7 @@ class StilImageClassifier(StilBaselinePreTrainedModel):
         )
 
 
-class StilTabularClassifier(StilBaselinePreTrainedModel):
+class TabularClassifier(BaselinePreTrainedModel):
     config_class = TabularClassifierConfig
     main_input_name = "continuous_values"
     input_modalities = ("tabular",)
@@ -126,7 +126,7 @@ class StilTabularClassifier(StilBaselinePreTrainedModel):
         )
 
 
-class StilMultimodalClassifier(StilBaselinePreTrainedModel):
+class MultimodalClassifier(BaselinePreTrainedModel):
     config_class = MultimodalClassifierConfig
     input_modalities = ("image", "tabular")
 
@@ -168,7 +168,7 @@ class StilMultimodalClassifier(StilBaselinePreTrainedModel):
         return_dict=None, **unused,
     ) -> BaselineOutput:
         if pixel_values is None:
-            raise ValueError("StilMultimodalClassifier needs pixel_values and the tabular inputs")
+            raise ValueError("MultimodalClassifier needs pixel_values and the tabular inputs")
         image_tokens, image_pooled = self.encoder_imaging(pixel_values)
         tabular_tokens = self.encoder_tabular(categorical_values, continuous_values, missing_mask)
         tabular_cls = tabular_tokens[:, 0]
@@ -196,6 +196,6 @@ class StilMultimodalClassifier(StilBaselinePreTrainedModel):
 ImageClassifierConfig.register_for_auto_class()
 TabularClassifierConfig.register_for_auto_class()
 MultimodalClassifierConfig.register_for_auto_class()
-StilImageClassifier.register_for_auto_class("AutoModel")
-StilTabularClassifier.register_for_auto_class("AutoModel")
-StilMultimodalClassifier.register_for_auto_class("AutoModel")
+ImageClassifier.register_for_auto_class("AutoModel")
+TabularClassifier.register_for_auto_class("AutoModel")
+MultimodalClassifier.register_for_auto_class("AutoModel")

@@ -82,9 +82,9 @@ FAMILY_TASKS = {
     "tcdcnn": ("landmarks", "regression"),
 }
 
-_IMG = ("ImageClassifierConfig", "StilImageClassifier")
-_TAB = ("TabularClassifierConfig", "StilTabularClassifier")
-_MM = ("MultimodalClassifierConfig", "StilMultimodalClassifier")
+_IMG = ("ImageClassifierConfig", "ImageClassifier")
+_TAB = ("TabularClassifierConfig", "TabularClassifier")
+_MM = ("MultimodalClassifierConfig", "MultimodalClassifier")
 _TINY_IMG = dict(backbone="test_resnet", image_size=32)
 _TINY_HEAD = dict(projection_hidden_dim=32, projection_dim=16)
 

@@ -61,11 +61,11 @@ def build_concat_network(meta):
     """Our Match-family concat network (``multimodal-concat``) in the fixture's tiny configuration, float64."""
     from modeling_stil.configuration_baselines import MultimodalClassifierConfig
     from modeling_stil.configuration_stil import layout_from_field_lengths, placeholder_schema
-    from modeling_stil.modeling_baselines import StilMultimodalClassifier
+    from modeling_stil.modeling_baselines import MultimodalClassifier
 
     o = meta["overrides"]
     with float64_default():
-        return StilMultimodalClassifier(MultimodalClassifierConfig(
+        return MultimodalClassifier(MultimodalClassifierConfig(
             backbone=o["model"], image_size=o["img_size"], num_labels=o["num_classes"],
             tabular_schema=placeholder_schema(*layout_from_field_lengths(meta["field_lengths"])),
             tabular_embedding_dim=o["tabular_embedding_dim"], tabular_num_layers=o["tabular_transformer_num_layers"],

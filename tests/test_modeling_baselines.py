@@ -12,7 +12,7 @@ from data_utils.io import DatasetMetadata
 from data_utils.schema import TabularSchema
 from modeling_stil.configuration_baselines import DataCompatibilityError
 from modeling_stil.encoders import ImageEncoder
-from modeling_stil.modeling_baselines import StilImageClassifier, StilMultimodalClassifier, StilTabularClassifier
+from modeling_stil.modeling_baselines import ImageClassifier, MultimodalClassifier, TabularClassifier
 from modeling_stil.presets import create_model
 from tests._helpers import TOY_METADATA, TOY_SCHEMA, assert_same_up_to_kernel_choice
 
@@ -92,7 +92,7 @@ def test_fused_prediction_depends_on_both_modalities_and_masks_hide_values():
 def test_post_init_keeps_timm_initialisation():
     config = build("image-tiny").config
     torch.manual_seed(123)
-    model = StilImageClassifier(config)
+    model = ImageClassifier(config)
     torch.manual_seed(123)
     reference = ImageEncoder("test_resnet", 3)
     for (name, a), (_, b) in zip(model.encoder_imaging.state_dict().items(), reference.state_dict().items()):
@@ -142,7 +142,27 @@ def test_image_classifier_loads_as_image_classification_auto_class(tmp_path):
     from transformers import AutoModelForImageClassification
 
     build("image-tiny").save_pretrained(tmp_path)
-    assert type(AutoModelForImageClassification.from_pretrained(tmp_path)) is StilImageClassifier
+    assert type(AutoModelForImageClassification.from_pretrained(tmp_path)) is ImageClassifier
+
+
+@pytest.mark.parametrize("name, old_class", [("image-tiny", "StilImageClassifier"), ("tabular-tiny", "StilTabularClassifier"),
+                                             ("multimodal-concat-tiny", "StilMultimodalClassifier")])
+def test_exports_naming_the_classes_old_names_load(tmp_path, name, old_class):
+    """Exports written before the rename name the old class in architectures and auto_map; their model_type
+    finds today's class. (Their trust_remote_code copies define the old names themselves.)"""
+    import json
+
+    from transformers import AutoModel
+
+    model = build(name)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["architectures"] = [old_class]
+    config["auto_map"] = {k: v.replace(type(model).__name__, old_class) for k, v in config["auto_map"].items()}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert type(loaded) is type(model)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
 
 
 def test_compatibility_check_lists_differences():
@@ -166,7 +186,7 @@ def test_tabular_models_need_a_schema():
     from modeling_stil.configuration_baselines import TabularClassifierConfig
 
     with pytest.raises(ValueError, match="needs tabular_schema"):
-        StilTabularClassifier(TabularClassifierConfig(num_labels=3))
+        TabularClassifier(TabularClassifierConfig(num_labels=3))
 
 
 def test_bf16_autocast_channels_last_and_compile():

@@ -249,5 +249,5 @@ def test_benchmark_script_runs(tmp_path):
     )
     assert code == 0
     result = json.loads(out.read_text())
-    assert result["class"] == "StilMultimodalClassifier" and result["batch"] == 2 and result["image_size"] == 32
+    assert result["class"] == "MultimodalClassifier" and result["batch"] == 2 and result["image_size"] == 32
     assert result["forward_s"] > 0 and result["train_step_s"] > 0 and result["train_step_peak_mib"] > 0
