@@ -211,10 +211,14 @@ class StilProcessor(ProcessorMixin):
             "problem_type": self.problem_type,
         }
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **unused) -> Path:
-        """Write ``processor_config.json`` (with ``auto_map`` for AutoProcessor) and a copy of this file."""
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **unused) -> Path:
+        """Write ``processor_config.json`` (with ``auto_map`` for AutoProcessor) and a copy of this file.
+        Other transformers save arguments change nothing here."""
         from transformers.dynamic_module_utils import custom_object_save
 
+        if push_to_hub:
+            raise ValueError("StilProcessor.save_pretrained saves locally; upload with processor.push_to_hub(repo_id) "
+                             "or scripts/push_to_hub.py")
         path = Path(save_directory)
         path.mkdir(parents=True, exist_ok=True)
         data = self.to_dict()
