@@ -158,7 +158,9 @@ def test_exports_naming_the_classes_old_names_load(tmp_path, name, old_class):
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     config["architectures"] = [old_class]
-    config["auto_map"] = {k: v.replace(type(model).__name__, old_class) for k, v in config["auto_map"].items()}
+    model_entry = f"modeling_baselines.{type(model).__name__}"
+    config["auto_map"] = {k: f"modeling_baselines.{old_class}" if v == model_entry else v for k, v in config["auto_map"].items()}
+    assert f"modeling_baselines.{old_class}" in config["auto_map"].values()
     (tmp_path / "config.json").write_text(json.dumps(config))
     loaded = AutoModel.from_pretrained(tmp_path)
     assert type(loaded) is type(model)
