@@ -2,7 +2,8 @@
 
 PIL's ``convert("RGB")`` / ``convert("L")`` clips a 16-bit image at 255 instead of scaling it: a scan
 with values 134-65496 became 99.7 % white. Every place that reads images (the dataset builders, the
-training loaders, ``StilProcessor`` for predict) goes through `to_8bit` first.
+training loaders) goes through `to_8bit` first; ``StilProcessor`` (shipped with exports, without
+data_utils) writes the same rule out again, tested to agree.
 
 The rule (docs/data.md): pixels are scaled by the range of their type, not per image, so intensities
 stay comparable across images: 16-bit (PIL modes ``I;16``, ``I;16L``, ``I;16B``, ``I;16N``) and 32-bit
