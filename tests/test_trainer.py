@@ -14,8 +14,10 @@ from torch import nn
 from modeling_stil.methods.base import MethodArguments, SSLMethod
 from modeling_stil.training import checkpointing as ckpt
 from modeling_stil.training.arguments import DataArguments, ModelArguments, RunArguments, TrainingArguments
-from modeling_stil.training.logging import LogAccumulator, TrackerUnavailableError, resolve_trackers
-from modeling_stil.training.trainer import NonFiniteLossError, Trainer, lr_lambda_factory
+from modeling_stil.training.tracking import LogAccumulator, TrackerUnavailableError, resolve_trackers
+from modeling_stil.training.divergence import NonFiniteLossError
+from modeling_stil.training.optim import lr_lambda_factory
+from modeling_stil.training.trainer import Trainer
 from tests._helpers import fresh_accelerate_state
 
 N_FEATURES, N_CLASSES, N_ROWS = 6, 3, 96
@@ -229,7 +231,7 @@ def test_best_selection_and_test(tmp_path):
     best = max(validation, key=lambda r: r["accuracy"])  # first of ties wins (strict improvement)
     assert trainer.progress.best_step == best["step"]
     trainer.load_best()
-    again = trainer.evaluate("validation")
+    again = trainer.evaluate("validation").metrics
     assert again["accuracy"] == pytest.approx(best["accuracy"])
     assert (tmp_path / "run" / "plots" / "losses.png").is_file()
     assert (tmp_path / "run" / "plots" / "pseudo_labels.png").is_file()
@@ -241,7 +243,7 @@ def test_weight_decay_scope(scope):
     STiL / TIP originals' single Adam group does (tests/test_golden_*.py compare that step)."""
     from types import SimpleNamespace
 
-    from modeling_stil.training.trainer import build_optimizer
+    from modeling_stil.training.optim import build_optimizer
 
     method = ToyMethod(ToyModel())
     args = SimpleNamespace(optimizer="adam", learning_rate=0.1, weight_decay=0.01, weight_decay_scope=scope, adam_beta1=0.9, adam_beta2=0.999)
