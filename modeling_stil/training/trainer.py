@@ -26,9 +26,9 @@ from ..methods.base import TASK_CLASSIFICATION, SSLMethod, TrainState
 from . import checkpointing as ckpt
 from . import manifest
 from .accelerator import average_batchnorm_statistics, make_accelerator
+from .batches import batch_size, display_images, move_to_device, standardize_targets, to_channels_last
 from .divergence import DivergenceGuard, NonFiniteLossError
 from .errors import JobError
-from .batches import batch_size, display_images, move_to_device, standardize_targets, to_channels_last
 from .optim import build_optimizer, build_scheduler, schedule_lengths
 from .selection import early_stopping_update, is_better, selection_rule, selection_value
 from .tracking import (JSONL_LOG, LOG_WINDOW_KEY, JsonlLogger, LogAccumulator, format_postfix, log_window_state,
@@ -36,7 +36,9 @@ from .tracking import (JSONL_LOG, LOG_WINDOW_KEY, JsonlLogger, LogAccumulator, f
 
 
 class TrainStream(Protocol):
-    steps_per_epoch: int
+    """What the loop draws from: (labelled, unlabelled or None) batches from micro-step ``start_step`` on."""
+
+    steps_per_epoch: int  # micro-steps (batches) per epoch
 
     def iterate(self, start_step: int = 0) -> Iterable[tuple[dict, dict | None]]: ...
 
