@@ -14,7 +14,8 @@ Written into ``<run>/plots/`` at every evaluation (main process):
   accuracy on all rows) when the method logs them.
 
 Legends sit outside the axes, never over the curves. Undefined values (JSON null, e.g. the masked
-accuracy before any row is confident) are gaps.
+accuracy before any row is confident) are gaps. `write_prediction_plots` draws one validation pass's
+predictions; `write_run_plots` is what the trainer calls: both, staged into the run's plots/ folder.
 """
 
 from __future__ import annotations
