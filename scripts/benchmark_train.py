@@ -80,10 +80,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     from modeling_stil.methods.base import TrainState
-    from modeling_stil.training.arguments import parse_run_arguments
-    from modeling_stil.training.job import assemble
     from modeling_stil.training.accelerator import make_accelerator
+    from modeling_stil.training.arguments import parse_run_arguments
     from modeling_stil.training.batches import to_channels_last
+    from modeling_stil.training.job import assemble
     from modeling_stil.training.optim import build_optimizer
     from modeling_stil.training.trainer import compile_model
 
