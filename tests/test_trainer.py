@@ -14,9 +14,9 @@ from torch import nn
 from modeling_stil.methods.base import MethodArguments, SSLMethod
 from modeling_stil.training import checkpointing as ckpt
 from modeling_stil.training.arguments import DataArguments, ModelArguments, RunArguments, TrainingArguments
-from modeling_stil.training.tracking import LogAccumulator, TrackerUnavailableError, resolve_trackers
 from modeling_stil.training.divergence import NonFiniteLossError
 from modeling_stil.training.optim import lr_lambda_factory
+from modeling_stil.training.tracking import LogAccumulator, TrackerUnavailableError, resolve_trackers
 from modeling_stil.training.trainer import Trainer
 from tests._helpers import fresh_accelerate_state
 
