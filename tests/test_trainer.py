@@ -237,6 +237,19 @@ def test_best_selection_and_test(tmp_path):
     assert (tmp_path / "run" / "plots" / "pseudo_labels.png").is_file()
 
 
+def test_evaluate_returns_the_metrics_and_the_predictions_the_plots_draw(tmp_path):
+    trainer = make_trainer(tmp_path)
+    evaluation = trainer.evaluate("validation")
+    _, labels = toy_data(1)
+    assert evaluation.metrics["num_samples"] == N_ROWS
+    assert evaluation.predictions.split == "validation" and evaluation.predictions.logits.shape == (N_ROWS, N_CLASSES)
+    torch.testing.assert_close(evaluation.predictions.references, labels)
+    accuracy = float((evaluation.predictions.logits.argmax(-1) == labels).float().mean())
+    assert evaluation.metrics["accuracy"] == pytest.approx(accuracy)
+    written = trainer.write_plots(evaluation.predictions)
+    assert tmp_path / "run" / "plots" / "confusion_matrix.png" in written
+
+
 @pytest.mark.parametrize("scope", ["matrices", "all"])
 def test_weight_decay_scope(scope):
     """'matrices' (default) exempts biases and 1-d parameters; 'all' decays every parameter, as the
