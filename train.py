@@ -94,7 +94,7 @@ def cpu_engine_refusal() -> str | None:
         engine = "DeepSpeed"
     else:
         return None
-    from modeling_stil.training.trainer import cpu_engine_message
+    from modeling_stil.training.accelerator import cpu_engine_message
 
     return cpu_engine_message(engine)
 
@@ -185,10 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     from modeling_stil.training.arguments import ArgumentError, HelpRequested, parse_run_arguments
     from modeling_stil.training.checkpointing import CheckpointWriteError, IncompatibleCheckpointError
     from modeling_stil.training.hub import HubUploadError
-    from modeling_stil.training.logging import TrackerUnavailableError
+    from modeling_stil.training.tracking import TrackerUnavailableError
     from modeling_stil.training.job import build_and_train
     from modeling_stil.pretrained_init import InitFromError
-    from modeling_stil.training.trainer import JobError, NonFiniteLossError
+    from modeling_stil.training.divergence import NonFiniteLossError
+    from modeling_stil.training.errors import JobError
 
     try:
         args = parse_run_arguments(argv)

@@ -80,9 +80,12 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     from modeling_stil.methods.base import TrainState
+    from modeling_stil.training.accelerator import make_accelerator
     from modeling_stil.training.arguments import parse_run_arguments
+    from modeling_stil.training.batches import to_channels_last
     from modeling_stil.training.job import assemble
-    from modeling_stil.training.trainer import _to_channels_last, build_optimizer, compile_model, make_accelerator
+    from modeling_stil.training.optim import build_optimizer
+    from modeling_stil.training.trainer import compile_model
 
     argv_run = [
         "--method", args.method, "--model", args.model_config, "--per_device_train_batch_size", str(args.batch),
@@ -146,7 +149,7 @@ def main(argv=None) -> int:
         labeled_batch = send_to_device(labeled_batch, accelerator.device, non_blocking=True) if labeled_batch is not None else None
         unlabeled_batch = send_to_device(unlabeled_batch, accelerator.device, non_blocking=True) if unlabeled_batch is not None else None
         if args.channels_last:
-            labeled_batch, unlabeled_batch = _to_channels_last(labeled_batch), _to_channels_last(unlabeled_batch)
+            labeled_batch, unlabeled_batch = to_channels_last(labeled_batch), to_channels_last(unlabeled_batch)
         t1, c1 = time.perf_counter(), time.process_time()
         state.step = step
         compute(labeled_batch, unlabeled_batch)
@@ -166,7 +169,7 @@ def main(argv=None) -> int:
         batches = next(iterator)
         batches = [send_to_device(b, accelerator.device) if b is not None else None for b in batches]
         if args.channels_last:
-            batches = [_to_channels_last(b) for b in batches]
+            batches = [to_channels_last(b) for b in batches]
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=activities) as prof:
             compute(*batches)

@@ -27,7 +27,7 @@ def evaluate_model(model, dataset_dict, metadata, schema, split: str, batch_size
     from data_utils.loaders import build_eval_loader
     from data_utils.views import ViewConfig
     from modeling_stil.training.metrics import compute_metrics
-    from modeling_stil.training.trainer import split_eval_batch
+    from modeling_stil.training.batches import split_eval_batch
 
     if split not in dataset_dict:
         raise SystemExit(f"evaluate_model.py: the dataset has no {split!r} split; splits: {sorted(dataset_dict)}")

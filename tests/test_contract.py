@@ -86,7 +86,7 @@ def test_selection_last_keeps_the_last_step(tmp_path, cache):
 # -------------------------------------------------------------------------- phases + parameter groups
 def test_second_phase_sees_the_first_phase_update_with_its_own_parameter_group(tmp_path, cache):
     from modeling_stil.methods.base import get_method_class
-    from modeling_stil.training.trainer import build_optimizer
+    from modeling_stil.training.optim import build_optimizer
     from modeling_stil.presets import create_model
     from modeling_stil.training.arguments import TrainingArguments
 
@@ -272,7 +272,7 @@ TASK_ARGS = {"landmarks": ("--labeled_view", "translate")}
 def test_monitor_labels_never_reach_any_loss(tmp_path, cache, name, task):
     from modeling_stil.training.arguments import parse_run_arguments
     from modeling_stil.training.job import assemble
-    from modeling_stil.training.trainer import make_accelerator
+    from modeling_stil.training.accelerator import make_accelerator
 
     model = MODEL_FOR_METHOD.get(name) or MODEL_FOR[task]
     extra = TASK_ARGS.get(task, ()) if name == "supervised" else ()
@@ -378,11 +378,11 @@ def test_regression_targets_are_standardised_on_the_labelled_rows_and_reported_i
 
 
 def test_standardize_targets_helper():
-    from modeling_stil.training.trainer import _standardize_targets
+    from modeling_stil.training.batches import standardize_targets
 
     batch = {"labels": torch.tensor([[2.0, 4.0]]), "index": torch.tensor([0]), "v": {"labels": torch.tensor([[4.0, 4.0]])},
              "monitor_labels": torch.tensor([[0.0, 0.0]])}
-    out = _standardize_targets(batch, torch.tensor([2.0, 2.0]), torch.tensor([2.0, 1.0]))
+    out = standardize_targets(batch, torch.tensor([2.0, 2.0]), torch.tensor([2.0, 1.0]))
     assert out["labels"].tolist() == [[0.0, 2.0]]
     assert out["v"]["labels"].tolist() == [[1.0, 2.0]]
     assert out["monitor_labels"].tolist() == [[-1.0, -2.0]]
@@ -390,7 +390,7 @@ def test_standardize_targets_helper():
 
 
 def test_multistep_schedule():
-    from modeling_stil.training.trainer import lr_lambda_factory
+    from modeling_stil.training.optim import lr_lambda_factory
 
     f = lr_lambda_factory("multistep", 100, 0, "step", 10, milestones=[0.5, 80], gamma=0.1)
     assert [f(0), f(49), f(50), f(79)] == [1.0, 1.0, pytest.approx(0.1), pytest.approx(0.1)]

@@ -33,7 +33,8 @@ def test_fsdp_config_with_use_cpu_stops_at_start_up(tmp_path):
 @pytest.mark.parametrize("engine, name", [("FSDP", "FSDP"), ("DEEPSPEED", "DeepSpeed")])
 def test_process_told_to_use_an_engine_on_the_cpu_is_refused(monkeypatch, tmp_path, engine, name):
     from modeling_stil.training.arguments import parse_run_arguments
-    from modeling_stil.training.trainer import JobError, make_accelerator
+    from modeling_stil.training.accelerator import make_accelerator
+    from modeling_stil.training.errors import JobError
 
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     monkeypatch.setenv(f"ACCELERATE_USE_{engine}", "true")

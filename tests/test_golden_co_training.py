@@ -20,7 +20,7 @@ import torch
 import modeling_stil.methods.co_training as co_module
 from modeling_stil.methods.base import TrainState
 from modeling_stil.methods.co_training import CoTraining, CoTrainingArguments
-from modeling_stil.training.trainer import build_optimizer
+from modeling_stil.training.optim import build_optimizer
 from tests._golden import assert_matches_original, load_golden, with_prefix
 from tests._golden_seeded import compare_recorded, float64_default, float_shapes, perturbed, seeded_images, seeded_state
 

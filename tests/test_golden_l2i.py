@@ -33,7 +33,7 @@ from modeling_stil.methods.mixmatch import MixMatch, MixMatchArguments
 from modeling_stil.methods.pseudo_label import PseudoLabel, PseudoLabelArguments
 from modeling_stil.modeling_tcdcnn import TCDCNNForLandmarkRegression
 from modeling_stil.modeling_wide_resnet import WideResNetForImageClassification
-from modeling_stil.training.trainer import build_optimizer
+from modeling_stil.training.optim import build_optimizer
 from tests._golden import assert_matches_original, load_golden
 
 # ----------------------------------------------------------------------------------------- fixtures

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from modeling_stil.convert_original import METHOD_STATE_FILENAME, convert_stil_state_dict
 from modeling_stil.methods.base import TrainState
 from modeling_stil.methods.stil import Stil, StilArguments
-from modeling_stil.training.trainer import build_optimizer
+from modeling_stil.training.optim import build_optimizer
 from tests._golden import assert_matches_original, load_golden, with_prefix
 from tests._golden_seeded import compare_recorded, float64_default, float_shapes, perturbed, record, seeded_images, seeded_state
 

@@ -43,7 +43,7 @@ from modeling_stil.methods.comatch import MultimodalCoMatch, MultimodalCoMatchAr
 from modeling_stil.methods.common import ProjectedNet
 from modeling_stil.methods.freematch import MultimodalFreeMatch, MultimodalFreeMatchArguments
 from modeling_stil.methods.simmatch import MultimodalSimMatch, MultimodalSimMatchArguments
-from modeling_stil.training.trainer import build_optimizer
+from modeling_stil.training.optim import build_optimizer
 from tests._golden import assert_matches_original, load_golden, with_prefix
 from tests._golden_seeded import compare_recorded, float64_default, float_shapes, perturbed, seeded_images, seeded_state
 

@@ -22,7 +22,7 @@ import modeling_stil.methods.tip_pretrain as tip_module
 from modeling_stil.convert_original import convert_tip_state_dict
 from modeling_stil.methods.base import TrainState
 from modeling_stil.methods.tip_pretrain import TipPretrain, TipPretrainArguments
-from modeling_stil.training.trainer import build_optimizer
+from modeling_stil.training.optim import build_optimizer
 from tests._golden import assert_matches_original, load_golden, with_prefix
 from tests._golden_seeded import compare_recorded, float64_default, float_shapes, record, seeded_images, seeded_state
 

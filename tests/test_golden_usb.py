@@ -40,7 +40,7 @@ from modeling_stil.methods import pseudo_label as pseudo_label_module
 from modeling_stil.methods.pseudo_label import PseudoLabel, PseudoLabelArguments
 from modeling_stil.methods.simmatch import SimMatch, SimMatchArguments
 from modeling_stil.modeling_wide_resnet import WideResNetForImageClassification
-from modeling_stil.training.trainer import build_optimizer
+from modeling_stil.training.optim import build_optimizer
 
 from ._golden import assert_matches_original, load_golden, with_prefix
 

@@ -186,7 +186,8 @@ def test_real_loader_views_transfer_onto_the_moved_ground_truth(tmp_path_factory
     from tests._helpers import fresh_accelerate_state, flags
     from modeling_stil.training.arguments import parse_run_arguments
     from modeling_stil.training.job import assemble
-    from modeling_stil.training.trainer import _standardize_targets, make_accelerator
+    from modeling_stil.training.accelerator import make_accelerator
+    from modeling_stil.training.batches import standardize_targets
 
     cache = tmp_path_factory.mktemp("mt_cache")
     argv = flags({"output_dir": str(cache / "run"), "dataset_cache_dir": str(cache), "synthetic_task": "landmarks",
@@ -199,7 +200,7 @@ def test_real_loader_views_transfer_onto_the_moved_ground_truth(tmp_path_factory
     method = job["method"]
     _, unlabeled = next(job["train_stream"].iterate(0))
     mean, std = (torch.as_tensor(t, dtype=torch.float32) for t in job["target_stats"])
-    unlabeled = _standardize_targets(unlabeled, mean, std)
+    unlabeled = standardize_targets(unlabeled, mean, std)
     student, teacher = unlabeled["student"], unlabeled["teacher"]
     assert not torch.equal(student["translation"], teacher["translation"])
     moved = transfer_to_view(teacher["monitor_labels"], teacher["translation"], student["translation"], method.target_std)

@@ -279,7 +279,7 @@ def test_metrics_jsonl_writes_null_for_nan_and_plots_show_masked_accuracy_and_to
     import math
 
     from modeling_stil.training import plots
-    from modeling_stil.training.logging import JsonlLogger
+    from modeling_stil.training.tracking import JsonlLogger
 
     log = JsonlLogger(tmp_path / "m.jsonl")
     for step, masked in ((1, math.nan), (2, 0.5), (3, 0.75)):

@@ -14,8 +14,10 @@ from torch import nn
 from modeling_stil.methods.base import MethodArguments, SSLMethod
 from modeling_stil.training import checkpointing as ckpt
 from modeling_stil.training.arguments import DataArguments, ModelArguments, RunArguments, TrainingArguments
-from modeling_stil.training.logging import LogAccumulator, TrackerUnavailableError, resolve_trackers
-from modeling_stil.training.trainer import NonFiniteLossError, Trainer, lr_lambda_factory
+from modeling_stil.training.divergence import NonFiniteLossError
+from modeling_stil.training.optim import lr_lambda_factory
+from modeling_stil.training.tracking import LogAccumulator, TrackerUnavailableError, resolve_trackers
+from modeling_stil.training.trainer import Trainer
 from tests._helpers import fresh_accelerate_state
 
 N_FEATURES, N_CLASSES, N_ROWS = 6, 3, 96
@@ -229,10 +231,23 @@ def test_best_selection_and_test(tmp_path):
     best = max(validation, key=lambda r: r["accuracy"])  # first of ties wins (strict improvement)
     assert trainer.progress.best_step == best["step"]
     trainer.load_best()
-    again = trainer.evaluate("validation")
+    again = trainer.evaluate("validation").metrics
     assert again["accuracy"] == pytest.approx(best["accuracy"])
     assert (tmp_path / "run" / "plots" / "losses.png").is_file()
     assert (tmp_path / "run" / "plots" / "pseudo_labels.png").is_file()
+
+
+def test_evaluate_returns_the_metrics_and_the_predictions_the_plots_draw(tmp_path):
+    trainer = make_trainer(tmp_path)
+    evaluation = trainer.evaluate("validation")
+    _, labels = toy_data(1)
+    assert evaluation.metrics["num_samples"] == N_ROWS
+    assert evaluation.predictions.split == "validation" and evaluation.predictions.logits.shape == (N_ROWS, N_CLASSES)
+    torch.testing.assert_close(evaluation.predictions.references, labels)
+    accuracy = float((evaluation.predictions.logits.argmax(-1) == labels).float().mean())
+    assert evaluation.metrics["accuracy"] == pytest.approx(accuracy)
+    written = trainer.write_plots(evaluation.predictions)
+    assert tmp_path / "run" / "plots" / "confusion_matrix.png" in written
 
 
 @pytest.mark.parametrize("scope", ["matrices", "all"])
@@ -241,7 +256,7 @@ def test_weight_decay_scope(scope):
     STiL / TIP originals' single Adam group does (tests/test_golden_*.py compare that step)."""
     from types import SimpleNamespace
 
-    from modeling_stil.training.trainer import build_optimizer
+    from modeling_stil.training.optim import build_optimizer
 
     method = ToyMethod(ToyModel())
     args = SimpleNamespace(optimizer="adam", learning_rate=0.1, weight_decay=0.01, weight_decay_scope=scope, adam_beta1=0.9, adam_beta2=0.999)

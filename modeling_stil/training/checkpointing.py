@@ -336,6 +336,23 @@ def load_checkpoint(accelerator, path: str | os.PathLike, progress: TrainerProgr
     progress.load_state_dict({k: v for k, v in state.items() if k in known})
 
 
+def checkpoint_due(step: int, save_steps: int | None, eval_steps: int) -> bool:
+    """The saving schedule: every ``save_steps`` steps, or at every evaluation when it is None (an
+    improvement on validation and the last step are saved too: the trainer adds those)."""
+    if save_steps is None:
+        return step % eval_steps == 0
+    return step % save_steps == 0
+
+
+def protected_checkpoints(output_dir: str | os.PathLike, best: str | None, limit: int | None) -> set[str]:
+    """What rotation must keep beside the newest ``limit``: the best checkpoint only when it is older
+    (then limit + 1 folders); a best among the newest counts towards the limit."""
+    if not best or limit is None:
+        return set()
+    newest = [p.name for p in list_checkpoints(checkpoints_root(output_dir))][-limit:]
+    return set() if best in newest else {best}
+
+
 def rotate_checkpoints(output_dir: str | os.PathLike, keep_last: int | None, protect: set[str] | None = None) -> list[Path]:
     """Delete all but the newest ``keep_last`` checkpoints, never those named in ``protect``; in a run
     folder with a manifest only the checkpoints it lists (a copied-in checkpoint is not the run's)."""

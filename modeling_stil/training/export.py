@@ -80,7 +80,7 @@ def export_run(trainer: Trainer, args, metadata, source: str, results: dict[str,
 
     reloaded = AutoModel.from_pretrained(str(out), dtype=torch.float32).to(acc.device)
     check_split = "test" if "test" in trainer.eval_loaders else "validation"
-    reloaded_metrics = trainer.evaluate(check_split, model=reloaded)
+    reloaded_metrics = trainer.evaluate(check_split, model=reloaded).metrics
     expected = results.get(check_split) or results.get("validation", {})
     mismatched = {k: (expected.get(k), v) for k, v in reloaded_metrics.items() if k in expected and not math.isclose(v, expected[k], rel_tol=1e-4, abs_tol=1e-5)}
     if mismatched:

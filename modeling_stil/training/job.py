@@ -18,8 +18,12 @@ import torch
 
 from . import checkpointing as ckpt
 from . import manifest
-from .logging import JSONL_LOG, resolve_trackers, tracker_config
-from .trainer import JobError, Trainer, _move, make_accelerator, schedule_lengths
+from .accelerator import make_accelerator
+from .batches import move_to_device
+from .errors import JobError
+from .optim import schedule_lengths
+from .tracking import JSONL_LOG, resolve_trackers, tracker_config
+from .trainer import Trainer
 
 def library_versions() -> dict[str, str]:
     import importlib.metadata as md
@@ -895,7 +899,8 @@ def build_and_train(args) -> dict[str, Any]:
         return results
 
     best_step = trainer.load_best()
-    validation = trainer.evaluate("validation")
+    evaluation = trainer.evaluate("validation")
+    validation = evaluation.metrics
     results["best_step"] = best_step
     results["validation"] = validation
     results["metric_for_best_model"] = trainer.best_metric_name
@@ -903,9 +908,9 @@ def build_and_train(args) -> dict[str, Any]:
         results["test"] = trainer.test("test")
     if hasattr(method, "probe_features"):
         results["probe"] = representation_probe(args, job, trainer)
-        trainer._log("probe", results["probe"])
+        trainer.log_metrics("probe", results["probe"])
     if accelerator.is_main_process:
-        trainer.write_plots()
+        trainer.write_plots(evaluation.predictions)
         accelerator.print(json.dumps({"best_step": best_step, "validation": validation, "test": results.get("test"),
                                       **({"probe": results["probe"]} if "probe" in results else {})}))
 
@@ -947,7 +952,7 @@ def representation_probe(args, job: dict, trainer: Trainer) -> dict[str, float]:
         model.eval()
         with torch.no_grad():
             for batch in loader:
-                batch = _move(batch, acc.device)
+                batch = move_to_device(batch, acc.device)
                 xs.append(method.probe_features(model, batch).float().cpu())
                 ys.append(batch["labels"].cpu())
         model.train(was_training)

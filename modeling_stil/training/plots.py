@@ -14,7 +14,8 @@ Written into ``<run>/plots/`` at every evaluation (main process):
   accuracy on all rows) when the method logs them.
 
 Legends sit outside the axes, never over the curves. Undefined values (JSON null, e.g. the masked
-accuracy before any row is confident) are gaps.
+accuracy before any row is confident) are gaps. `write_prediction_plots` draws one validation pass's
+predictions; `write_run_plots` is what the trainer calls: both, staged into the run's plots/ folder.
 """
 
 from __future__ import annotations
@@ -286,3 +287,29 @@ def write_prediction_plots(task: str, logits, references, plot_dir: str | os.Pat
         ax.grid(alpha=0.3)
         written.append(_save(plt, fig, plot_dir / "predictions.png"))
     return written
+
+
+def write_run_plots(output_dir: str | os.PathLike, history: Sequence[dict[str, Any]], *, title: str = "",
+                    task: str = "", logits=None, references=None, images=None, num_labels: int = 0,
+                    label_names: Sequence[str] | None = None) -> list[Path]:
+    """A run's ``plots/`` folder: the curves of its ``history`` and, given a validation pass's
+    ``logits``/``references``, its prediction pictures. Drawn into a staging folder, then moved into
+    plots/, so never over a picture stil did not draw; a picture never ends a long run (a warning)."""
+    import warnings
+
+    from . import manifest
+
+    output_dir = Path(output_dir)
+    try:
+        with manifest.staged(output_dir, "plots") as stage:
+            written = write_plots(history, stage, title=title)
+            if logits is not None:
+                try:
+                    written += write_prediction_plots(task, logits, references, stage, num_labels=num_labels,
+                                                      label_names=label_names, images=images, title=title)
+                except Exception as error:  # noqa: BLE001
+                    warnings.warn(f"prediction plots skipped: {type(error).__name__}: {error}")
+    except manifest.ForeignFileError as error:
+        warnings.warn(f"plots not written: {error}")
+        return []
+    return [output_dir / "plots" / path.name for path in written]

@@ -162,7 +162,7 @@ def our_values(path: Path) -> dict:
         merged.update(vars(group))
     m = run.method
     from modeling_stil.methods.base import get_method_class
-    from modeling_stil.training.trainer import selection_rule
+    from modeling_stil.training.selection import selection_rule
 
     # what the trainer selects the best model by, and which network MixMatch / PL evaluate (no `evaluate` key)
     merged["metric_for_best_model"] = selection_rule(get_method_class(path.name.split("_cifar10")[0].split("_aflw")[0]), run.training, task, 10)[0]

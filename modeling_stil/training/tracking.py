@@ -7,6 +7,10 @@
   tracker's package is missing (Accelerate itself only warns and then logs nothing).
 * `JsonlLogger` appends every logged value as one JSON object per line (main process only), and
   can truncate the record back to a checkpoint's step on resume.
+* `log_window_state` / `restore_log_window` carry the unlogged part of a logging window through a
+  checkpoint, so a resumed run's first line averages the same steps as the uninterrupted run's.
+
+(Named ``tracking`` rather than ``logging`` so that it never shadows the standard library's module.)
 """
 
 from __future__ import annotations
@@ -146,6 +150,33 @@ class LogAccumulator:
         self.sums.clear()
         self.counts.clear()
         return out
+
+
+LOG_WINDOW_KEY = "log_window"  # trainer_state.json: the training-log sums not yet logged
+
+
+def log_window_state(logs: LogAccumulator, accelerator) -> dict[str, Any] | None:
+    """Every process's unlogged sums and counts, for a checkpoint taken between two logging steps
+    (collective: call on every process)."""
+    if not logs:  # every process logs the same keys at the same steps: empty everywhere
+        return None
+    keys, stacked = logs.stacked(accelerator.device)
+    if accelerator.num_processes > 1:
+        stacked = accelerator.gather(stacked.contiguous())
+    return {"keys": keys, "values": stacked.reshape(accelerator.num_processes, -1).cpu().tolist()}
+
+
+def restore_log_window(logs: LogAccumulator, window: dict[str, Any] | None, accelerator) -> None:
+    """Continue the window `log_window_state` saved; under another process count the main process
+    carries the whole window (the means are the same)."""
+    if not window:
+        return
+    rows = window["values"]
+    if len(rows) == accelerator.num_processes:
+        row = rows[accelerator.process_index]
+    else:
+        row = [sum(column) if accelerator.is_main_process else 0.0 for column in zip(*rows)]
+    logs.restore(window["keys"], row, accelerator.device)
 
 
 class JsonlLogger:
