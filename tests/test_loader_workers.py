@@ -70,7 +70,7 @@ def test_job_resolves_auto_and_pins_on_cuda_only(data, monkeypatch, device, pinn
 
     from modeling_stil.methods.base import SSLMethod
     from modeling_stil.training.arguments import parse_run_arguments
-    from modeling_stil.training.job import build_loaders
+    from modeling_stil.training.data_setup import build_loaders
 
     class Method:
         stream_defaults = SSLMethod.stream_defaults

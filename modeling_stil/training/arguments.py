@@ -25,7 +25,7 @@ from typing import Any, Literal, Sequence
 import yaml
 
 DEFAULT_METHOD = "supervised"
-DEFAULT_MODEL = None  # the model follows the data and the method (job.choose_model)
+DEFAULT_MODEL = None  # the model follows the data and the method (model_setup.choose_model)
 DEFAULT_SYNTHETIC_TASK = "multimodal"
 
 
