@@ -24,6 +24,8 @@ from typing import Any, Literal, Sequence
 
 import yaml
 
+from data_utils.preparation import DEFAULT_SYNTHETIC_LABELED_FRACTION
+
 DEFAULT_METHOD = "supervised"
 DEFAULT_MODEL = None  # the model follows the data and the method (model_setup.choose_model)
 DEFAULT_SYNTHETIC_TASK = "multimodal"
@@ -61,8 +63,11 @@ class DataArguments:
         "where synthetic datasets are built (default: $STIL_CACHE or ~/.cache/stil)/datasets", default=None
     )
     labeled_fraction: float | None = _help(
-        "re-draw the labelled subset of train with this fraction (stratified, seeded by `seed`). "
-        "None: use the dataset's labeled column", default=None
+        "the fraction of training rows that keep their label. With a dataset: re-draw its labelled subset with "
+        "this fraction (stratified, seeded by `seed`; data_utils.labeled_split.LabelRedraw), None: use the "
+        "dataset's labeled column. Without one: the fraction the synthetic dataset is built with "
+        f"(data_utils.preparation.SyntheticBuild, None: {DEFAULT_SYNTHETIC_LABELED_FRACTION:g}; part of its cache folder's name)",
+        default=None,
     )
     labeled_per_class: int | None = _help("re-draw the labelled subset with this many rows per class", default=None)
     view_preset: Literal["default", "dvm", "cardiac", "cifar", "aflw"] = _help(
