@@ -398,7 +398,8 @@ def test_multistep_schedule():
 
 
 def test_multistep_needs_milestones():
-    from modeling_stil.training.arguments import ArgumentError, parse_run_arguments
+    from modeling_stil.training.arguments import parse_run_arguments
+    from modeling_stil.training.recipe_reading import ArgumentError
 
     with pytest.raises(ArgumentError, match="lr_milestones"):
         parse_run_arguments(["--lr_scheduler", "multistep"])

@@ -39,7 +39,8 @@ def test_auto_uses_this_process_cores(monkeypatch):
 
 
 def test_argument_default_is_auto_and_accepts_counts():
-    from modeling_stil.training.arguments import ArgumentError, parse_run_arguments
+    from modeling_stil.training.arguments import parse_run_arguments
+    from modeling_stil.training.recipe_reading import ArgumentError
 
     assert parse_run_arguments([]).data.dataloader_num_workers == "auto"
     assert parse_run_arguments(["--dataloader_num_workers", "3"]).data.dataloader_num_workers == 3

@@ -1,10 +1,11 @@
 """Job assembly: from parsed run arguments to a trained, selected, tested and exported model.
 
 ``build_and_train(args)`` is what ``train.py`` runs; ``fit(recipe_or_dict, **overrides)`` is the same
-path for notebooks. Read top to bottom: the labelled split and the loaders (the method's views over
-the data), `assemble` (dataset, split, model, method, loaders), `build_and_train` (run folder checks,
-resume preflight, run files, `Trainer`, selection, test, `export_run`, upload). The pieces live in
-data_utils (preparation, labeled_split, fingerprint), model_setup.py, run_folder.py, resume.py,
+path for notebooks. Read top to bottom: `assemble` (dataset, labelled split, model, method, loaders),
+`run_fingerprint` and `run_info` (what a checkpoint and run_info.json record), `build_and_train` (run
+folder checks, resume preflight, run files, `Trainer`, selection, test, export, upload), then the
+representation probe of pretraining methods. The pieces live in data_utils (preparation,
+labeled_split, fingerprint) and in data_setup.py, model_setup.py, run_folder.py, resume.py,
 provenance.py, trainer.py and export.py.
 """
 
