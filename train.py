@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     from data_utils.synthetic import SyntheticConfigError
     from data_utils.views import ViewError
     from modeling_stil.configuration_common import DataCompatibilityError
-    from modeling_stil.training.arguments import ArgumentError, HelpRequested, parse_run_arguments
+    from modeling_stil.training.arguments import parse_run_arguments
+    from modeling_stil.training.recipe_reading import ArgumentError, HelpRequested
     from modeling_stil.training.checkpointing import CheckpointWriteError, IncompatibleCheckpointError
     from modeling_stil.training.hub import HubUploadError
     from modeling_stil.training.tracking import TrackerUnavailableError
@@ -225,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def check_arguments(argv: list[str]) -> int | None:
     """Before starting workers: a recipe/argument error (or --help) is answered once, by this process."""
-    from modeling_stil.training.arguments import ArgumentError, HelpRequested, parse_run_arguments
+    from modeling_stil.training.arguments import parse_run_arguments
+    from modeling_stil.training.recipe_reading import ArgumentError, HelpRequested
 
     try:
         parse_run_arguments(argv)

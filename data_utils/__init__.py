@@ -1,4 +1,5 @@
-"""Data layer: schema, dataset IO, builders, semi-supervised splits, views and loaders."""
+"""Data layer: schema, dataset IO, builders, semi-supervised splits, a run's dataset preparation and labelled
+split, fingerprints, views and loaders."""
 
 from .io import DatasetError, DatasetMetadata, load_dataset, save_dataset
 from .schema import SchemaError, TabularField, TabularSchema

@@ -33,7 +33,7 @@ import numpy as np
 
 from .io import DatasetMetadata, save_dataset
 from .schema import TabularSchema
-from .splits import select_labeled
+from .splits import select_labeled, stratified_split
 
 GENERATOR_VERSION = "1.0.0"
 TASKS = ("multimodal", "image", "landmarks")
@@ -302,26 +302,6 @@ def _render_all(
     return encoded
 
 
-def _stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, rng: np.random.Generator):
-    """Per-class shuffle, then test / validation / train by rounding each class's share."""
-    train, val, test = [], [], []
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        n_test = max(1, int(round(test_fraction * idx.size)))
-        n_val = max(1, int(round(val_fraction * idx.size)))
-        test.append(idx[:n_test])
-        val.append(idx[n_test:n_test + n_val])
-        train.append(idx[n_test + n_val:])
-    return {name: np.sort(np.concatenate(parts)) for name, parts in (("train", train), ("validation", val), ("test", test))}
-
-
-def _random_split(n: int, val_fraction: float, test_fraction: float, rng: np.random.Generator):
-    idx = rng.permutation(n)
-    n_test, n_val = int(round(test_fraction * n)), int(round(val_fraction * n))
-    return {"train": np.sort(idx[n_test + n_val:]), "validation": np.sort(idx[n_test:n_test + n_val]),
-            "test": np.sort(idx[:n_test])}
-
-
 def _labeled_rows(train_labels: np.ndarray, fraction: float, seed: int, stratified: bool):
     """Labelled train rows via select_labeled: stratified with >= 1 per class (or plain random)."""
     n = train_labels.size
@@ -346,12 +326,15 @@ def _split_and_label(args: dict[str, Any], seed: int, rng: np.random.Generator, 
     With class ``labels`` both are stratified by class; without (landmarks) both are uniformly random.
     """
     val_fraction, test_fraction = args["val_fraction"], args["test_fraction"]
-    if labels is None:
-        splits = _random_split(args["num_samples"], val_fraction, test_fraction, rng)
-        train_labels, protocol = np.zeros(splits["train"].size, dtype=np.int64), "uniformly random"
+    if labels is None:  # rows in one shuffled pool: test, then validation, rest train
+        test, validation, train = stratified_split(None, [test_fraction, val_fraction], rounding="overall_share", rng=rng,
+                                                   num_rows=args["num_samples"])
+        train_labels, protocol = np.zeros(train.size, dtype=np.int64), "uniformly random"
     else:
-        splits = _stratified_split(labels, val_fraction, test_fraction, rng)
-        train_labels, protocol = labels[splits["train"]], "stratified by class"
+        # each class rounds its own share, at least one row per class in validation and test
+        test, validation, train = stratified_split(labels, [test_fraction, val_fraction], rounding="class_share", rng=rng)
+        train_labels, protocol = labels[train], "stratified by class"
+    splits = {"train": train, "validation": validation, "test": test}
     labeled, split_info = _labeled_rows(train_labels, args["labeled_fraction"], seed + 1, stratified=labels is not None)
     split_info.update({
         "split_seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction,

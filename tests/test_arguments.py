@@ -9,14 +9,12 @@ import pytest
 import yaml
 
 from modeling_stil.training.arguments import (
-    ArgumentError,
     DataArguments,
     ModelArguments,
     TrainingArguments,
-    load_recipe,
-    parse_cli_overrides,
     parse_run_arguments,
 )
+from modeling_stil.training.recipe_reading import ArgumentError, load_recipe, parse_cli_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 

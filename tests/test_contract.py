@@ -164,7 +164,7 @@ def test_label_free_stream_needs_no_label_column_and_covers_every_row(cache, tmp
 def test_stream_options_come_from_the_method_and_the_recipe_overrides_them():
     from modeling_stil.methods.base import SSLMethod
     from modeling_stil.training.arguments import parse_run_arguments
-    from modeling_stil.training.job import stream_options
+    from modeling_stil.training.data_setup import stream_options
 
     class Pretraining(SSLMethod):
         stream_defaults = {**SSLMethod.stream_defaults, "corruption_pool": "stream", "epoch": "longest"}
@@ -398,7 +398,8 @@ def test_multistep_schedule():
 
 
 def test_multistep_needs_milestones():
-    from modeling_stil.training.arguments import ArgumentError, parse_run_arguments
+    from modeling_stil.training.arguments import parse_run_arguments
+    from modeling_stil.training.recipe_reading import ArgumentError
 
     with pytest.raises(ArgumentError, match="lr_milestones"):
         parse_run_arguments(["--lr_scheduler", "multistep"])

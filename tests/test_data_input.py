@@ -278,7 +278,7 @@ def test_a_refused_resume_names_the_column_whose_vocabulary_changed(tmp_path, ca
 
 
 def test_resume_names_the_column_whose_vocabulary_changed(tmp_path):
-    from modeling_stil.training.job import changed_vocabularies
+    from modeling_stil.training.resume import changed_vocabularies
 
     RENAMED.save(tmp_path)
     description = {"vocabularies": {f.name: f.categories for f in TOY_SCHEMA.categorical_fields}}
@@ -301,7 +301,7 @@ MM_METADATA = DatasetMetadata(label_names=["cat", "dog", "bird"])
 @pytest.mark.parametrize("method", ["simmatch", "freematch", "comatch"])
 def test_image_only_methods_say_which_model_and_which_columns_it_ignores(method):
     from modeling_stil.methods.base import get_method_class
-    from modeling_stil.training.job import build_model
+    from modeling_stil.training.model_setup import build_model
 
     said = []
     args = _args("--method", method)
@@ -314,7 +314,7 @@ def test_image_only_methods_say_which_model_and_which_columns_it_ignores(method)
 @pytest.mark.parametrize("method", ["simmatch", "comatch"])
 def test_image_only_methods_refuse_a_named_multimodal_model(method):
     from modeling_stil.methods.base import get_method_class
-    from modeling_stil.training.job import JobError, build_model
+    from modeling_stil.training.model_setup import JobError, build_model
 
     with pytest.raises(JobError) as info:
         build_model(_args("--method", method, "--model", "multimodal-concat-tiny"), TOY_SCHEMA, MM_METADATA,
@@ -325,7 +325,7 @@ def test_image_only_methods_refuse_a_named_multimodal_model(method):
 
 def test_a_model_that_reads_the_table_says_nothing():
     from modeling_stil.methods.base import get_method_class
-    from modeling_stil.training.job import build_model
+    from modeling_stil.training.model_setup import build_model
 
     said = []
     build_model(_args("--method", "fixmatch"), TOY_SCHEMA, MM_METADATA, get_method_class("fixmatch"), say=said.append)
@@ -345,7 +345,7 @@ def own_split():
 
 
 def test_a_recipe_fraction_does_not_redraw_a_datasets_own_labels(own_split, tmp_path):
-    from modeling_stil.training.job import labeled_split
+    from modeling_stil.training.data_setup import labeled_split
 
     dd, meta = own_split
     recipe = str(ROOT / "recipes" / "fixmatch_synthetic_multimodal.yaml")  # labeled_fraction: 0.1
@@ -362,7 +362,7 @@ def test_a_recipe_fraction_does_not_redraw_a_datasets_own_labels(own_split, tmp_
 
 
 def test_a_recipe_that_names_its_dataset_keeps_its_protocol(own_split, tmp_path):
-    from modeling_stil.training.job import labeled_split
+    from modeling_stil.training.data_setup import labeled_split
 
     dd, meta = own_split
     recipe = tmp_path / "protocol.yaml"

@@ -39,7 +39,8 @@ def test_auto_uses_this_process_cores(monkeypatch):
 
 
 def test_argument_default_is_auto_and_accepts_counts():
-    from modeling_stil.training.arguments import ArgumentError, parse_run_arguments
+    from modeling_stil.training.arguments import parse_run_arguments
+    from modeling_stil.training.recipe_reading import ArgumentError
 
     assert parse_run_arguments([]).data.dataloader_num_workers == "auto"
     assert parse_run_arguments(["--dataloader_num_workers", "3"]).data.dataloader_num_workers == 3
@@ -70,7 +71,7 @@ def test_job_resolves_auto_and_pins_on_cuda_only(data, monkeypatch, device, pinn
 
     from modeling_stil.methods.base import SSLMethod
     from modeling_stil.training.arguments import parse_run_arguments
-    from modeling_stil.training.job import build_loaders
+    from modeling_stil.training.data_setup import build_loaders
 
     class Method:
         stream_defaults = SSLMethod.stream_defaults

@@ -101,7 +101,7 @@ def test_manifest_claims_refuse_foreign_files_and_removal_stays_inside(tmp_path)
 
 
 def test_a_run_folder_without_manifest_is_never_cleaned_by_guessing(tmp_path):
-    from modeling_stil.training.job import check_output_dir
+    from modeling_stil.training.run_folder import check_output_dir
 
     out = tmp_path / "old_run"
     (out / "checkpoints" / "checkpoint-2").mkdir(parents=True)

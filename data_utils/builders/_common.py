@@ -21,7 +21,7 @@ import numpy as np
 
 from ..io import DatasetExistsError, DatasetMetadata, save_dataset
 from ..schema import CATEGORICAL, SchemaError, TabularSchema
-from ..splits import SplitError
+from ..splits import SplitError, stratified_split
 
 SPLITS = ("train", "validation", "test")
 
@@ -414,43 +414,14 @@ def stratified_partition(
 ) -> list[np.ndarray]:
     """Split row positions into ``len(fractions) + 1`` parts: one per fraction, the rest last.
 
-    Per class (or globally when ``stratify`` is False) rows are shuffled with ``seed`` and cut so each
-    part gets ``round(fraction * N)`` rows overall (largest-remainder allocation across classes).
+    The builders' rule for `splits.stratified_split`: per class (or globally when ``stratify`` is False,
+    classes in the order met) rows are shuffled with ``seed`` and cut so each part gets
+    ``round(fraction * N)`` rows overall (largest-remainder allocation across classes).
     Returned positions are sorted (table order).
     """
     labels = np.asarray(labels, dtype=object)
-    n = len(labels)
-    rng = np.random.default_rng(seed)
-    groups = [np.arange(n)] if not stratify else [np.flatnonzero(labels == c) for c in _unique(labels)]
-    groups = [rng.permutation(g) for g in groups]
-    parts: list[list[int]] = [[] for _ in range(len(fractions) + 1)]
-    offsets = [0] * len(groups)
-    sizes = np.array([len(g) for g in groups])
-    for k, fraction in enumerate(fractions):
-        total = int(round(fraction * n))
-        quota = fraction * sizes
-        take = np.minimum(np.floor(quota).astype(int), sizes - np.array(offsets))
-        left = total - int(take.sum())
-        order = np.argsort(-(quota - np.floor(quota)), kind="stable")
-        for g in order:
-            if left <= 0:
-                break
-            if offsets[g] + take[g] < sizes[g]:
-                take[g] += 1
-                left -= 1
-        for g, group in enumerate(groups):
-            parts[k].extend(group[offsets[g]: offsets[g] + take[g]].tolist())
-            offsets[g] += int(take[g])
-    for g, group in enumerate(groups):
-        parts[-1].extend(group[offsets[g]:].tolist())
-    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
-
-
-def _unique(values: np.ndarray) -> list:
-    seen: dict = {}
-    for v in values:
-        seen.setdefault(v, None)
-    return list(seen)
+    return stratified_split(labels if stratify else None, fractions, rounding="overall_share",
+                            rng=np.random.default_rng(seed), num_rows=len(labels), class_order="first_seen")
 
 
 def take(values: Sequence[Any], indices: Iterable[int]) -> list:

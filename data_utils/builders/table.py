@@ -429,9 +429,8 @@ def _labeled_mask(df, train, has_label, codes, task, labeled_column, fraction, p
                 raise BuildError("--labeled-per-class needs --task classification; use --labeled-fraction")
             if not 0.0 < fraction <= 1.0:
                 raise BuildError(f"--labeled-fraction must be in (0, 1], got {fraction}")
-            count = int(round(fraction * candidates.size))
-            rng = np.random.default_rng(seed)
-            mask[np.sort(rng.permutation(candidates)[:count])] = True
+            drawn, _ = stratified_partition([0] * candidates.size, [fraction], seed=seed, stratify=False)
+            mask[candidates[drawn]] = True
     else:
         mask = train_has.copy()
     if task == "classification":

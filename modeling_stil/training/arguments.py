@@ -13,32 +13,30 @@ types (``int``, ``float``, ``bool``, ``str``, ``Optional[...]``, ``Literal[...]`
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import sys
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import yaml
 
+from data_utils.preparation import DEFAULT_SYNTHETIC_LABELED_FRACTION
+
+from .recipe_reading import (
+    ArgumentError,
+    HelpRequested,
+    convert_value,
+    describe_fields,
+    load_recipe,
+    parse_cli_overrides,
+    typed_fields,
+    unknown_keys_message,
+)
+
 DEFAULT_METHOD = "supervised"
-DEFAULT_MODEL = None  # the model follows the data and the method (job.choose_model)
+DEFAULT_MODEL = None  # the model follows the data and the method (model_setup.choose_model)
 DEFAULT_SYNTHETIC_TASK = "multimodal"
-
-
-class ArgumentError(ValueError):
-    """A recipe or command-line problem; the message says which key and what is accepted."""
-
-
-class HelpRequested(Exception):
-    """``--help`` / ``-h``: ``text`` is the help (train.py prints it to stdout and exits 0)."""
-
-    def __init__(self, text: str):
-        super().__init__(text)
-        self.text = text
 
 
 def _help(text: str, **kwargs) -> Any:
@@ -61,8 +59,11 @@ class DataArguments:
         "where synthetic datasets are built (default: $STIL_CACHE or ~/.cache/stil)/datasets", default=None
     )
     labeled_fraction: float | None = _help(
-        "re-draw the labelled subset of train with this fraction (stratified, seeded by `seed`). "
-        "None: use the dataset's labeled column", default=None
+        "the fraction of training rows that keep their label. With a dataset: re-draw its labelled subset with "
+        "this fraction (stratified, seeded by `seed`; data_utils.labeled_split.LabelRedraw), None: use the "
+        "dataset's labeled column. Without one: the fraction the synthetic dataset is built with "
+        f"(data_utils.preparation.SyntheticBuild, None: {DEFAULT_SYNTHETIC_LABELED_FRACTION:g}; part of its cache folder's name)",
+        default=None,
     )
     labeled_per_class: int | None = _help("re-draw the labelled subset with this many rows per class", default=None)
     view_preset: Literal["default", "dvm", "cardiac", "cifar", "aflw"] = _help(
@@ -272,177 +273,7 @@ class RunArguments:
         return path
 
 
-# ----------------------------------------------------------------------------------------- types
-def _unwrap_optional(tp) -> tuple[Any, bool]:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        optional = len(args) < len(typing.get_args(tp))
-        if len(args) == 1:
-            return args[0], optional
-        return typing.Union[tuple(args)], optional
-    return tp, False
-
-
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Convert a YAML/CLI value to the annotated type, or raise an ArgumentError naming the key."""
-    base, optional = _unwrap_optional(tp)
-    is_list = typing.get_origin(base) in (list, Sequence, tuple) or base in (list, tuple)
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null") and base is not str and not is_list):
-        if optional:
-            return None
-        raise ArgumentError(f"--{key}: a value is required (type {_type_name(tp)})")
-    if isinstance(value, str) and optional and base is str and value.strip().lower() in ("none", "null"):
-        return None
-    origin = typing.get_origin(base)
-    if origin is Literal:
-        choices = typing.get_args(base)
-        if value not in choices:
-            text = str(value)
-            if text not in choices:
-                raise ArgumentError(f"--{key}: {value!r} is not one of {list(choices)}")
-            value = text
-        return value
-    if base is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in ("true", "yes", "1", "on"):
-            return True
-        if text in ("false", "no", "0", "off"):
-            return False
-        raise ArgumentError(f"--{key}: expected a boolean (true/false), got {value!r}")
-    if base is int:
-        if isinstance(value, bool):
-            raise ArgumentError(f"--{key}: expected an integer, got {value!r}")
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        try:
-            return int(str(value).strip())
-        except ValueError:
-            raise ArgumentError(f"--{key}: expected an integer, got {value!r}") from None
-    if base is float:
-        if isinstance(value, bool):
-            raise ArgumentError(f"--{key}: expected a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ArgumentError(f"--{key}: expected a number, got {value!r}") from None
-    if base is str:
-        if isinstance(value, (dict, list)):
-            raise ArgumentError(f"--{key}: expected a string, got {value!r}")
-        return str(value)
-    if origin in (list, Sequence, tuple) or base in (list, tuple):
-        (item_type,) = typing.get_args(base)[:1] or (str,)
-        if isinstance(value, str):
-            parsed = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v.strip()]
-            value = parsed
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        return [_convert(v.strip() if isinstance(v, str) else v, item_type, key) for v in value]
-    if base is dict or origin is dict:
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if not isinstance(value, dict):
-            raise ArgumentError(f"--{key}: expected a mapping such as '{{a: 1}}', got {value!r}")
-        return value
-    if typing.get_origin(base) in (typing.Union, types.UnionType):
-        errors = []
-        for option in typing.get_args(base):
-            try:
-                return _convert(value, option, key)
-            except ArgumentError as error:
-                errors.append(str(error))
-        raise ArgumentError(f"--{key}: {value!r} fits none of {_type_name(tp)}")
-    return value
-
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _fields(cls) -> dict[str, dataclasses.Field]:
-    hints = typing.get_type_hints(cls)
-    out = {}
-    for f in dataclasses.fields(cls):
-        f.type = hints.get(f.name, f.type)
-        out[f.name] = f
-    return out
-
-
 # ----------------------------------------------------------------------------------------- parsing
-def parse_cli_overrides(argv: Sequence[str]) -> tuple[str | None, dict[str, Any]]:
-    """``[RECIPE.yaml] --key value --key=value --flag`` -> (recipe, {key: raw string or True}).
-
-    A bare ``--flag`` (followed by another ``--key`` or nothing) means True. Dashes in keys are
-    accepted as underscores."""
-    recipe = None
-    overrides: dict[str, Any] = {}
-    i = 0
-    argv = list(argv)
-    while i < len(argv):
-        token = argv[i]
-        if token.startswith("--"):
-            key = token[2:]
-            if "=" in key:
-                key, value = key.split("=", 1)
-            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                value = argv[i + 1]
-                i += 1
-            else:
-                value = True
-            key = key.replace("-", "_")
-            if key in overrides:
-                raise ArgumentError(f"--{key} is given twice on the command line")
-            overrides[key] = value
-        elif recipe is None and (token.endswith((".yaml", ".yml")) or Path(token).is_file()):
-            recipe = token
-        else:
-            raise ArgumentError(f"unexpected argument {token!r}: give at most one recipe file, then --key value pairs")
-        i += 1
-    return recipe, overrides
-
-
-def load_recipe(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A recipe as flat ``key: value`` pairs.
-
-    ``extends: other.yaml`` (a path relative to this recipe, or a list of them, applied in order)
-    starts from that recipe's values and lets this one override them, so a family of recipes
-    (one method on six datasets) states each shared value once.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ArgumentError(f"recipe {path} does not exist")
-    if path.resolve() in _chain:
-        cycle = " -> ".join(str(p) for p in (*_chain, path.resolve()))
-        raise ArgumentError(f"recipe {path} extends itself through {cycle}: remove one of the extends keys")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ArgumentError(f"recipe {path} must be a mapping of key: value")
-    flat: dict[str, Any] = {}
-    parents = data.pop("extends", None) or []
-    for parent in [parents] if isinstance(parents, str) else parents:
-        parent_path = path.parent / parent
-        if not parent_path.is_file():
-            raise ArgumentError(f"recipe {path}: extends {parent!r}, but {parent_path} does not exist (paths are relative to the recipe)")
-        flat.update(load_recipe(parent_path, (*_chain, path.resolve())))
-    for key, value in data.items():
-        # Groups are optional: `training: {learning_rate: ...}` and flat `learning_rate: ...` both work.
-        if key in ("data", "model_args", "training", "method_args") and isinstance(value, dict):
-            flat.update(value)
-        else:
-            flat[key] = value
-    return flat
-
-
-def _valid_keys_message(valid: Sequence[str], bad: Sequence[str]) -> str:
-    lines = []
-    for key in bad:
-        close = difflib.get_close_matches(key, valid, n=3)
-        lines.append(f"  {key}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
-    return "unknown argument(s):\n" + "\n".join(lines) + "\nvalid keys: " + ", ".join(sorted(valid))
-
-
 def parse_run_arguments(argv: Sequence[str] | None = None, recipe_values: dict[str, Any] | None = None) -> RunArguments:
     """Parse ``[RECIPE.yaml] [--key value ...]`` into a `RunArguments` (two passes: method first)."""
     from ..methods.base import get_method_class
@@ -466,7 +297,7 @@ def parse_run_arguments(argv: Sequence[str] | None = None, recipe_values: dict[s
     owner: dict[str, str] = {}
     group_fields: dict[str, dict[str, dataclasses.Field]] = {}
     for group, cls in classes.items():
-        group_fields[group] = _fields(cls)
+        group_fields[group] = typed_fields(cls)
         for name in group_fields[group]:
             if name in owner:
                 raise ArgumentError(
@@ -476,7 +307,7 @@ def parse_run_arguments(argv: Sequence[str] | None = None, recipe_values: dict[s
 
     unknown = [k for k in values if k not in owner]
     if unknown:
-        raise ArgumentError(_valid_keys_message(list(owner), unknown))
+        raise ArgumentError(unknown_keys_message(list(owner), unknown))
 
     # Pass 2: build every group with converted values
     built = {}
@@ -484,7 +315,7 @@ def parse_run_arguments(argv: Sequence[str] | None = None, recipe_values: dict[s
         kwargs = {}
         for name, f in group_fields[group].items():
             if name in values:
-                kwargs[name] = _convert(values[name], f.type, name)
+                kwargs[name] = convert_value(values[name], f.type, name)
         try:
             built[group] = cls(**kwargs)
         except (TypeError, ValueError) as error:
@@ -564,33 +395,6 @@ def _method_for_help(argv: Sequence[str]) -> str | None:
     return None
 
 
-def _choices(tp) -> tuple | None:
-    base, _ = _unwrap_optional(tp)
-    if typing.get_origin(base) is Literal:
-        return typing.get_args(base)
-    return None
-
-
-def _describe_fields(cls) -> list[str]:
-    lines = []
-    for name, f in _fields(cls).items():
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = f.default_factory()  # type: ignore[misc]
-        else:
-            default = "required"
-        choices = _choices(f.type)
-        kind = "{" + ",".join(str(c) for c in choices) + "}" if choices else _type_name(_unwrap_optional(f.type)[0])
-        if _unwrap_optional(f.type)[1]:
-            kind += " or None"
-        lines.append(f"  --{name} {kind}  (default: {default!r})")
-        text = f.metadata.get("help", "") if f.metadata else ""
-        if text:
-            lines.append(f"      {text}")
-    return lines
-
-
 GROUP_TITLES = {DataArguments: "data", ModelArguments: "model", TrainingArguments: "training"}
 
 
@@ -608,7 +412,7 @@ def format_help(method: str | None = None) -> str:
     ]
     for cls in ARGUMENT_CLASSES:
         lines.append(f"{GROUP_TITLES[cls]} arguments:")
-        lines += _describe_fields(cls)
+        lines += describe_fields(cls)
         lines.append("")
     if method:
         try:
@@ -616,7 +420,7 @@ def format_help(method: str | None = None) -> str:
         except KeyError as error:
             lines.append(f"method {method!r}: {error.args[0]}")
         else:
-            described = _describe_fields(method_cls.arguments_class)
+            described = describe_fields(method_cls.arguments_class)
             lines.append(f"method arguments ({method}):")
             lines += described or ["  (none)"]
             lines.append("")

@@ -49,7 +49,7 @@ class HubUploadError(RuntimeError):
 def upload_list(folder: str | os.PathLike) -> list[str]:
     """The files of ``folder`` that push_to_hub sends (relative paths): the allow-list, and of those only
     the files the run's manifest lists (by name alone in a folder written before manifests)."""
-    from .job import stil_module_files
+    from .provenance import stil_module_files
 
     folder = Path(folder)
     listed = manifest.read(folder)

@@ -179,7 +179,7 @@ def our_recipe(algorithm: str, labels: str) -> dict | None:
         return None
     sys.path.insert(0, str(ROOT))
     from modeling_stil.methods import get_method_class
-    from modeling_stil.training.arguments import load_recipe
+    from modeling_stil.training.recipe_reading import load_recipe
 
     recipe = load_recipe(path)
     import dataclasses
