@@ -23,8 +23,8 @@ install: $(VENV)/.installed
 # `make baseline` is the last of them alone.
 # Each stage runs on STAGE_THREADS threads (1): the results depend on the thread count (float sums
 # in another order), so one thread keeps them the ones docs/results_analysis.md records, and on a
-# shared CPU more threads than free cores spin against each other (TIP ran at 12 s a step instead of
-# 0.2). After TIP, STiL trains on one core (its log in runs/stil_synthetic.log) while TIP fine-tuning
+# shared CPU more threads than free cores spin against each other (at a load average of 14, TIP ran
+# at 12 s a step on the default threads, 0.7 s on one). After TIP, STiL trains on one core (its log in runs/stil_synthetic.log) while TIP fine-tuning
 # and then the supervised model train on the other.
 STAGE_THREADS ?= 1
 LAUNCH = HF_HUB_OFFLINE=1 OMP_NUM_THREADS=$(STAGE_THREADS) $(VENV)/bin/accelerate launch --config_file accelerate_configs/cpu.yaml train.py
