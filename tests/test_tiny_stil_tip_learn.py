@@ -58,7 +58,8 @@ def test_stil_tiny_learns_with_every_head(tmp_path):
     L_ds (the unlabelled terms gated off): every head's training loss leaves log(20), the image
     head's included, and every head is above chance on validation."""
     results = _fit("recipes/stil_synthetic.yaml", tmp_path, "stil", init_from=None, labeled_fraction=0.3,
-                   max_steps=200, eval_steps=200, start_epoch=1000, per_device_eval_batch_size=200)
+                   max_steps=200, eval_steps=200, start_epoch=1000, start_fraction=None,  # the recipe's relative gate off too
+                   per_device_eval_batch_size=200)
     validation = results["validation"]
     last = _train_log(tmp_path, "stil")[-3:]
     train = {k: sum(r[k] for r in last) / len(last) for k in ("sup_loss_multimodal", "sup_loss_image", "sup_loss_tabular")}
