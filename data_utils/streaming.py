@@ -473,7 +473,14 @@ class StreamingTrainStream:
         self.steps_per_epoch = max(1, max(passes.values()) if epoch == "longest" else
                                    passes.get("unlabeled", passes.get("labeled", 1)))
         self.steps_taken = 0
-        self._restored = False
+        self._open_streams: list[Iterator] = []
+        self._close_registered = False
+
+    def close(self) -> None:
+        """Stop the readers (and DataLoader workers) of the last ``iterate``."""
+        for stream in self._open_streams:
+            stream.close()
+        self._open_streams = []
 
     # the stream state a checkpoint holds ------------------------------------------------------
     def local_state(self) -> dict[str, Any]:
@@ -501,7 +508,6 @@ class StreamingTrainStream:
         for name, cursor in self.cursors.items():
             cursor.load_state_dict(mine["streams"][name])
         self.steps_taken = int(mine["steps"])
-        self._restored = True
 
     # iteration -------------------------------------------------------------------------------
     def epoch_of(self, step: int) -> int:
@@ -514,7 +520,14 @@ class StreamingTrainStream:
             raise LoaderError(
                 f"streamed data cannot start at step {start_step}: its positions are those after step {self.steps_taken}; "
                 "resume from a checkpoint written with --streaming (it holds the stream positions)")
+        self.close()
         streams = {name: cursor.batches() for name, cursor in self.cursors.items()}
+        self._open_streams = list(streams.values())
+        if not self._close_registered:  # readers closed while pyarrow is alive, not at interpreter teardown
+            import atexit
+
+            atexit.register(self.close)
+            self._close_registered = True
         while True:
             labeled = next(streams["labeled"]) if "labeled" in streams else None
             if "meta" in streams:
