@@ -447,6 +447,9 @@ class StreamingTrainStream:
             if batch * num_replicas > rows:
                 raise LoaderError(f"the {name} batch of {batch} x {num_replicas} process(es) exceeds the {rows} {name} "
                                   "rows of the streamed dataset; lower the batch size (or mu)")
+            # at most one worker per shard of this process (a worker without a shard would have no rows)
+            per_process = len(files) // num_replicas if len(files) % num_replicas == 0 else len(files)
+            workers = min(workers, per_process)
             dataset = ShardStream(files, stream=name, kind=kind, views=views, batch_size=batch, **common)
             self.cursors[name] = _StreamCursor(dataset, workers, pin_memory, prefetch_factor)
 

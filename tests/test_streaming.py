@@ -198,9 +198,10 @@ def _launch(args: list[str], processes: int, cwd: Path) -> subprocess.CompletedP
 def test_two_process_streamed_run_resumes_exactly(shards, tmp_path):
     """accelerate launch --num_processes 2 --cpu: each rank reads 2 of the 4 shards of each group; a run
     stopped at step 2 and resumed (both ranks' positions in one checkpoint) ends as the uninterrupted one."""
-    def argv(out, *extra):  # 3 steps, one evaluation, no export: three 2-process launches stay short
+    def argv(out, *extra):  # 3 steps, one evaluation, no export: three 2-process launches stay short; both runs
+        # checkpoint at step 2 (a checkpoint averages BatchNorm statistics over the processes)
         return [str(ROOT / "train.py"), *flags({"dataset": str(shards), "output_dir": str(out), **RUN}, "--max_steps", "3",
-                                               "--eval_steps", "3", "--export", "false", *extra)]
+                                               "--eval_steps", "3", "--save_steps", "2", "--export", "false", *extra)]
 
     whole = _launch(argv(tmp_path / "whole"), 2, tmp_path)
     assert whole.returncode == 0, whole.stderr[-3000:]
