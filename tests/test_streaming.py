@@ -33,7 +33,7 @@ def shards(tmp_path_factory) -> Path:
     return root / "shards"
 
 
-def _stream(shards: Path, rank: int = 0, replicas: int = 1, workers: int = 0, window: int = 1024):
+def _stream(shards: Path | str, rank: int = 0, replicas: int = 1, workers: int = 0, window: int = 1024):
     from data_utils.streaming import StreamingTrainStream, open_streaming_dataset
     from data_utils.views import ViewConfig
 
@@ -86,6 +86,27 @@ def test_convert_refuses_too_many_shards_and_an_existing_output_in_one_line(shar
     assert run_cli(prepare_dataset.main, ["--convert", str(source), "--streaming-shards", "2",
                                           "--output", str(shards)]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
+
+
+def test_shards_at_an_fsspec_url_are_written_and_streamed(shards):
+    """Any fsspec URL, not only a local folder: fsspec's in-memory filesystem stands for s3:// or gs://."""
+    import fsspec
+
+    from data_utils.io import load_dataset
+    from data_utils.streaming import open_streaming_dataset, write_streaming_shards
+
+    url = "memory://stil-test/shards"
+    try:
+        write_streaming_shards(*load_dataset(str(shards.parent / "dataset")), url, 2)
+        data = open_streaming_dataset(url)
+        assert all(u.startswith("memory://") for u in data.urls(data.group("unlabeled")["files"]))
+        assert len(data.labeled_row_ids()) == 40 and len(data.eval_split("validation")) == 40
+        stream = _stream(url)
+        labeled, unlabeled = next(stream.iterate(0))
+        stream.close()
+        assert labeled["index"].shape == (4,) and unlabeled["weak"]["pixel_values"].shape == (8, 3, 16, 16)
+    finally:
+        fsspec.filesystem("memory").rm("/stil-test", recursive=True)
 
 
 # ------------------------------------------------------------------------------------------ reading
