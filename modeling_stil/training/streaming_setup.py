@@ -65,6 +65,9 @@ def assemble_streaming(args, accelerator):
     sizes = streamed.split_sizes()
     if not method_cls.label_free:
         accelerator.print(f"labelled rows: {len(labeled)} of {sizes['train']} (the streamed shards' split)")
+    if schema is not None:
+        accelerator.print("note: --streaming: tabular corruption draws replacement values from each batch's own rows "
+                          "(no whole train split is read)")
     set_seed(targs.seed)
     model = build_model(args, schema, metadata, method_cls, say=accelerator.print)
     init_report = initialise_from(model, args.model.init_from, say=accelerator.print) if args.model.init_from else None
