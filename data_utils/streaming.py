@@ -335,8 +335,6 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def make_batch(self, examples: list[tuple[dict, int]]) -> dict[str, Any]:
         """The rows (with their pass numbers) through the stream's views, as data_utils.loaders makes them."""
-        import datasets
-
         rows = [e for e, _ in examples]
         passes = [p for _, p in examples]
         metadata, n = self.metadata, len(rows)
@@ -347,17 +345,30 @@ class ShardStream(torch.utils.data.IterableDataset):
             tabular = self.schema.encode_columns({name: values[name] for name in self.schema.names})
             pool = TabularPool.from_arrays(tabular)  # the batch's rows: no whole split is at hand
         image = metadata.image_column
-        if image is not None and image in values:
-            table = datasets.Dataset.from_dict({image: values[image]},
-                                               features=datasets.Features({image: datasets.Image(decode=False)}))
-        else:
-            table = datasets.Dataset.from_dict({"_": [0] * n})
+        table = _BatchColumn(image, values[image]) if image is not None and image in values else _BatchColumn("_", [0] * n)
         dataset = ViewDataset(table, metadata, self.views, self.config, np.arange(n), kind=self.kind,
                               stream=self.stream, labels=labels, tabular=tabular, pool=pool)
         dataset.row_ids = np.asarray(values[ROW_ID_COLUMN], dtype=np.int64)
         dataset.stream_positions = np.asarray(values[POSITION_COLUMN], dtype=np.int64)
         with single_threaded():
             return dataset._batch([(i, p) for i, p in enumerate(passes)])
+
+
+class _BatchColumn:
+    """A batch's stored image values (``{"bytes", "path"}``, undecoded) where `ViewDataset` reads a split's
+    image column (``column_names``, ``select_columns``, ``features``, ``[rows][column]``): a
+    ``datasets.Dataset`` built per batch would cost a quarter of the loader's time."""
+
+    def __init__(self, column: str, values: list):
+        self.column, self.values = column, values
+        self.column_names = [column]
+        self.features = {column: None}  # already undecoded: nothing to cast
+
+    def select_columns(self, names):
+        return self
+
+    def __getitem__(self, rows):
+        return {self.column: [self.values[i] for i in rows]}
 
 
 class _StreamCursor:
