@@ -127,6 +127,18 @@ def test_two_ranks_read_disjoint_rows_covering_the_pass(shards):
     assert batches[0][0]["weak"]["pixel_values"].shape == (4, 3, 16, 16) and batches[0][1]["index"].shape == (8,)
 
 
+def test_a_shard_count_that_does_not_divide_by_the_ranks_still_gives_disjoint_rows(shards):
+    """4 shards over 3 ranks: every rank reads every shard and keeps every third row (split_dataset_by_node)."""
+    seen = []
+    for rank in range(3):
+        stream = _stream(shards, rank=rank, replicas=3)
+        steps = stream.iterate(0)
+        seen.append([i for _ in range(5) for i in next(steps)[1]["index"].tolist()])  # 5 x 8 = 40 = 120 / 3
+        stream.close()
+    assert sorted(i for rows in seen for i in rows) == sorted(set(i for rows in seen for i in rows))
+    assert len(set().union(*map(set, seen))) == 120
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_from_the_stream_state_continues_exactly(shards, workers):
     """Stop inside a shuffle window of the second pass, save the state as a checkpoint does (weights_only
