@@ -262,7 +262,14 @@ class ViewDataset(Dataset):
     ``__getitems__`` receives the sampler's ``(position, pass)`` keys and returns the finished batch
     (decode once per sample, every view, tabular slicing and normalisation vectorised), so the
     DataLoader's collate is a pass-through.
+
+    Streamed batches (data_utils.streaming) build one over the batch's own rows and set ``row_ids``
+    (the rows' ids in their split: ``index`` and the augmentation seeds) and ``stream_positions``
+    (their places in their stream: ``position``); None: the split's rows and the sampler's positions.
     """
+
+    row_ids: np.ndarray | None = None
+    stream_positions: np.ndarray | None = None
 
     def __init__(self, split, metadata: DatasetMetadata, views: Mapping[str, str | ViewRecipe],
                  view_config: ViewConfig, rows: np.ndarray, *, kind: str, stream: str,
@@ -336,6 +343,7 @@ class ViewDataset(Dataset):
         positions = np.fromiter((k[0] for k in keys), dtype=np.int64, count=len(keys))
         passes = np.fromiter((k[1] for k in keys), dtype=np.int64, count=len(keys))
         rows = self.rows[positions]
+        ids = rows if self.row_ids is None else self.row_ids[rows]
         images, scale = None, None
         if self._images is not None:
             values = self._images[rows.tolist()][self.image_column]
@@ -345,14 +353,14 @@ class ViewDataset(Dataset):
             scale = self.config.image_size / stored
         label_key = "monitor_labels" if self.kind == "unlabeled" else "labels"
         labels = self._labels(rows, scale)
-        batch: dict[str, Any] = {label_key: labels, "index": torch.from_numpy(rows.copy())}
+        batch: dict[str, Any] = {label_key: labels, "index": torch.from_numpy(ids.copy())}
         if self.kind != "eval":
-            batch["position"] = torch.from_numpy(positions)
+            batch["position"] = torch.from_numpy(positions if self.stream_positions is None else self.stream_positions[rows])
         clean = None
         if self.tabular is not None:
             clean = {k: v[rows] for k, v in self.tabular.items()}
         for key, recipe in self.views.items():
-            seeds = sample_seeds(self.config.seed, self.stream, key, passes, rows)
+            seeds = sample_seeds(self.config.seed, self.stream, key, passes, ids)
             coins = joint_coins(seeds, joint_probability(recipe, self.config))
             inputs: dict[str, torch.Tensor] = {}
             view = self.image_views.get(key)

@@ -100,6 +100,10 @@ class DataArguments:
         "(split, row, reason); 'skip' drops those rows with a warning that counts and lists them",
         default="error",
     )
+    streaming: bool = _help(
+        "read --dataset as streamed Parquet shards (a folder or fsspec URL written by scripts/prepare_dataset.py "
+        "--streaming-shards N; data_utils.streaming): for data larger than a disk; needs --max_steps", default=False
+    )
     standardize_targets: bool = _help(
         "regression/landmarks: train on targets standardised with the labelled rows' mean/std (stored in the "
         "model config; predictions come back in original units)", default=False

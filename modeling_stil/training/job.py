@@ -47,6 +47,10 @@ def assemble(args, accelerator):
     from ..methods.base import get_method_class
 
     targs = args.training
+    if args.data.streaming:  # Parquet shards read as needed (data_utils.streaming), never loaded whole
+        from .streaming_setup import assemble_streaming
+
+        return assemble_streaming(args, accelerator)
     source, dataset_dict, metadata, schema = prepare_dataset(args.data, accelerator)
     method_cls = get_method_class(targs.method)
     method_cls.check_task(metadata.task)

@@ -114,6 +114,8 @@ class Trainer:
         # clipping sees exactly what the optimizer updates
         self.clip_parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
         acc.register_for_checkpointing(self.progress)
+        if hasattr(train_stream, "state_dict"):  # streamed data: the readers' positions travel with the checkpoint
+            acc.register_for_checkpointing(train_stream)
         self.eval_loaders = {}
         for split, loader in eval_loaders.items():
             self.eval_loaders[split] = acc.prepare_data_loader(loader) if isinstance(loader, torch.utils.data.DataLoader) else loader
