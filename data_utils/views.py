@@ -596,6 +596,12 @@ for _recipe in (
     ViewRecipe("translate", "translate", TabularView("clean")),
     # TIP pretraining's view 0: always-augmented image + corrupted row (docs/methods.md, "tip_pretrain").
     ViewRecipe("tip", "stil_always", TabularView("corrupt", 0.3)),
+    # TIP pretraining (tip_pretrain): the augmented image, and views that carry a table only (they
+    # share the image of the "image" view of the same row)
+    ViewRecipe("tip_image", "stil", TabularView("clean")),
+    ViewRecipe("tip_masked_table", None, TabularView("mask", 0.5)),
+    ViewRecipe("tip_clean_table", None, TabularView("clean")),
+    ViewRecipe("tip_corrupted_table", None, TabularView("corrupt", 0.3)),
 ):
     register_recipe(_recipe)
 

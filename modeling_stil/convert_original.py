@@ -231,6 +231,25 @@ def split_stil_state_dict(state: dict, weights: str = "student") -> tuple[dict, 
     return backbone, method
 
 
+def stil_method_state_entry(key: str, value: torch.Tensor, has_teacher: bool, has_distribution_alignment: bool):
+    """Where an entry of the method-side file (`METHOD_STATE_FILENAME`, original keys, see
+    `split_stil_state_dict`) goes in the ``stil`` method's state dict: ``(target key or None, value)``.
+
+    ``ema.*`` -> the teacher ``ema.module.*``; ``DA_queue`` / ``DA_ptr`` -> ``DA.queue.buffer`` /
+    ``DA.queue.ptr`` (a scalar); ``model.*`` (converted with ``--weights teacher``: the loaded model IS
+    the teacher, the student copy is not put back) -> None; projectors, CLUB estimators and prototype
+    buffers keep their names. None also where the method has no place (no teacher, no DA)."""
+    if key.startswith("ema."):
+        return ("ema.module." + key[len("ema.") :] if has_teacher else None), value
+    if key == "DA_queue":
+        return ("DA.queue.buffer" if has_distribution_alignment else None), value
+    if key == "DA_ptr":
+        return ("DA.queue.ptr" if has_distribution_alignment else None), value.reshape(())
+    if key.startswith("model."):
+        return None, value
+    return key, value
+
+
 def stil_config_from_state(backbone: dict, field_lengths: Sequence[int], num_classes: Optional[int] = None, **overrides) -> StilConfig:
     keys = backbone.keys()
     if "classifier_multimodal.weight" not in backbone or "encoder_tabular.cls_token" not in backbone:

@@ -139,6 +139,7 @@ def main(argv=None) -> int:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         state.phase = 0
+        state.step += 1  # the step is completed when the hooks run (TrainState.step)
         unwrapped.after_optimizer_step(state)
         if cuda:
             torch.cuda.synchronize()

@@ -17,13 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from modeling_stil.methods.base import TrainState
+from modeling_stil.methods.consistency import consistency_loss as inner_consistency_loss
 from modeling_stil.methods.l2i import (
     L2IL,
     L2IO,
     L2ILArguments,
     L2IOArguments,
     imputation_meta_gradient,
-    inner_consistency_loss,
     trainable_parameters,
 )
 from tests._helpers import flags, run_train

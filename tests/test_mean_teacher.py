@@ -15,15 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from modeling_stil.methods.base import TrainState, get_method_class
-from modeling_stil.methods.mean_teacher import (
-    MeanTeacher,
-    MeanTeacherArguments,
-    consistency_loss,
-    consistency_weight,
-    interleaved_logits,
-    mean_teacher_momentum,
-    transfer_to_view,
-)
+from modeling_stil.methods.common import mean_teacher_momentum
+from modeling_stil.methods.consistency import consistency_loss, consistency_weight, interleaved_logits, transfer_to_view
+from modeling_stil.methods.mean_teacher import MeanTeacher, MeanTeacherArguments
 from tests.test_methods_common import TinyNet, TinyOutput
 
 

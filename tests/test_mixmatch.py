@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from modeling_stil.methods.base import TrainState, get_method_class
-from modeling_stil.methods.mean_teacher import interleave
+from modeling_stil.methods.consistency import interleave
 from modeling_stil.methods.mixmatch import (
     MixMatch,
     MixMatchArguments,

@@ -8,6 +8,7 @@ The trainer calls, per optimisation step::
 
     loss, logs = method(labeled, unlabeled, state)     # forward == training_step (DDP-friendly)
     accelerator.backward(loss); clip; optimizer.step(); scheduler.step()
+    state.step += 1                                    # the step is now completed
     method.after_optimizer_step(state)                 # EMA, bank pointers (only on sync steps)
 
 and ``method.on_epoch_end(state)`` at each epoch boundary (one pass over the unlabelled data).
@@ -22,16 +23,24 @@ where ``inputs`` is a dict that can be passed to the model as ``model(**inputs)`
 (``pixel_values``, ``categorical_values``, ``continuous_values``, ``missing_mask``; views that move
 geometry also carry ``labels``/``translation``). ``monitor_labels`` are ground truth kept only for
 pseudo-label quality plots; a method must never put them in a loss.
+
+What every method shares lives here, once: the EMAs of the student (`EMAOption`, built after the
+method's ``__init__``, updated after each optimizer step, checkpointed as sub-modules, evaluated by
+`SSLMethod.eval_model`), the epoch gate of the unlabelled terms (`SSLMethod.unlabeled_terms_on`,
+`SSLMethod.gated_loss`) and the check that a method with ``unlabeled_views`` gets an unlabelled batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
+
+from .common import EMA_MODES, EMATeacher, mean_teacher_momentum, scheduled_momentum, unlabeled_gate_open, warmup_momentum
 
 MODEL_INPUT_KEYS = ("pixel_values", "categorical_values", "continuous_values", "missing_mask")
 
@@ -83,9 +92,15 @@ class DataInfo:
 
 @dataclass
 class TrainState:
-    """What a method may know about the run. Passed to every hook; never stored by the method."""
+    """What a method may know about the run. Passed to every hook; never stored by the method.
 
-    step: int = 0  # optimisation steps completed before this one
+    ``step`` has one meaning everywhere: the number of optimisation steps completed when the hook
+    runs. In ``training_step`` that is the steps before the one being computed (0 on the first); in
+    ``after_optimizer_step`` and ``on_epoch_end`` the step just taken is completed and counted (1
+    after the first). A formula indexed by the step just taken (Mean Teacher's ``t``, 0 after the
+    first step) uses ``step - 1`` there (`EMAOption.warmup_counts`)."""
+
+    step: int = 0  # optimisation steps completed when the hook runs (see above)
     epoch: int = 0  # 0-indexed epoch (one epoch = one pass over the unlabelled data)
     steps_per_epoch: int = 1
     max_steps: int = 1
@@ -105,6 +120,69 @@ class TrainState:
         return min(1.0, self.step / max(1, self.max_steps))
 
 
+EMA_WARMUPS = (None, "tf", "mean_teacher")
+EMA_WARMUP_COUNTS = ("completed", "before")
+EMA_UPDATES = ("after_optimizer_step", "by_method")
+
+
+@dataclass(frozen=True)
+class EMAOption:
+    """An exponential moving average of the student a method keeps (a teacher, the evaluation model),
+    declared by `SSLMethod.ema_options`. The base class builds it as the attribute ``name`` (None when
+    not ``enabled``; checkpoints hold it as ``<name>.module.*``), updates it with
+    ``theta_ema <- m theta_ema + (1 - m) theta`` and evaluates it when ``evaluate``."""
+
+    name: str = "ema"  # the method's attribute (and state-dict prefix)
+    momentum: float = 0.999  # m (absolute)
+    span_fraction: float | None = None  # relative form of momentum: span 1/(1-m) = this x max_steps
+    # None: constant m; "tf": min(m, (1+t)/(10+t)) (TensorFlow's num_updates warm-up);
+    # "mean_teacher": min(m, 1 - 1/(t+1)) (Mean Teacher's teacher; t = 0 copies the student)
+    warmup: str | None = None
+    # what t counts: "completed" = state.step (steps completed, the one just taken included);
+    # "before" = the steps before the one just taken (state.step - 1, floored at 0)
+    warmup_counts: str = "completed"
+    mode: str = "parameters"  # "parameters" (buffers copied from the student) or "state" (EMAN: buffers averaged too)
+    eval_mode: bool = True  # forwards in eval mode; False: a teacher that labels with batch statistics
+    enabled: bool = True
+    evaluate: bool = False  # eval_model() is this EMA (the first enabled one that says so)
+    evaluated_part: str | None = None  # evaluate this attribute of the averaged network (e.g. "model")
+    # "after_optimizer_step": the base class updates it after each optimizer step, in declaration order;
+    # "by_method": the method calls update_ema itself (STiL: at the start of its step)
+    updated: str = "after_optimizer_step"
+    averaged: str = "model"  # the method's attribute holding the averaged network, or a method returning it
+
+    def __post_init__(self):
+        if self.mode not in EMA_MODES:
+            raise ValueError(f"EMA mode must be one of {EMA_MODES}, not {self.mode!r}")
+        if self.warmup not in EMA_WARMUPS or self.warmup_counts not in EMA_WARMUP_COUNTS or self.updated not in EMA_UPDATES:
+            raise ValueError(f"EMAOption {self.name!r}: warmup in {EMA_WARMUPS}, warmup_counts in {EMA_WARMUP_COUNTS}, "
+                             f"updated in {EMA_UPDATES}")
+
+    def momentum_at(self, state: TrainState) -> float:
+        """The momentum of the update after the optimizer step that completed ``state.step`` steps."""
+        momentum = scheduled_momentum(self.momentum, self.span_fraction, state.max_steps)
+        if self.warmup is None:
+            return momentum
+        t = state.step if self.warmup_counts == "completed" else max(0, state.step - 1)
+        if self.warmup == "tf":
+            return warmup_momentum(momentum, t)
+        return mean_teacher_momentum(t, momentum)
+
+
+def _then_build_emas(init):
+    """Wrap a method's ``__init__`` so that the declared EMAs are built when the outermost
+    constructor returns: every network they average (a method-owned projection head) exists then."""
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if type(self).__init__ is __init__:
+            self._build_emas()
+
+    __init__.builds_emas = True
+    return __init__
+
+
 class SSLMethod(nn.Module):
     """Base class. Subclasses set the class attributes and implement `training_step`.
 
@@ -121,7 +199,12 @@ class SSLMethod(nn.Module):
     * evaluation: ``eval_views``, ``evaluation_step`` (per-sample outputs to gather),
       ``compute_eval_metrics`` and ``selection`` (metric, loss or last step);
     * hooks: ``after_optimizer_step`` (EMA, pointers), ``on_epoch_end`` (prototypes), both called
-      after a synchronised optimizer step, never inside an accumulation window.
+      after a synchronised optimizer step, never inside an accumulation window;
+    * EMAs of the student: ``ema_options()`` declares them (`EMAOption`); the base class builds,
+      updates (``after_optimizer_step``, or ``update_ema`` from the method) and evaluates them;
+    * the unlabelled terms' epoch gate: arguments ``start_epoch`` / ``start_fraction`` read by
+      ``unlabeled_terms_on``; ``gated_loss`` adds the terms and logs ``unsup_active`` and ``loss``;
+    * pretraining: ``linear_probe`` + ``probe_features`` (a linear probe on the representation after training).
     """
 
     name: ClassVar[str] = ""
@@ -156,11 +239,66 @@ class SSLMethod(nn.Module):
     # best-on-validation selection: None = the task's default metric; ("<metric>", greater_is_better)
     # for a named validation metric (e.g. ("loss", False)); "last" = keep the last step
     selection: ClassVar[tuple[str, bool] | str | None] = None
+    # True: after training, a linear probe is fitted on ``probe_features`` (pretraining methods)
+    linear_probe: ClassVar[bool] = False
 
+    @_then_build_emas
     def __init__(self, model: nn.Module, args: MethodArguments | None = None):
         super().__init__()
         self.model = model
         self.args = args if args is not None else self.arguments_class()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and not getattr(init, "builds_emas", False):
+            cls.__init__ = _then_build_emas(init)
+
+    # ------------------------------------------------------------------ EMAs of the student
+    def ema_options(self) -> list[EMAOption]:
+        """The EMAs of the student this method keeps, from its arguments (none by default)."""
+        return []
+
+    def _build_emas(self) -> None:
+        self._ema_options: dict[str, EMAOption] = {}
+        for option in self.ema_options():
+            ema = EMATeacher(self._averaged(option), mode=option.mode, eval_mode=option.eval_mode) if option.enabled else None
+            setattr(self, option.name, ema)
+            self._ema_options[option.name] = option
+
+    def _averaged(self, option: EMAOption) -> nn.Module:
+        network = getattr(self, option.averaged)
+        return network if isinstance(network, nn.Module) else network()
+
+    @torch.no_grad()
+    def update_ema(self, name: str, state: TrainState) -> None:
+        """One EMA update of ``name`` towards the student (nothing when it is not enabled)."""
+        ema = getattr(self, name)
+        if ema is not None:
+            option = self._ema_options[name]
+            ema.update(self._averaged(option), option.momentum_at(state))
+
+    # ------------------------------------------------------------------ the unlabelled terms' gate
+    def unlabeled_terms_on(self, state: TrainState) -> bool:
+        """Whether the unlabelled terms are in the loss: after epoch ``args.start_epoch`` (-1: always),
+        or from step ``args.start_fraction * max_steps`` when that is set; always when the arguments
+        have no ``start_epoch``. Python numbers only: no device sync."""
+        start_epoch = getattr(self.args, "start_epoch", None)
+        if start_epoch is None:
+            return True
+        return unlabeled_gate_open(state, start_epoch, getattr(self.args, "start_fraction", None))
+
+    def gated_loss(self, loss: torch.Tensor, unlabeled_terms: list[torch.Tensor], state: TrainState,
+                   logs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``loss`` plus each (weighted) unlabelled term in order once the gate is open; logs
+        ``unsup_active`` and the total ``loss``."""
+        active = self.unlabeled_terms_on(state)
+        if active:
+            for term in unlabeled_terms:
+                loss = loss + term
+        logs["unsup_active"] = torch.tensor(float(active))
+        logs["loss"] = loss.detach()
+        return loss
 
     # ------------------------------------------------------------------ the contract
     def setup(self, info: DataInfo) -> None:
@@ -182,11 +320,18 @@ class SSLMethod(nn.Module):
 
     def forward(self, labeled: dict | None, unlabeled: dict | None, state: TrainState):
         # DDP wraps the method, so the step must run through forward for gradient sync.
+        if self.unlabeled_views is not None and unlabeled is None:
+            raise ValueError(f"{self.name} needs an unlabelled batch (the method declares unlabeled_views)")
         return self.training_step(labeled, unlabeled, state)
 
     @torch.no_grad()
     def after_optimizer_step(self, state: TrainState) -> None:
-        """Called after each *synchronised* optimizer step (EMA updates, queue pointers)."""
+        """Called after each *synchronised* optimizer step: updates the EMAs declared
+        ``updated="after_optimizer_step"`` in declaration order. Methods with more to do (queue
+        pointers, a decoupled weight decay) override it and call `update_ema` where their paper says."""
+        for name, option in self._ema_options.items():
+            if option.updated == "after_optimizer_step":
+                self.update_ema(name, state)
 
     @torch.no_grad()
     def on_epoch_end(self, state: TrainState) -> dict[str, torch.Tensor]:
@@ -195,8 +340,18 @@ class SSLMethod(nn.Module):
         return {}
 
     def eval_model(self) -> nn.Module:
-        """The network used for evaluation and export (student by default; a teacher if the paper says so)."""
+        """The network used for evaluation and export: the first enabled EMA declared ``evaluate``
+        (its ``evaluated_part`` when set), else the student."""
+        for name, option in self._ema_options.items():
+            ema = getattr(self, name)
+            if option.evaluate and ema is not None:
+                return getattr(ema.module, option.evaluated_part) if option.evaluated_part else ema.module
         return self.model
+
+    def probe_features(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        """Pretraining methods (``linear_probe = True``): the (B, D) representation of an eval batch
+        that the linear probe is fitted on, computed with ``model`` (the eval model)."""
+        raise NotImplementedError(f"{self.name} has no linear probe (linear_probe = False)")
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters the optimizer updates and clipping sees (teachers are excluded by requires_grad=False)."""

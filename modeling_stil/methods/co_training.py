@@ -25,21 +25,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import MethodArguments, SSLMethod, TrainState, register_method
+from .base import EMAOption, MethodArguments, SSLMethod, TrainState, register_method
 from .common import (
-    EMATeacher,
     at_least_float32,
     check_fraction,
+    check_unimodal_heads,
     concat_views,
     confidence_mask,
     cross_entropy,
     head_logits,
     model_inputs,
     pseudo_label_logs,
-    scheduled_momentum,
-    unlabeled_gate_open,
 )
-from .mmatch import check_unimodal_heads
 
 
 @dataclass
@@ -83,12 +80,13 @@ class CoTraining(SSLMethod):
     def __init__(self, model, args: CoTrainingArguments | None = None):
         super().__init__(model, args)
         check_unimodal_heads(model, self.name)
-        a = self.args
-        self.ema = EMATeacher(model, mode="state" if a.eman else "parameters") if a.use_ema else None
+
+    def ema_options(self) -> list[EMAOption]:
+        a = self.args  # the teacher: constant momentum, evaluation uses the student
+        return [EMAOption("ema", a.ema_momentum, a.ema_span_fraction, mode="state" if a.eman else "parameters",
+                          enabled=a.use_ema)]
 
     def compute_terms(self, labeled: dict, unlabeled: dict, state: TrainState):
-        if unlabeled is None:
-            raise ValueError(f"{self.name} needs an unlabelled batch")
         key = next(iter(self.labeled_views))
         unlabeled_inputs = model_inputs(unlabeled[key])
         inputs, (n_l, _) = concat_views([model_inputs(labeled[key]), unlabeled_inputs])
@@ -128,21 +126,12 @@ class CoTraining(SSLMethod):
         logs["mask_ratio"] = 0.5 * (image_mask_ratio + logs["mask_ratio"])  # share of (row, head) targets used
         return terms, logs
 
-    def training_step(self, labeled: dict, unlabeled: dict | None, state: TrainState):
+    def training_step(self, labeled: dict, unlabeled: dict, state: TrainState):
         a = self.args
         terms, logs = self.compute_terms(labeled, unlabeled, state)
         loss = a.alpha * (terms["sup_loss_multimodal"] + terms["sup_loss_image"] + terms["sup_loss_tabular"])
-        active = unlabeled_gate_open(state, a.start_epoch, a.start_fraction)
-        if active:
-            loss = loss + a.rate_uce * (terms["unsup_loss_image"] + terms["unsup_loss_tabular"])
-        logs["unsup_active"] = torch.tensor(float(active))
-        logs["loss"] = loss.detach()
+        loss = self.gated_loss(loss, [a.rate_uce * (terms["unsup_loss_image"] + terms["unsup_loss_tabular"])], state, logs)
         return loss, logs
-
-    @torch.no_grad()
-    def after_optimizer_step(self, state: TrainState) -> None:
-        if self.ema is not None:
-            self.ema.update(self.model, scheduled_momentum(self.args.ema_momentum, self.args.ema_span_fraction, state.max_steps))
 
     @torch.no_grad()
     def evaluation_step(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:

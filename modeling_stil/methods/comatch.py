@@ -41,18 +41,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import DataInfo, MethodArguments, SSLMethod, TrainState, register_method
+from .base import DataInfo, EMAOption, MethodArguments, SSLMethod, TrainState, register_method
 from .common import (
     at_least_float32,
     DistributionAlignment,
-    EMATeacher,
     ProjectedNet,
     check_fraction,
     check_image_only_model,
     check_num_labels,
     concat_views,
     cross_entropy,
-    ema_momentum,
     gather_no_grad,
     linear_rampup,
     model_inputs,
@@ -192,14 +190,18 @@ class CoMatch(SSLMethod):
             check_image_only_model(model, self.name)
         self.labeled_views = {"labeled": a.labeled_view}
         self.projector = model_projection_head(model, a.projection_dim, self.name)
-        # the momentum encoder forwards in train mode (own batch statistics), as salesforce/STiL
-        self.ema = EMATeacher(ProjectedNet(model, self.projector), mode="parameters", eval_mode=a.teacher != "momentum")
         self.num_classes = int(getattr(unwrap_model(model).config, "num_labels", 0) or 0)
         self.DA = DistributionAlignment(self.num_classes, a.da_len) if a.distribution_alignment and self.num_classes else None
         self.queue_size = 0
 
     def _net(self) -> ProjectedNet:
         return ProjectedNet(self.model, self.projector)
+
+    def ema_options(self) -> list[EMAOption]:
+        a = self.args  # the momentum encoder forwards in train mode (own batch statistics), as salesforce/STiL
+        return [EMAOption("ema", a.ema_momentum, a.ema_span_fraction, warmup="tf" if a.ema_warmup else None,
+                          eval_mode=a.teacher != "momentum", evaluate=a.eval_with_ema, evaluated_part="model",
+                          averaged="_net")]
 
     def _projection_width(self) -> int:
         if self.projector is not None:
@@ -289,8 +291,6 @@ class CoMatch(SSLMethod):
         return z_l, z_s0, g_s0, g_s1, z_w, g_l, g_w
 
     def compute_terms(self, labeled: dict, unlabeled: dict | None, state: TrainState):
-        if unlabeled is None:
-            raise ValueError(f"{self.name} needs an unlabelled batch")
         if not hasattr(self, "queue_w"):
             raise RuntimeError(f"{self.name}: setup(info) was not called (the queues are sized there)")
         a = self.args
@@ -323,7 +323,7 @@ class CoMatch(SSLMethod):
         }
         self.enqueue(g_l, y, g_w, p_orig, g_s1, probs, state)
         logs = {k: v.detach() for k, v in terms.items()}
-        logs["unsup_active"] = torch.tensor(float(unlabeled_gate_open(state, a.start_epoch, a.start_fraction)))
+        logs["unsup_active"] = torch.tensor(float(self.unlabeled_terms_on(state)))
         logs["graph_edges"] = (q_hat > 0).float().sum(dim=1).mean()
         logs.update(pseudo_label_logs(probs.argmax(dim=1), mask, unlabeled.get("monitor_labels")))
         return terms, logs
@@ -339,20 +339,9 @@ class CoMatch(SSLMethod):
     def training_step(self, labeled: dict, unlabeled: dict | None, state: TrainState):
         a = self.args
         terms, logs = self.compute_terms(labeled, unlabeled, state)
-        loss = terms["sup_loss"]
-        if unlabeled_gate_open(state, a.start_epoch, a.start_fraction):
-            loss = loss + a.lambda_u * terms["unsup_loss"] + self.contrast_weight(state.epoch, state) * terms["contrast_loss"]
-        logs["loss"] = loss.detach()
+        loss = self.gated_loss(terms["sup_loss"], [a.lambda_u * terms["unsup_loss"],
+                                                   self.contrast_weight(state.epoch, state) * terms["contrast_loss"]], state, logs)
         return loss, logs
-
-    # ------------------------------------------------------------------ hooks
-    @torch.no_grad()
-    def after_optimizer_step(self, state: TrainState) -> None:
-        self.ema.update(self._net(), ema_momentum(self.args.ema_momentum, state.step, self.args.ema_warmup,
-                                                    self.args.ema_span_fraction, state.max_steps))
-
-    def eval_model(self):
-        return self.ema.module.model if self.args.eval_with_ema else self.model
 
 
 @register_method

@@ -3,16 +3,22 @@
 Everything here is algorithm-agnostic and tested against hand-computed values
 (tests/test_methods_common.py):
 
-* model plumbing: `unwrap_model`, `model_inputs`, `view_targets`, `concat_views`, `split_sizes`;
+* model plumbing: `unwrap_model`, `model_inputs`, `view_targets`, `concat_views`, `split_size`;
+* losses: `task_loss`, `cross_entropy`, `soft_cross_entropy` (float32 at least whatever autocast does);
 * `EMATeacher`: a frozen copy of the student updated in place, either parameter EMA
   (MoCo / CoMatch / Mean Teacher / USB's eval EMA) or state EMA ("EMAN": floating buffers such as BN
-  running statistics are averaged too; integer buffers are copied, never averaged);
+  running statistics are averaged too; integer buffers are copied, never averaged). Methods declare
+  their EMAs (`base.EMAOption`); the base class builds and updates them;
+* schedules: momenta (`ema_momentum`, `mean_teacher_momentum`, ...), ramps, the epoch gate;
 * `gather_no_grad`: all-gather for banks and queues that tolerates uneven per-process batch sizes;
 * `Queue`: FIFO ring buffer with wrap-around (memory banks, distribution-alignment history);
 * `DistributionAlignment` (queue of the last 256 batch means, STiL/SimMatch/MMatch style) and
   `EMADistributionAlignment` (USB's EMA of the unlabelled class distribution);
-* pseudo-labelling: `confidence_mask`, `sharpen`, `pseudo_labels`, `soft_cross_entropy`,
-  `cross_entropy`, `pseudo_label_logs`.
+* pseudo-labelling: `confidence_mask`, `sharpen`, `pseudo_labels`, `pseudo_label_logs`, `head_logits`;
+* the Match family's projection network: `ProjectedNet`, `model_projection_head`;
+* model checks: `check_num_labels`, `check_unimodal_heads` (MMatch / co-training), `check_image_only_model`.
+
+Consistency-regularisation pieces (Mean Teacher, pseudo-labelling, MixMatch, L2I) are in consistency.py.
 
 Nothing here needs ``torch.distributed``: cross-process communication goes through the
 ``TrainState.gather`` / ``reduce_sum`` callables, which are identities on one process.
@@ -20,23 +26,24 @@ Nothing here needs ``torch.distributed``: cross-process communication goes throu
 
 from __future__ import annotations
 
-import math
-
 import copy
-from typing import Callable, Iterable
+import math
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import TrainState
+if TYPE_CHECKING:  # annotations only: base.py imports this module (the EMA lifecycle)
+    from .base import TrainState
 
+
+# ---------------------------------------------------------------------------------------- plumbing
 # Keys a geometric view puts next to the model inputs (targets moved with the image); they are
 # for the method's losses, never for ``model(**inputs)``.
 NON_MODEL_KEYS = ("labels", "monitor_labels", "translation", "masked_fields")  # view extras the model does not take
 
 
-# ---------------------------------------------------------------------------------------- plumbing
 def unwrap_model(module: nn.Module) -> nn.Module:
     """Strip DistributedDataParallel / DataParallel / FSDP-style ``.module`` wrappers and
     ``torch.compile``'s ``_orig_mod`` so parameter names match the bare model."""
@@ -90,6 +97,19 @@ def split_size(view: dict) -> int:
     raise ValueError("a view needs at least one batched tensor")
 
 
+def head_logits(output) -> dict[str, torch.Tensor]:
+    """A model output's ``logits`` plus each unimodal head's (``image_logits``, ``tabular_logits``)
+    that the model has, for a method's ``evaluation_step``: every head is then scored at evaluation
+    (``image/accuracy``, ``tabular/accuracy``)."""
+    result = {"logits": output.logits}
+    for name in ("image_logits", "tabular_logits"):
+        value = getattr(output, name, None)
+        if value is not None:
+            result[name] = value
+    return result
+
+
+# ---------------------------------------------------------------------------------------- losses
 def at_least_float32(x: torch.Tensor) -> torch.Tensor:
     """``x`` in float32 (half precision upcast), or float64 when it already is: losses are computed
     in float32 whatever autocast does, and a float64 run (the golden tests against the original
@@ -97,13 +117,20 @@ def at_least_float32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def task_loss(logits: torch.Tensor, targets: torch.Tensor, task: str, reduction: str = "mean") -> torch.Tensor:
+def task_loss(logits: torch.Tensor, targets: torch.Tensor, task: str, reduction: str = "mean",
+              row_means: bool = True) -> torch.Tensor:
     """The supervised loss of a task: cross-entropy (classification, hard or soft targets) or
-    mean squared error (regression, landmarks). Computed in float32 whatever autocast does."""
+    mean squared error (regression, landmarks). Computed in float32 whatever autocast does.
+
+    Regression with ``row_means=False`` and ``reduction="mean"``: the mean over every entry
+    (B x K) in one reduction (L2I's ``L_meta``), equal to the mean of the per-row means in exact
+    arithmetic but not in float rounding."""
     if task == "classification":
         return cross_entropy(logits, targets, reduction=reduction)
     logits = at_least_float32(logits)
     targets = targets.to(logits.dtype).reshape(logits.shape)
+    if not row_means and reduction == "mean":
+        return ((logits - targets) ** 2).mean()
     loss = F.mse_loss(logits, targets, reduction="none")
     loss = loss.reshape(loss.shape[0], -1).mean(dim=1)
     return _reduce(loss, reduction)
@@ -117,6 +144,21 @@ def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "sum":
         return loss.sum()
     raise ValueError(f"unknown reduction {reduction!r}")
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "none") -> torch.Tensor:
+    """Cross-entropy with hard (long, (B,)) or soft (float, (B, C)) targets, in float32 at least."""
+    if targets.dtype in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
+        return F.cross_entropy(at_least_float32(logits), targets.long(), reduction=reduction)
+    if targets.shape != logits.shape:
+        raise ValueError(f"soft targets must have the logits' shape {tuple(logits.shape)}, got {tuple(targets.shape)}")
+    return soft_cross_entropy(logits, targets, reduction=reduction)
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "none") -> torch.Tensor:
+    """``-sum_c targets_c log softmax(logits)_c`` per sample (float32 at least)."""
+    loss = -(at_least_float32(targets) * F.log_softmax(at_least_float32(logits), dim=-1)).sum(dim=-1)
+    return _reduce(loss, reduction)
 
 
 # ---------------------------------------------------------------------------------------- EMA
@@ -245,6 +287,12 @@ def scheduled_momentum(momentum: float, span_fraction: float | None, max_steps: 
     return momentum if span_fraction is None else span_momentum(span_fraction, max_steps)
 
 
+def mean_teacher_momentum(step: int, decay: float) -> float:
+    """Mean Teacher's EMA decay ``min(1 - 1/(step + 1), decay)``: step 0 copies the student,
+    the decay reaches ``decay`` (0.999) at step 999."""
+    return min(1.0 - 1.0 / (step + 1.0), decay)
+
+
 def warmup_momentum(momentum: float, step: int) -> float:
     """EMA momentum with a warm-up: ``min(momentum, (1 + step) / (10 + step))`` (TensorFlow's
     ``ExponentialMovingAverage(num_updates=step)``), so a short run's EMA is not stuck at the
@@ -257,16 +305,6 @@ def ema_momentum(momentum: float, step: int, warmup: bool, span_fraction: float 
     ``span_fraction`` of the run (`scheduled_momentum`), warmed up (``warmup_momentum``) or constant."""
     momentum = scheduled_momentum(momentum, span_fraction, max_steps)
     return warmup_momentum(momentum, step) if warmup else momentum
-
-
-def check_num_labels(method_name: str, model, num_labels) -> None:
-    """Stop when the model's classifier does not have the data's number of classes."""
-    model_labels = int(getattr(unwrap_model(model).config, "num_labels", 0) or 0)
-    if num_labels and model_labels and model_labels != int(num_labels):
-        raise ValueError(
-            f"{method_name}: the model predicts {model_labels} classes but the data has {num_labels}; "
-            "build the model for this dataset (a preset, or --model_overrides num_labels=...)"
-        )
 
 
 def rampup_length(steps: float, fraction: float | None, max_steps: int) -> float:
@@ -299,8 +337,7 @@ def gather_no_grad(tensor: torch.Tensor, gather: Callable[[torch.Tensor], torch.
     process pads to the largest, and the padding is dropped after the gather. ``gather`` is
     ``TrainState.gather`` (or a state); on one process it is the identity and no padding happens.
     """
-    if isinstance(gather, TrainState):
-        gather = gather.gather
+    gather = getattr(gather, "gather", gather)  # a TrainState: its all-gather
     tensor = tensor.detach()
     size = torch.tensor([tensor.shape[0]], device=tensor.device, dtype=torch.long)
     sizes = gather(size).reshape(-1)
@@ -314,7 +351,7 @@ def gather_no_grad(tensor: torch.Tensor, gather: Callable[[torch.Tensor], torch.
     return torch.cat([gathered[rank, : int(n)] for rank, n in enumerate(sizes.tolist())], dim=0)
 
 
-# ---------------------------------------------------------------------------------------- queues
+# ---------------------------------------------------------------------------------------- queues and distribution alignment
 class Queue(nn.Module):
     """FIFO ring buffer of ``size`` entries of shape ``shape`` (buffers, so checkpoints keep it).
 
@@ -449,21 +486,6 @@ def pseudo_labels(logits: torch.Tensor, hard: bool = True, temperature: float = 
     return (logits / temperature).softmax(dim=-1), probs
 
 
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "none") -> torch.Tensor:
-    """``-sum_c targets_c log softmax(logits)_c`` per sample (float32 at least)."""
-    loss = -(at_least_float32(targets) * F.log_softmax(at_least_float32(logits), dim=-1)).sum(dim=-1)
-    return _reduce(loss, reduction)
-
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "none") -> torch.Tensor:
-    """Cross-entropy with hard (long, (B,)) or soft (float, (B, C)) targets, in float32 at least."""
-    if targets.dtype in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
-        return F.cross_entropy(at_least_float32(logits), targets.long(), reduction=reduction)
-    if targets.shape != logits.shape:
-        raise ValueError(f"soft targets must have the logits' shape {tuple(logits.shape)}, got {tuple(targets.shape)}")
-    return soft_cross_entropy(logits, targets, reduction=reduction)
-
-
 @torch.no_grad()
 def pseudo_label_logs(
     predicted: torch.Tensor, mask: torch.Tensor, monitor_labels: torch.Tensor | None, prefix: str = "pseudo_label"
@@ -482,20 +504,8 @@ def pseudo_label_logs(
     return logs
 
 
-def head_logits(output) -> dict[str, torch.Tensor]:
-    """A model output's ``logits`` plus each unimodal head's (``image_logits``, ``tabular_logits``)
-    that the model has, for a method's ``evaluation_step``: every head is then scored at evaluation
-    (``image/accuracy``, ``tabular/accuracy``)."""
-    result = {"logits": output.logits}
-    for name in ("image_logits", "tabular_logits"):
-        value = getattr(output, name, None)
-        if value is not None:
-            result[name] = value
-    return result
-
-
-# ======================================================================================== match-a: Match-family network
-# (SimMatch / CoMatch; helper "match-a"). The model plus an optional projection head owned by the method.
+# ---------------------------------------------------------------------------------------- projection network
+# SimMatch / CoMatch: the model plus an optional projection head owned by the method.
 class ProjectedNet(nn.Module):
     """``(logits, projections)`` of a classifier: the model's own L2-normalised ``projections``
     (Match-family presets: image-*, multimodal-concat*) or, when it has none (WRN-28-2, or
@@ -541,6 +551,31 @@ def model_projection_head(model: nn.Module, projection_dim: int, method_name: st
     return nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, int(projection_dim)))
 
 
+# ---------------------------------------------------------------------------------------- model checks
+def check_num_labels(method_name: str, model, num_labels) -> None:
+    """Stop when the model's classifier does not have the data's number of classes."""
+    model_labels = int(getattr(unwrap_model(model).config, "num_labels", 0) or 0)
+    if num_labels and model_labels and model_labels != int(num_labels):
+        raise ValueError(
+            f"{method_name}: the model predicts {model_labels} classes but the data has {num_labels}; "
+            "build the model for this dataset (a preset, or --model_overrides num_labels=...)"
+        )
+
+
+UNIMODAL_HEADS = ("classifier_multimodal", "classifier_imaging", "classifier_tabular")
+
+
+def check_unimodal_heads(model: nn.Module, method_name: str) -> nn.Module:
+    """The MMatch / co-training network: a multimodal classifier with image and tabular heads."""
+    bare = unwrap_model(model)
+    if not all(hasattr(bare, head) for head in UNIMODAL_HEADS):
+        raise ValueError(
+            f"{method_name} needs a multimodal model with fused, image and tabular heads (z_m, z_i, z_t); "
+            f"got {type(bare).__name__} without them: use --model mmatch (paper) or mmatch-tiny"
+        )
+    return bare
+
+
 def check_image_only_model(model: nn.Module, method_name: str) -> None:
     """The image-only variant of a method refuses a model that reads tabular input (one line, with the fix)."""
     reads = tuple(getattr(unwrap_model(model), "input_modalities", ()) or ())
@@ -549,4 +584,3 @@ def check_image_only_model(model: nn.Module, method_name: str) -> None:
             f"method {method_name!r} is the image-only variant but the model reads {'+'.join(reads)} input; "
             f"use --method multimodal_{method_name} for an image+tabular model, or an image model (--model image-tiny)"
         )
-# ======================================================================================== end match-a

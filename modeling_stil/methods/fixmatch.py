@@ -20,15 +20,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import MethodArguments, SSLMethod, TrainState, register_method
+from .base import EMAOption, MethodArguments, SSLMethod, TrainState, register_method
 from .common import (
-    EMATeacher,
     EMA_MODES,
     check_fraction,
     concat_views,
     confidence_mask,
     cross_entropy,
-    ema_momentum,
     model_inputs,
     pseudo_label_logs,
     pseudo_labels,
@@ -73,9 +71,10 @@ class FixMatch(SSLMethod):
     labeled_views = {"weak": "weak"}
     unlabeled_views = {"weak": "weak", "strong": "strong"}
 
-    def __init__(self, model, args: FixMatchArguments | None = None):
-        super().__init__(model, args)
-        self.ema = EMATeacher(model, mode=self.args.ema_mode) if self.args.ema_momentum > 0 else None
+    def ema_options(self) -> list[EMAOption]:
+        a = self.args
+        return [EMAOption("ema", a.ema_momentum, a.ema_span_fraction, warmup="tf" if a.ema_warmup else None,
+                          mode=a.ema_mode, enabled=a.ema_momentum > 0, evaluate=a.eval_with_ema)]
 
     # ------------------------------------------------------------------ forward passes
     def _forward(self, labeled_inputs: dict, weak_inputs: dict | None, strong_inputs: dict):
@@ -95,9 +94,7 @@ class FixMatch(SSLMethod):
         logits_s = self.model(**strong_inputs).logits
         return logits_l, logits_w, logits_s
 
-    def training_step(self, labeled: dict, unlabeled: dict | None, state: TrainState):
-        if unlabeled is None:
-            raise ValueError("fixmatch needs an unlabelled batch")
+    def training_step(self, labeled: dict, unlabeled: dict, state: TrainState):
         labeled_view = labeled["weak"]
         targets_l = view_targets(labeled_view, labeled["labels"])
         weak_inputs = model_inputs(unlabeled["weak"])
@@ -118,16 +115,3 @@ class FixMatch(SSLMethod):
         logs = {"loss": loss.detach(), "sup_loss": sup_loss.detach(), "unsup_loss": unsup_loss.detach()}
         logs.update(pseudo_label_logs(probs_w.argmax(dim=-1), mask, unlabeled.get("monitor_labels")))
         return loss, logs
-
-    # ------------------------------------------------------------------ hooks
-    @torch.no_grad()
-    def after_optimizer_step(self, state: TrainState) -> None:
-        if self.ema is None:
-            return
-        self.ema.update(self.model, ema_momentum(self.args.ema_momentum, state.step, self.args.ema_warmup,
-                                                    self.args.ema_span_fraction, state.max_steps))
-
-    def eval_model(self):
-        if self.ema is not None and self.args.eval_with_ema:
-            return self.ema.module
-        return self.model

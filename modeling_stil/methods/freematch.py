@@ -42,18 +42,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import DataInfo, MethodArguments, SSLMethod, TrainState, register_method
+from .base import DataInfo, EMAOption, MethodArguments, SSLMethod, TrainState, register_method
 from .common import (
     at_least_float32,
-    EMATeacher,
     EMA_MODES,
     check_fraction,
     concat_views,
     cross_entropy,
-    ema_momentum,
     model_inputs,
     pseudo_label_logs,
-    unlabeled_gate_open,
     unwrap_model,
     view_targets,
 )
@@ -171,10 +168,14 @@ class FreeMatch(SSLMethod):
         a = self.args
         # instance attribute: the loaders read `method.labeled_views` (labelled recipe from the arguments)
         self.labeled_views = {"labeled": a.labeled_view}
-        self.ema = EMATeacher(model, mode=a.ema_mode) if a.ema_momentum > 0 else None
         num_labels = int(getattr(getattr(unwrap_model(model), "config", None), "num_labels", 0) or 0)
         if num_labels:
             self._make_buffers(num_labels)
+
+    def ema_options(self) -> list[EMAOption]:
+        a = self.args
+        return [EMAOption("ema", a.ema_momentum, a.ema_span_fraction, warmup="tf" if a.ema_warmup else None,
+                          mode=a.ema_mode, enabled=a.ema_momentum > 0, evaluate=a.eval_with_ema)]
 
     def _make_buffers(self, num_classes: int) -> None:
         self.register_buffer("time_p", torch.tensor(1.0 / num_classes))  # global threshold tau
@@ -217,8 +218,6 @@ class FreeMatch(SSLMethod):
 
     def compute_terms(self, labeled: dict, unlabeled: dict, state: TrainState):
         """-> (terms, logs): every loss term as a live tensor, detached logs; updates the SAT state."""
-        if unlabeled is None:
-            raise ValueError(f"{self.name} needs an unlabelled batch")
         a = self.args
         labeled_view = labeled["labeled"]
         targets_l = view_targets(labeled_view, labeled["labels"])
@@ -245,29 +244,12 @@ class FreeMatch(SSLMethod):
         logs.update(pseudo_label_logs(pseudo, mask, unlabeled.get("monitor_labels")))
         return terms, logs
 
-    def training_step(self, labeled: dict, unlabeled: dict | None, state: TrainState):
+    def training_step(self, labeled: dict, unlabeled: dict, state: TrainState):
         a = self.args
         terms, logs = self.compute_terms(labeled, unlabeled, state)
-        loss = terms["sup_loss"]
-        active = unlabeled_gate_open(state, a.start_epoch, a.start_fraction)  # python numbers: no device sync
-        if active:
-            loss = loss + a.lambda_u * terms["unsup_loss"] + a.lambda_e * terms["fairness_loss"]
-        logs["unsup_active"] = torch.tensor(float(active))
-        logs["loss"] = loss.detach()
+        loss = self.gated_loss(terms["sup_loss"], [a.lambda_u * terms["unsup_loss"], a.lambda_e * terms["fairness_loss"]],
+                               state, logs)
         return loss, logs
-
-    # ------------------------------------------------------------------ hooks
-    @torch.no_grad()
-    def after_optimizer_step(self, state: TrainState) -> None:
-        if self.ema is None:
-            return
-        self.ema.update(self.model, ema_momentum(self.args.ema_momentum, state.step, self.args.ema_warmup,
-                                                    self.args.ema_span_fraction, state.max_steps))
-
-    def eval_model(self):
-        if self.ema is not None and self.args.eval_with_ema:
-            return self.ema.module
-        return self.model
 
 
 @register_method

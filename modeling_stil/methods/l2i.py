@@ -49,18 +49,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .base import TASK_CLASSIFICATION, DataInfo, TrainState, register_method
-from .common import gather_no_grad, model_inputs, unwrap_model, view_targets
-from .mean_teacher import (
-    MeanTeacher,
-    evaluation_ema_step,
-    MeanTeacherArguments,
-    transfer_to_view,
-)
+from .common import at_least_float32, gather_no_grad, model_inputs, task_loss, unwrap_model, view_targets
+from .consistency import consistency_loss, transfer_to_view
+from .mean_teacher import MeanTeacher, MeanTeacherArguments
 
 HYPERGRADIENTS = ("double_backward",)
 
@@ -105,42 +100,6 @@ def imputation_meta_gradient(params: dict[str, torch.Tensor], inner_loss: torch.
     grads = torch.autograd.grad(outer, wrt, retain_graph=retain_graph, allow_unused=True)
     grads = tuple(torch.zeros_like(w) if g is None else g for w, g in zip(wrt, grads))
     return grads, outer
-
-
-def _wide(x: torch.Tensor) -> torch.Tensor:
-    """float32 at least (half / bfloat16 upcast); float64 stays float64 (the float64 reference test)."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
-def inner_consistency_loss(student_logits: torch.Tensor, targets: torch.Tensor, task: str, reduction: str,
-                           squash: bool = False) -> torch.Tensor:
-    """Squared error between the student and the imputed targets, gradient into both: ``l_u`` of
-    the meta step (and, with ``reduction="mean"``, L2I-L's ``L_u*``). Classification compares
-    ``softmax(student)`` with target probabilities; ``squash``: tanh on both sides (regression
-    L2I-O). ``reduction``: ``"sum"`` or ``"mean"`` over every entry. Same values as
-    `mean_teacher.consistency_loss`, without its float32 cast."""
-    student = _wide(student_logits)
-    if task == TASK_CLASSIFICATION:
-        student = student.softmax(dim=-1)
-    targets = targets.to(student.dtype).reshape(student.shape)
-    if squash:
-        student, targets = torch.tanh(student), torch.tanh(targets)
-    squared = (student - targets) ** 2
-    if reduction == "sum":
-        return squared.sum()
-    if reduction == "mean":
-        return squared.mean()
-    raise ValueError(f"unknown reduction {reduction!r}")
-
-
-def supervised_loss(logits: torch.Tensor, targets: torch.Tensor, task: str) -> torch.Tensor:
-    """``L_meta``: mean cross-entropy (classification) or mean squared error (regression / landmarks),
-    as `common.task_loss` but keeping float64."""
-    logits = _wide(logits)
-    if task == TASK_CLASSIFICATION:
-        return F.cross_entropy(logits, targets.long()) if not targets.is_floating_point() else \
-            -(targets.to(logits.dtype) * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
-    return ((logits - targets.to(logits.dtype).reshape(logits.shape)) ** 2).mean()
 
 
 # ---------------------------------------------------------------------------------------- arguments
@@ -225,21 +184,17 @@ class _L2IBase(MeanTeacher):
         # the trainer reads it; translate for landmarks, as Mean Teacher's views)
         self.meta_views = dict(self.labeled_views)
 
-    def training_step(self, labeled: dict, unlabeled: dict | None, state: TrainState):
+    def training_step(self, labeled: dict, unlabeled: dict, state: TrainState):
         if state.phase == 0:
             return super().training_step(labeled, unlabeled, state)
-        if unlabeled is None or "meta" not in labeled:
-            raise ValueError(f"{self.name} needs an unlabelled batch and the meta stream (labeled['meta'])")
+        if "meta" not in labeled:
+            raise ValueError(f"{self.name} needs the meta stream (labeled['meta'])")
         if self.args.resolved_eval_ema_each_phase(state.task) and self.eval_ema is not None:
-            self._update_eval_ema(state)  # the regression scripts' EMA step after phase 0's optimizer step
+            self.weight_ema_step(state)  # the regression scripts' EMA step after phase 0's optimizer step
         # fused attention kernels (flash / memory-efficient) have no double backward: the meta step's
         # forwards use the math implementation of scaled_dot_product_attention (same values)
         with sdpa_kernel([SDPBackend.MATH]):
             return self.meta_step(labeled, unlabeled, state)
-
-    def _update_eval_ema(self, state: TrainState) -> None:
-        evaluation_ema_step(self.eval_ema, self.model, state, self.args.eval_ema_decay, self.args.eval_ema_warmup,
-                            self.args.resolved_student_weight_decay(state.task), span_fraction=self.args.eval_ema_span_fraction)
 
     # ------------------------------------------------------------------ shared pieces of the meta step
     def inner_lr(self, state: TrainState) -> float:
@@ -271,7 +226,7 @@ class _L2IBase(MeanTeacher):
         buffers = cloned_buffers(self.model)
 
         def outer(fast: dict[str, torch.Tensor]) -> torch.Tensor:
-            return supervised_loss(forward_with(self.model, fast, buffers, inputs), targets, task)
+            return task_loss(forward_with(self.model, fast, buffers, inputs), targets, task, row_means=False)
 
         return outer
 
@@ -293,8 +248,8 @@ class L2IO(_L2IBase):
         p = forward_with(self.model, labeller, cloned_buffers(self.model), model_inputs(unlabeled["teacher"]))
         targets = self.imputed_targets(p, unlabeled, task)
         z_u = self.student_view_logits(unlabeled)
-        inner = inner_consistency_loss(z_u, targets, task, self.args.resolved_reduction(task),
-                                       squash=self.args.resolved_squash(task))
+        inner = consistency_loss(z_u, targets, task, self.args.resolved_reduction(task),
+                                 squash=self.args.resolved_squash(task))
         names = list(labeller)
         grads, meta_loss = imputation_meta_gradient(params, inner, self.inner_lr(state), self.meta_loss_fn(labeled, task),
                                                     [labeller[n] for n in names])
@@ -336,7 +291,7 @@ class L2IL(_L2IBase):
         with torch.no_grad():
             p = forward_with(self.model, trainable_parameters(self.model), cloned_buffers(self.model),
                              model_inputs(unlabeled["teacher"]))
-            p = _wide(p)
+            p = at_least_float32(p)
             if self.args.label_memory:
                 index = unlabeled["index"]
                 stored = self._canonical(self.label_table[index].to(p.dtype), unlabeled, task, to_view=True)
@@ -355,8 +310,8 @@ class L2IL(_L2IBase):
         params = trainable_parameters(self.model)
         p = self.initial_labels(unlabeled, task)
         z_u = self.student_view_logits(unlabeled)
-        inner = inner_consistency_loss(z_u, self.imputed_targets(p, unlabeled, task), task,
-                                       self.args.resolved_reduction(task), squash=self.args.resolved_squash(task))
+        inner = consistency_loss(z_u, self.imputed_targets(p, unlabeled, task), task,
+                                 self.args.resolved_reduction(task), squash=self.args.resolved_squash(task))
         (grad_p,), meta_loss = imputation_meta_gradient(params, inner, self.inner_lr(state),
                                                         self.meta_loss_fn(labeled, task), [p], retain_graph=True)
         with torch.no_grad():
@@ -364,7 +319,7 @@ class L2IL(_L2IBase):
             targets = self.imputed_targets(p_new, unlabeled, task)
         if self.args.label_memory:
             self.remember(p_new, unlabeled, task, state)
-        extra = inner_consistency_loss(z_u, targets.detach(), task, "mean")  # L_u*, on the retained z_u graph
+        extra = consistency_loss(z_u, targets.detach(), task, "mean")  # L_u*, on the retained z_u graph
         loss = self.args.extra_weight * extra
         logs = {"meta_loss": meta_loss.detach(), "inner_loss": inner.detach(), "extra_loss": extra.detach(),
                 "label_update_norm": grad_p.detach().float().norm(dim=-1).mean() * self.args.label_step}

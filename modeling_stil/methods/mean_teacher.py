@@ -26,9 +26,6 @@ Landmarks: the teacher's prediction on u2 is moved into u1's frame before the lo
 views' translations (pixels) and the targets' standard deviation (``--standardize_targets``):
 ``q = p + (t1 - t2) / sigma`` per coordinate. Without translations (plain regression,
 image+tabular data) ``q = p``.
-
-Reusable pieces (L2I imports them): `consistency_loss`, `consistency_targets`, `transfer_to_view`,
-`mean_teacher_momentum`, `interleave`, `interleaved_logits`, `consistency_weight`.
 """
 
 from __future__ import annotations
@@ -42,192 +39,28 @@ from .base import (
     TASK_LANDMARKS,
     TASK_REGRESSION,
     DataInfo,
+    EMAOption,
     MethodArguments,
     SSLMethod,
     TrainState,
     register_method,
 )
-from .common import (
-    EMATeacher,
-    at_least_float32,
-    check_fraction,
-    linear_rampup,
-    model_inputs,
-    pseudo_label_logs,
-    scheduled_momentum,
-    sigmoid_rampup,
-    task_loss,
-    unwrap_model,
-    view_targets,
+from .common import check_fraction, model_inputs, pseudo_label_logs, task_loss, view_targets
+from .consistency import (
+    RAMPUPS,
+    consistency_loss,
+    consistency_targets,
+    consistency_weight,
+    decay_student_weights,
+    default_student_weight_decay,
+    evaluation_ema_option,
+    interleaved_logits,
+    regression_pseudo_label_logs,
+    resolve_view,
+    transfer_to_view,
 )
 
-RAMPUPS = ("linear", "sigmoid")
 EVAL_MODELS = ("ema", "teacher", "student")
-
-
-# ---------------------------------------------------------------------------------------- reusable pieces
-def mean_teacher_momentum(step: int, decay: float) -> float:
-    """The original teacher's EMA decay ``min(1 - 1/(step + 1), decay)``: step 0 copies the student,
-    the decay reaches ``decay`` (0.999) at step 999."""
-    return min(1.0 - 1.0 / (step + 1.0), decay)
-
-
-def consistency_weight(step: int, max_steps: int, lambda_u: float, rampup_fraction: float, rampup: str = "linear") -> float:
-    """``lambda_u * ramp(step / (rampup_fraction * max_steps))``: the original's linear ramp
-    (``clip(t, 0, 1)``) or Laine & Aila's sigmoid ``exp(-5 (1 - t)^2)``."""
-    length = rampup_fraction * max_steps
-    ramp = linear_rampup(step, length) if rampup == "linear" else sigmoid_rampup(step, length)
-    return float(lambda_u) * ramp
-
-
-def consistency_targets(teacher_logits: torch.Tensor, task: str) -> torch.Tensor:
-    """What the student is pulled towards: softmax probabilities (classification) or the outputs
-    themselves (regression, landmarks). Not detached: callers decide (L2I differentiates through it)."""
-    if task == TASK_CLASSIFICATION:
-        return at_least_float32(teacher_logits).softmax(dim=-1)
-    return at_least_float32(teacher_logits)
-
-
-def consistency_loss(student_logits: torch.Tensor, targets: torch.Tensor, task: str, reduction: str = "mean") -> torch.Tensor:
-    """Squared error between the student and the targets, in float32 (float64 stays float64).
-
-    classification: ``(softmax(student) - targets)^2`` with ``targets`` probabilities (B, C);
-    regression / landmarks: ``(student - targets)^2``.
-    ``reduction``: ``"mean"`` over all B x C entries (the original MT loss), ``"sum"`` over all entries
-    (the classification L2I inner loss), ``"none"``: per-row mean (B,).
-    Gradient flows into ``student_logits`` and, if they require it, into ``targets``."""
-    student = at_least_float32(student_logits)
-    if task == TASK_CLASSIFICATION:
-        student = student.softmax(dim=-1)
-    targets = targets.to(student.dtype).reshape(student.shape)
-    squared = (student - targets) ** 2
-    if reduction == "mean":
-        return squared.mean()
-    if reduction == "sum":
-        return squared.sum()
-    if reduction == "none":
-        return squared.reshape(squared.shape[0], -1).mean(dim=1)
-    raise ValueError(f"unknown reduction {reduction!r}; use mean, sum or none")
-
-
-def transfer_to_view(predictions: torch.Tensor, source_translation: torch.Tensor | None,
-                     target_translation: torch.Tensor | None, target_std: torch.Tensor | None = None) -> torch.Tensor:
-    """Move landmark predictions made on one translated view into another view's frame.
-
-    ``predictions`` (B, 2K) flat x1, y1, ..., (standardised when ``target_std`` is given);
-    translations (B, 2) = (tx, ty) pixels by which each view moved the image. Since de-standardise,
-    shift, re-standardise is affine, this is ``p + (t_target - t_source) / sigma`` per coordinate.
-    No translation on either side: the predictions unchanged."""
-    if source_translation is None or target_translation is None:
-        return predictions
-    delta = (target_translation - source_translation).to(predictions.dtype)
-    delta = delta.repeat(1, predictions.shape[1] // 2)
-    if target_std is not None:
-        delta = delta / target_std.to(predictions.dtype)
-    return predictions + delta
-
-
-def interleave(chunks: list[torch.Tensor]) -> list[torch.Tensor]:
-    """MixMatch's interleave: ``n`` equally sized chunks are each cut into ``n`` groups (sizes
-    ``size // n``, the remainder going to the last groups); group ``i`` of chunk 0 trades places with
-    group ``i`` of chunk ``i``. Each output chunk then holds rows of every input chunk, so BatchNorm
-    in a per-chunk forward sees a mixed batch. The operation is its own inverse."""
-    n = len(chunks)
-    if n <= 1:
-        return list(chunks)
-    size = chunks[0].shape[0]
-    if any(chunk.shape[0] != size for chunk in chunks):
-        raise ValueError(f"interleave needs chunks of equal size, got {[c.shape[0] for c in chunks]}")
-    groups = [size // n] * n
-    for i in range(size - sum(groups)):
-        groups[-i - 1] += 1
-    parts = [list(torch.split(chunk, groups, dim=0)) for chunk in chunks]
-    for i in range(1, n):
-        parts[0][i], parts[i][i] = parts[i][i], parts[0][i]
-    return [torch.cat(part, dim=0) for part in parts]
-
-
-def _batch_size(inputs: dict) -> int:
-    for value in inputs.values():
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return int(value.shape[0])
-    raise ValueError("model inputs need at least one batched tensor")
-
-
-def interleaved_logits(model, views: list[dict], use_interleave: bool = True) -> list[torch.Tensor]:
-    """Logits of several model-input dicts.
-
-    With ``use_interleave`` and equal batch sizes: one forward per view after `interleave` (the
-    original's scheme: each forward mixes rows of every view), un-interleaved afterwards. Otherwise
-    (unequal sizes, or ``use_interleave=False``): one forward over the concatenation, whose BatchNorm
-    statistics also cover every view."""
-    sizes = [_batch_size(view) for view in views]
-    keys = list(views[0])
-    if use_interleave and len(views) > 1 and len(set(sizes)) == 1:
-        columns = {key: interleave([view[key] for view in views]) if isinstance(views[0][key], torch.Tensor) else None
-                   for key in keys}
-        logits = []
-        for i in range(len(views)):
-            inputs = {key: (columns[key][i] if columns[key] is not None else views[0][key]) for key in keys}
-            logits.append(model(**inputs).logits)
-        return interleave(logits)
-    inputs = {key: (torch.cat([view[key] for view in views], dim=0) if isinstance(views[0][key], torch.Tensor) else views[0][key])
-              for key in keys}
-    return list(torch.split(model(**inputs).logits, sizes, dim=0))
-
-
-def resolve_view(model, view: str | None) -> str:
-    """The view recipe of every stream: ``view`` when given; else ``translate`` for an image-only
-    regression model (landmarks: the only augmentation that keeps targets on the pixels, the
-    original's ±4 px reflect translation) and ``weak`` otherwise (pad-crop + flip for CIFAR; with the
-    ``aflw`` view preset ``weak`` is ``translate`` as well)."""
-    if view is not None:
-        return view
-    config = getattr(unwrap_model(model), "config", None)
-    if config is not None and getattr(config, "problem_type", None) == "regression" and getattr(config, "tabular_schema", None) is None:
-        return "translate"
-    return "weak"
-
-
-@torch.no_grad()
-def evaluation_ema_step(eval_ema: EMATeacher | None, model, state: TrainState, decay: float, warmup: bool,
-                        student_weight_decay: float, span_fraction: float | None = None) -> None:
-    """The MixMatch-pytorch ``WeightEMA.step`` the L2I scripts share: the evaluation EMA
-    ``theta_eval <- d theta_eval + (1 - d) theta`` (parameters; BN buffers copied from the student),
-    then the decoupled weight decay ``theta <- (1 - student_weight_decay * lr) theta`` on every
-    floating parameter of the student (biases and BN affine included, as the original)."""
-    t = max(0, state.step - 1)
-    if eval_ema is not None:
-        decay = scheduled_momentum(decay, span_fraction, state.max_steps)  # relative form: a span of the run
-        if warmup:
-            decay = min(decay, (1.0 + t) / (10.0 + t))
-        eval_ema.update(model, decay)
-    coefficient = student_weight_decay * state.learning_rate
-    if coefficient > 0:
-        params = [p for p in unwrap_model(model).parameters() if p.is_floating_point()]
-        torch._foreach_mul_(params, 1.0 - coefficient)
-
-
-@torch.no_grad()
-def regression_pseudo_label_logs(targets: torch.Tensor, monitor: torch.Tensor | None, prefix: str = "pseudo_label") -> dict[str, torch.Tensor]:
-    """Monitoring only: MSE of regression pseudo-targets against the unlabelled rows' hidden ground
-    truth in the same frame and units (NaN where none is known)."""
-    if monitor is None or not monitor.is_floating_point():
-        return {}
-    monitor = monitor.to(targets.dtype).reshape(targets.shape)
-    valid = torch.isfinite(monitor).all(dim=-1, keepdim=True) if monitor.dim() > 1 else torch.isfinite(monitor)
-    error = torch.where(valid, (targets - torch.nan_to_num(monitor)) ** 2, torch.zeros_like(targets))
-    count = valid.expand_as(targets).float().sum()
-    return {f"{prefix}_mse": error.sum() / count}
-
-
-# ---------------------------------------------------------------------------------------- the method
-def resolved_student_weight_decay(value: float | None, task: str) -> float:
-    """The student's decoupled weight-decay coefficient: ``value``, or the originals' default
-    (0.02 in the classification scripts; the regression scripts have the line commented out)."""
-    if value is not None:
-        return float(value)
-    return 0.02 if task == TASK_CLASSIFICATION else 0.0
 
 
 @dataclass
@@ -279,7 +112,7 @@ class MeanTeacherArguments(MethodArguments):
         return 50.0 if task == TASK_CLASSIFICATION else 75.0
 
     def resolved_student_weight_decay(self, task: str) -> float:
-        return resolved_student_weight_decay(self.student_weight_decay, task)
+        return default_student_weight_decay(self.student_weight_decay, task)
 
 
 @register_method
@@ -295,10 +128,16 @@ class MeanTeacher(SSLMethod):
         super().__init__(model, args)
         view = resolve_view(model, self.args.view)  # instance attributes: the trainer reads them
         self.labeled_views, self.unlabeled_views = {"weak": view}, {"student": view, "teacher": view}
-        self.teacher = EMATeacher(model, mode="parameters", eval_mode=not self.args.teacher_train_mode)
-        self.eval_ema = EMATeacher(model, mode="parameters") if self.args.eval_ema_decay > 0 else None
         # targets' std of the labelled rows (standardised training): moves landmarks between views
         self.register_buffer("target_std", None, persistent=False)
+
+    def ema_options(self) -> list[EMAOption]:
+        """The evaluation EMA and the teacher (a_t = min(1 - 1/(t+1), ema_decay)), both parameter EMAs,
+        updated by `after_optimizer_step` in the original's order."""
+        a = self.args
+        return [evaluation_ema_option(a, evaluate=a.evaluate == "ema", updated="by_method"),
+                EMAOption("teacher", a.ema_decay, a.ema_span_fraction, warmup="mean_teacher", warmup_counts="before",
+                          eval_mode=not a.teacher_train_mode, evaluate=a.evaluate == "teacher", updated="by_method")]
 
     def setup(self, info: DataInfo) -> None:
         if info.target_std is not None:
@@ -322,9 +161,7 @@ class MeanTeacher(SSLMethod):
                                                 self.args.interleave)
         return logits_l, logits_u
 
-    def training_step(self, labeled: dict, unlabeled: dict | None, state: TrainState):
-        if unlabeled is None:
-            raise ValueError("mean_teacher needs an unlabelled batch (the method declares unlabeled_views)")
+    def training_step(self, labeled: dict, unlabeled: dict, state: TrainState):
         task = state.task
         labeled_view = labeled["weak"]
         targets_l = view_targets(labeled_view, labeled["labels"])
@@ -350,17 +187,14 @@ class MeanTeacher(SSLMethod):
 
     # ------------------------------------------------------------------ hooks
     @torch.no_grad()
+    def weight_ema_step(self, state: TrainState) -> None:
+        """MixMatch-pytorch's ``WeightEMA.step``, which the L2I scripts share: the evaluation EMA, then
+        the decoupled weight decay on the student."""
+        self.update_ema("eval_ema", state)
+        decay_student_weights(self.model, self.args.resolved_student_weight_decay(state.task) * state.learning_rate)
+
+    @torch.no_grad()
     def after_optimizer_step(self, state: TrainState) -> None:
         """eval EMA, then decoupled weight decay on the student, then the teacher (original order)."""
-        t = max(0, state.step - 1)  # steps completed before the one that just finished
-        evaluation_ema_step(self.eval_ema, self.model, state, self.args.eval_ema_decay, self.args.eval_ema_warmup,
-                            self.args.resolved_student_weight_decay(state.task), span_fraction=self.args.eval_ema_span_fraction)
-        decay = scheduled_momentum(self.args.ema_decay, self.args.ema_span_fraction, state.max_steps)
-        self.teacher.update(self.model, mean_teacher_momentum(t, decay))
-
-    def eval_model(self):
-        if self.args.evaluate == "ema" and self.eval_ema is not None:
-            return self.eval_ema.module
-        if self.args.evaluate == "teacher":
-            return self.teacher.module
-        return self.model
+        self.weight_ema_step(state)
+        self.update_ema("teacher", state)

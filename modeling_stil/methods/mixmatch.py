@@ -14,7 +14,7 @@ Per step, with a labelled batch (x, y) of B rows and an unlabelled batch in K = 
     loss  = L_x + lambda_u * clip(t / (rampup_fraction * max_steps), 0, 1) * L_u     lambda_u = 75
 
 After each optimizer step: the evaluation EMA (0.999) and the decoupled student weight decay
-``theta *= 1 - 0.02 lr`` (`mean_teacher.evaluation_ema_step`); the EMA is evaluated and exported.
+``theta *= 1 - 0.02 lr`` (MixMatch-pytorch's ``WeightEMA``); the EMA is evaluated and exported.
 
 Classification only: the original has no regression MixMatch (Regression/ has SL, PL, MT, L2I).
 Image+tabular models: continuous values are mixed like pixels; categorical codes and missing masks keep
@@ -28,10 +28,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import TASK_CLASSIFICATION, MethodArguments, SSLMethod, TrainState, register_method
-from .common import (EMATeacher, at_least_float32, check_fraction, linear_rampup, model_inputs, pseudo_label_logs,
-                     sharpen, view_targets)
-from .mean_teacher import evaluation_ema_step, interleave
+from .base import TASK_CLASSIFICATION, EMAOption, MethodArguments, SSLMethod, TrainState, register_method
+from .common import at_least_float32, check_fraction, linear_rampup, model_inputs, pseudo_label_logs, sharpen, view_targets
+from .consistency import decay_student_weights, evaluation_ema_option, interleave
 
 
 # ---------------------------------------------------------------------------------------- pieces
@@ -114,9 +113,8 @@ class MixMatch(SSLMethod):
     unlabeled_views = {"weak": "weak", "weak2": "weak"}  # K = 2 independent augmentations
     supported_tasks = (TASK_CLASSIFICATION,)
 
-    def __init__(self, model, args: MixMatchArguments | None = None):
-        super().__init__(model, args)
-        self.eval_ema = EMATeacher(model, mode="parameters") if self.args.eval_ema_decay > 0 else None
+    def ema_options(self) -> list[EMAOption]:
+        return [evaluation_ema_option(self.args)]  # evaluated and exported
 
     def sample_lambda(self) -> float:
         """lam' = max(lam, 1 - lam), lam ~ Beta(alpha, alpha) (host-side draw from torch's global RNG)."""
@@ -127,9 +125,7 @@ class MixMatch(SSLMethod):
         """pi: one random permutation over all labelled and unlabelled rows (torch's RNG)."""
         return torch.randperm(n, device=device)
 
-    def training_step(self, labeled: dict, unlabeled: dict | None, state: TrainState):
-        if unlabeled is None:
-            raise ValueError("mixmatch needs an unlabelled batch (the method declares unlabeled_views)")
+    def training_step(self, labeled: dict, unlabeled: dict, state: TrainState):
         labeled_view = labeled["weak"]
         y = view_targets(labeled_view, labeled["labels"])
         x_inputs = model_inputs(labeled_view)
@@ -162,8 +158,5 @@ class MixMatch(SSLMethod):
 
     @torch.no_grad()
     def after_optimizer_step(self, state: TrainState) -> None:
-        evaluation_ema_step(self.eval_ema, self.model, state, self.args.eval_ema_decay, self.args.eval_ema_warmup,
-                            self.args.student_weight_decay, span_fraction=self.args.eval_ema_span_fraction)
-
-    def eval_model(self):
-        return self.eval_ema.module if self.eval_ema is not None else self.model
+        super().after_optimizer_step(state)  # the evaluation EMA, then WeightEMA's decoupled weight decay
+        decay_student_weights(self.model, self.args.student_weight_decay * state.learning_rate)

@@ -34,6 +34,7 @@ from .common import (
     DistributionAlignment,
     at_least_float32,
     check_fraction,
+    check_unimodal_heads,
     concat_views,
     cross_entropy,
     gather_no_grad,
@@ -41,21 +42,7 @@ from .common import (
     model_inputs,
     pseudo_label_logs,
     unlabeled_gate_open,
-    unwrap_model,
 )
-
-HEADS = ("classifier_multimodal", "classifier_imaging", "classifier_tabular")
-
-
-def check_unimodal_heads(model: nn.Module, method_name: str) -> nn.Module:
-    """The MMatch / co-training network: a multimodal classifier with image and tabular heads."""
-    bare = unwrap_model(model)
-    if not all(hasattr(bare, head) for head in HEADS):
-        raise ValueError(
-            f"{method_name} needs a multimodal model with fused, image and tabular heads (z_m, z_i, z_t); "
-            f"got {type(bare).__name__} without them: use --model mmatch (paper) or mmatch-tiny"
-        )
-    return bare
 
 
 @torch.no_grad()
@@ -153,8 +140,6 @@ class MMatch(SSLMethod):
         return p
 
     def compute_terms(self, labeled: dict, unlabeled: dict, state: TrainState):
-        if unlabeled is None:
-            raise ValueError(f"{self.name} needs an unlabelled batch")
         key = next(iter(self.labeled_views))
         inputs, (n_l, _) = concat_views([model_inputs(labeled[key]), model_inputs(unlabeled[key])])
         y = labeled["labels"]
@@ -184,15 +169,11 @@ class MMatch(SSLMethod):
         logs.update(pseudo_label_logs(pseudo, mask, unlabeled.get("monitor_labels")))
         return terms, logs
 
-    def training_step(self, labeled: dict, unlabeled: dict | None, state: TrainState):
+    def training_step(self, labeled: dict, unlabeled: dict, state: TrainState):
         a = self.args
         terms, logs = self.compute_terms(labeled, unlabeled, state)
         loss = a.alpha * (terms["sup_loss_multimodal"] + terms["sup_loss_image"] + terms["sup_loss_tabular"])
-        active = unlabeled_gate_open(state, a.start_epoch, a.start_fraction)
-        if active:
-            loss = loss + a.mmatch_lambda * (terms["unsup_loss_image"] + terms["unsup_loss_tabular"])
-        logs["unsup_active"] = torch.tensor(float(active))
-        logs["loss"] = loss.detach()
+        loss = self.gated_loss(loss, [a.mmatch_lambda * (terms["unsup_loss_image"] + terms["unsup_loss_tabular"])], state, logs)
         return loss, logs
 
     @torch.no_grad()

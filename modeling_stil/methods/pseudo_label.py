@@ -29,22 +29,23 @@ from .base import (
     TASK_LANDMARKS,
     TASK_REGRESSION,
     DataInfo,
+    EMAOption,
     MethodArguments,
     SSLMethod,
     TrainState,
     register_method,
 )
-from .common import (EMATeacher, at_least_float32, check_fraction, confidence_mask, cross_entropy, model_inputs,
-                     pseudo_label_logs, task_loss, view_targets)
-from .mean_teacher import (
+from .common import at_least_float32, check_fraction, confidence_mask, cross_entropy, model_inputs, pseudo_label_logs, task_loss, view_targets
+from .consistency import (
     RAMPUPS,
     consistency_loss,
     consistency_weight,
-    evaluation_ema_step,
+    decay_student_weights,
+    default_student_weight_decay,
+    evaluation_ema_option,
     interleaved_logits,
     regression_pseudo_label_logs,
     resolve_view,
-    resolved_student_weight_decay,
     transfer_to_view,
 )
 
@@ -85,7 +86,7 @@ class PseudoLabelArguments(MethodArguments):
         return 1.0 if task == TASK_CLASSIFICATION else 75.0
 
     def resolved_student_weight_decay(self, task: str) -> float:
-        return resolved_student_weight_decay(self.student_weight_decay, task)
+        return default_student_weight_decay(self.student_weight_decay, task)
 
 
 @register_method
@@ -100,16 +101,16 @@ class PseudoLabel(SSLMethod):
         super().__init__(model, args)
         view = resolve_view(model, self.args.view)
         self.labeled_views, self.unlabeled_views = {"weak": view}, {"student": view, "labeller": view}
-        self.eval_ema = EMATeacher(model, mode="parameters") if self.args.eval_ema_decay > 0 else None
         self.register_buffer("target_std", None, persistent=False)
+
+    def ema_options(self) -> list[EMAOption]:
+        return [evaluation_ema_option(self.args)]  # evaluated and exported
 
     def setup(self, info: DataInfo) -> None:
         if info.target_std is not None:
             self.target_std = torch.as_tensor(info.target_std, dtype=torch.float32)
 
-    def training_step(self, labeled: dict, unlabeled: dict | None, state: TrainState):
-        if unlabeled is None:
-            raise ValueError("pseudo_label needs an unlabelled batch (the method declares unlabeled_views)")
+    def training_step(self, labeled: dict, unlabeled: dict, state: TrainState):
         task = state.task
         labeled_view = labeled["weak"]
         targets_l = view_targets(labeled_view, labeled["labels"])
@@ -140,8 +141,5 @@ class PseudoLabel(SSLMethod):
 
     @torch.no_grad()
     def after_optimizer_step(self, state: TrainState) -> None:
-        evaluation_ema_step(self.eval_ema, self.model, state, self.args.eval_ema_decay, self.args.eval_ema_warmup,
-                            self.args.resolved_student_weight_decay(state.task), span_fraction=self.args.eval_ema_span_fraction)
-
-    def eval_model(self):
-        return self.eval_ema.module if self.eval_ema is not None else self.model
+        super().after_optimizer_step(state)  # the evaluation EMA, then WeightEMA's decoupled weight decay
+        decay_student_weights(self.model, self.args.resolved_student_weight_decay(state.task) * state.learning_rate)

@@ -39,18 +39,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import DataInfo, MethodArguments, SSLMethod, TrainState, register_method
+from .base import DataInfo, EMAOption, MethodArguments, SSLMethod, TrainState, register_method
 from .common import (
     at_least_float32,
     DistributionAlignment,
-    EMATeacher,
     ProjectedNet,
     check_fraction,
     check_image_only_model,
     check_num_labels,
     concat_views,
     cross_entropy,
-    ema_momentum,
     gather_no_grad,
     model_inputs,
     model_projection_head,
@@ -148,13 +146,18 @@ class SimMatch(SSLMethod):
             check_image_only_model(model, self.name)
         self.labeled_views = {"labeled": a.labeled_view}  # the instance's (the loaders read it)
         self.projector = model_projection_head(model, a.projection_dim, self.name)
-        self.ema = EMATeacher(ProjectedNet(model, self.projector), mode="state" if a.teacher == "eman" else "parameters")
         num_labels = int(getattr(unwrap_model(model).config, "num_labels", 0) or 0)
         self.DA = DistributionAlignment(num_labels, a.da_len) if a.distribution_alignment and num_labels else None
         self.bank_size = 0
 
     def _net(self) -> ProjectedNet:
         return ProjectedNet(self.model, self.projector)
+
+    def ema_options(self) -> list[EMAOption]:
+        a = self.args  # the EMA of the projected network: USB's evaluation model, or STiL's EMAN teacher
+        return [EMAOption("ema", a.ema_momentum, a.ema_span_fraction, warmup="tf" if a.ema_warmup else None,
+                          mode="state" if a.teacher == "eman" else "parameters", evaluate=a.eval_with_ema,
+                          evaluated_part="model", averaged="_net")]
 
     # ------------------------------------------------------------------ set-up
     def setup(self, info: DataInfo) -> None:
@@ -230,8 +233,6 @@ class SimMatch(SSLMethod):
 
     def compute_terms(self, labeled: dict, unlabeled: dict | None, state: TrainState):
         """-> ({"sup_loss", "unsup_loss", "in_loss"} live tensors, logs). Writes the bank and DA queue."""
-        if unlabeled is None:
-            raise ValueError(f"{self.name} needs an unlabelled batch")
         if not hasattr(self, "bank"):
             raise RuntimeError(f"{self.name}: setup(info) was not called (the bank is sized from the labelled rows)")
         a = self.args
@@ -260,27 +261,15 @@ class SimMatch(SSLMethod):
         }
         self.update_bank(g_l, y, labeled["position"], state)
         logs = {k: v.detach() for k, v in terms.items()}
-        logs["unsup_active"] = torch.tensor(float(unlabeled_gate_open(state, a.start_epoch, a.start_fraction)))
+        logs["unsup_active"] = torch.tensor(float(self.unlabeled_terms_on(state)))
         logs.update(pseudo_label_logs(p_hat.argmax(dim=1), mask, unlabeled.get("monitor_labels")))
         return terms, logs
 
     def training_step(self, labeled: dict, unlabeled: dict | None, state: TrainState):
         a = self.args
         terms, logs = self.compute_terms(labeled, unlabeled, state)
-        loss = terms["sup_loss"]
-        if unlabeled_gate_open(state, a.start_epoch, a.start_fraction):
-            loss = loss + a.lambda_u * terms["unsup_loss"] + a.lambda_in * terms["in_loss"]
-        logs["loss"] = loss.detach()
+        loss = self.gated_loss(terms["sup_loss"], [a.lambda_u * terms["unsup_loss"], a.lambda_in * terms["in_loss"]], state, logs)
         return loss, logs
-
-    # ------------------------------------------------------------------ hooks
-    @torch.no_grad()
-    def after_optimizer_step(self, state: TrainState) -> None:
-        self.ema.update(self._net(), ema_momentum(self.args.ema_momentum, state.step, self.args.ema_warmup,
-                                                    self.args.ema_span_fraction, state.max_steps))
-
-    def eval_model(self):
-        return self.ema.module.model if self.args.eval_with_ema else self.model
 
 
 @register_method

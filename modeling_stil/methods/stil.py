@@ -61,21 +61,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..convert_original import METHOD_STATE_FILENAME, stil_method_state_entry
 from ..encoders import SimCLRProjectionHead  # lightly 1.2.22 head, keys layers.{0,2} (the originals')
-from .base import DataInfo, MethodArguments, SSLMethod, TrainState, register_method
+from .base import DataInfo, EMAOption, MethodArguments, SSLMethod, TrainState, register_method
 from .common import (
     DistributionAlignment,
-    EMATeacher,
+    at_least_float32,
     check_fraction,
     concat_views,
     model_inputs,
     pseudo_label_logs,
-    scheduled_momentum,
-    unlabeled_gate_open,
+    soft_cross_entropy,
     unwrap_model,
 )
-
-METHOD_STATE_FILENAME = "stil_method_state.safetensors"  # written by modeling_stil/convert_original.py
 
 
 @dataclass
@@ -139,19 +137,10 @@ class CLUBMean(nn.Module):
         return self.p_mu(x)
 
 
-def _f32(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
-
-
 def one_hot(index: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
     """``F.one_hot(index, num_classes).to(dtype)`` without its range check, which reads min/max back
     to the host (a sync per call off CUDA); an out-of-range index gives an all-zero row."""
     return (index.unsqueeze(-1) == torch.arange(num_classes, device=index.device)).to(dtype)
-
-
-def soft_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-row -sum_c t_c log softmax(z)_c."""
-    return -(targets * F.log_softmax(_f32(logits), dim=-1)).sum(dim=-1)
 
 
 def club_terms(mu: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,7 +187,6 @@ class Stil(SSLMethod):
             self.projector_imaging, self.projector_tabular = SimCLRProjectionHead(d, d, p), SimCLRProjectionHead(d, d, p)
         self.CLUB_imaging = CLUBMean(d, d, a.club_hidden_dim)
         self.CLUB_tabular = CLUBMean(d, d, a.club_hidden_dim)
-        self.ema = EMATeacher(model, mode="state" if a.eman else "parameters") if a.use_ema else None
         self.register_buffer("ema_step", torch.tensor(-1, dtype=torch.long))  # last step the teacher was updated
         self._ema_step_host: int | None = None  # the same on the host (None: read the buffer once)
         self.repeat_ratio = int(a.repeat_ratio or 1)
@@ -206,6 +194,11 @@ class Stil(SSLMethod):
         num_labels = int(getattr(bare.config, "num_labels", 0) or 0)
         if num_labels:
             self._make_buffers(num_labels)
+
+    def ema_options(self) -> list[EMAOption]:
+        a = self.args  # the teacher, updated at the start of the step (compute_terms); the student is evaluated
+        return [EMAOption("ema", a.ema_momentum, a.ema_span_fraction, mode="state" if a.eman else "parameters",
+                          enabled=a.use_ema, updated="by_method")]
 
     # ------------------------------------------------------------------ set-up
     def _make_buffers(self, num_labels: int) -> None:
@@ -238,22 +231,7 @@ class Stil(SSLMethod):
         targets: dict[str, torch.Tensor] = {}
         loaded, skipped = [], []
         for key, value in state.items():
-            if key.startswith("ema."):
-                if self.ema is None:
-                    skipped.append(key)
-                    continue
-                target = "ema.module." + key[len("ema.") :]
-            elif key == "DA_queue":
-                target = "DA.queue.buffer" if getattr(self, "DA", None) is not None else None
-            elif key == "DA_ptr":
-                target = "DA.queue.ptr" if getattr(self, "DA", None) is not None else None
-                value = value.reshape(())
-            elif key.startswith("model."):
-                # converted with --weights teacher: the loaded model IS the teacher; the student copy
-                # is not put back (the teacher is set from the loaded model below)
-                target = None
-            else:
-                target = key
+            target, value = stil_method_state_entry(key, value, self.ema is not None, getattr(self, "DA", None) is not None)
             if target is None:
                 skipped.append(key)
                 continue
@@ -300,18 +278,18 @@ class Stil(SSLMethod):
         return combined.softmax(dim=1), case1, case2i, case2t, case3
 
     def _project(self, out) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        h_m = F.normalize(_f32(self.projector_multimodal(out.features)), dim=1)
-        h_i = F.normalize(_f32(self.projector_imaging(out.image_shared)), dim=1)
-        h_t = F.normalize(_f32(self.projector_tabular(out.tabular_shared)), dim=1)
+        h_m = F.normalize(at_least_float32(self.projector_multimodal(out.features)), dim=1)
+        h_i = F.normalize(at_least_float32(self.projector_imaging(out.image_shared)), dim=1)
+        h_t = F.normalize(at_least_float32(self.projector_tabular(out.tabular_shared)), dim=1)
         return h_m, h_i, h_t
 
     def _club(self, estimator: CLUBMean, u: torch.Tensor, v: torch.Tensor):
-        u, v = _f32(u), _f32(v)
+        u, v = at_least_float32(u), at_least_float32(v)
         if not self.args.club_standard:
-            return club_terms(_f32(estimator(u)), v)  # original: one loss, gradients everywhere
-        _, nll = club_terms(_f32(estimator(u.detach())), v.detach())  # trains only the estimator
+            return club_terms(at_least_float32(estimator(u)), v)  # original: one loss, gradients everywhere
+        _, nll = club_terms(at_least_float32(estimator(u.detach())), v.detach())  # trains only the estimator
         frozen = {name: p.detach() for name, p in estimator.named_parameters()}
-        bound, _ = club_terms(_f32(torch.func.functional_call(estimator, frozen, (u,))), v)  # trains only the features
+        bound, _ = club_terms(at_least_float32(torch.func.functional_call(estimator, frozen, (u,))), v)  # trains only the features
         return bound, nll
 
     def _contrastive(self, h_i: torch.Tensor, h_t: torch.Tensor) -> torch.Tensor:
@@ -350,13 +328,11 @@ class Stil(SSLMethod):
     def compute_terms(self, labeled: dict, unlabeled: dict, state: TrainState):
         """-> (terms, logs): every loss term as a live tensor (tests take gradients of each) and the
         detached logs. Also updates the teacher (once per step) and the prototype sums."""
-        if unlabeled is None:
-            raise ValueError("stil needs an unlabelled batch")
         a = self.args
         key = next(iter(self.labeled_views))
         inputs, (n_l, n_u) = concat_views([model_inputs(labeled[key]), model_inputs(unlabeled[key])])
         y = labeled["labels"]
-        active = unlabeled_gate_open(state, a.start_epoch, a.start_fraction)
+        active = self.unlabeled_terms_on(state)
 
         # student (train mode), projections
         out = self.model(**inputs)
@@ -369,17 +345,17 @@ class Stil(SSLMethod):
                 if self._ema_step_host is None:  # first step of this process (fresh or resumed): one read
                     self._ema_step_host = int(self.ema_step)
                 if self._ema_step_host != state.step:
-                    self.ema.update(self.model, scheduled_momentum(a.ema_momentum, a.ema_span_fraction, state.max_steps))
+                    self.update_ema("ema", state)
                     self.ema_step.fill_(state.step)
                     self._ema_step_host = state.step
                 t_out = self.ema(**inputs)
             else:
                 t_out = out
-            zm_T, zi_T, zt_T = (_f32(t.detach()) for t in (t_out.logits, t_out.image_logits, t_out.tabular_logits))
-            hT_m = F.normalize(_f32(self.projector_multimodal(t_out.features.detach())), dim=1)  # student's g_m
+            zm_T, zi_T, zt_T = (at_least_float32(t.detach()) for t in (t_out.logits, t_out.image_logits, t_out.tabular_logits))
+            hT_m = F.normalize(at_least_float32(self.projector_multimodal(t_out.features.detach())), dim=1)  # student's g_m
 
         # (a) supervised CE of the three heads on labelled rows
-        zm, zi, zt = _f32(out.logits), _f32(out.image_logits), _f32(out.tabular_logits)
+        zm, zi, zt = at_least_float32(out.logits), at_least_float32(out.image_logits), at_least_float32(out.tabular_logits)
         terms = {
             "sup_loss_multimodal": F.cross_entropy(zm[:n_l], y),
             "sup_loss_image": F.cross_entropy(zi[:n_l], y),
@@ -401,9 +377,9 @@ class Stil(SSLMethod):
             route_m, route_i, route_t = self.routes(case1, case2i, case2t, case3, self._coin_flips(n_u, p_bar.device))
 
         # (b) unlabelled CE, each head's routed rows, normalised by B_u
-        terms["unsup_loss_multimodal"] = (mask * route_m * soft_ce(zm[n_l:], p_bar)).mean()
-        terms["unsup_loss_image"] = (mask * route_i * soft_ce(zi[n_l:], p_bar)).mean()
-        terms["unsup_loss_tabular"] = (mask * route_t * soft_ce(zt[n_l:], p_bar)).mean()
+        terms["unsup_loss_multimodal"] = (mask * route_m * soft_cross_entropy(zm[n_l:], p_bar)).mean()
+        terms["unsup_loss_image"] = (mask * route_i * soft_cross_entropy(zi[n_l:], p_bar)).mean()
+        terms["unsup_loss_tabular"] = (mask * route_t * soft_cross_entropy(zt[n_l:], p_bar)).mean()
 
         # (e) prototype loss on student features against the detached prototypes
         with torch.no_grad():
@@ -426,16 +402,15 @@ class Stil(SSLMethod):
         logs.update(pseudo_label_logs(p_bar.argmax(dim=1), mask, unlabeled.get("monitor_labels")))
         return terms, logs
 
-    def training_step(self, labeled: dict, unlabeled: dict | None, state: TrainState):
+    def training_step(self, labeled: dict, unlabeled: dict, state: TrainState):
         a = self.args
         terms, logs = self.compute_terms(labeled, unlabeled, state)
         loss_ce = terms["sup_loss_multimodal"] + terms["sup_loss_image"] + terms["sup_loss_tabular"]
         loss_ds = terms["club_bound_image"] + terms["club_estimator_image"] + terms["club_bound_tabular"] + terms["club_estimator_tabular"]
+        loss_uce = terms["unsup_loss_multimodal"] + terms["unsup_loss_image"] + terms["unsup_loss_tabular"]
         loss = a.alpha * loss_ce + a.beta * terms["loss_cc"] + a.gamma * loss_ds
-        if unlabeled_gate_open(state, a.start_epoch, a.start_fraction):  # L_pt and L_uce switch on after start_epoch
-            loss_uce = terms["unsup_loss_multimodal"] + terms["unsup_loss_image"] + terms["unsup_loss_tabular"]
-            loss = loss + a.rate_pt * terms["loss_pt"] + a.rate_uce * loss_uce
-        logs["loss"] = loss.detach()
+        # L_pt and L_uce switch on after start_epoch
+        loss = self.gated_loss(loss, [a.rate_pt * terms["loss_pt"], a.rate_uce * loss_uce], state, logs)
         return loss, logs
 
     # ------------------------------------------------------------------ hooks
@@ -453,6 +428,3 @@ class Stil(SSLMethod):
     def evaluation_step(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         out = model(**self.eval_inputs(batch))
         return {"logits": out.logits, "image_logits": out.image_logits, "tabular_logits": out.tabular_logits}
-
-    def eval_model(self) -> nn.Module:
-        return self.model  # the student

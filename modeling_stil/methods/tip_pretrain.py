@@ -39,15 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_utils.views import TabularView, ViewRecipe, register_recipe
-
 from .base import MethodArguments, SSLMethod, TrainState, register_method
-
-# Views that carry a table only: they share the image of the "image" view of the same row.
-MASKED_TABLE = register_recipe(ViewRecipe("tip_masked_table", None, TabularView("mask", 0.5)))
-CLEAN_TABLE = register_recipe(ViewRecipe("tip_clean_table", None, TabularView("clean")))
-CORRUPTED_TABLE = register_recipe(ViewRecipe("tip_corrupted_table", None, TabularView("corrupt", 0.3)))
-AUGMENTED_IMAGE = register_recipe(ViewRecipe("tip_image", "stil", TabularView("clean")))
+from .common import at_least_float32
 
 
 @dataclass
@@ -63,12 +56,6 @@ class TipPretrainArguments(MethodArguments):
             raise ValueError("temperature must be positive")
         if not 0.0 <= self.lambda_0 <= 1.0:
             raise ValueError("lambda_0 must be in [0, 1]")
-
-
-def _f32(t: torch.Tensor) -> torch.Tensor:
-    """Losses in float32 at least: half-precision outputs are upcast, float64 stays float64 (a
-    float64 run, e.g. the golden test against the original, keeps its precision)."""
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 def contrastive_loss(z_i: torch.Tensor, z_t: torch.Tensor, temperature: float, lambda_0: float,
@@ -91,7 +78,7 @@ def hard_negatives(similarity: torch.Tensor, sample: bool = True) -> tuple[torch
     eye = torch.eye(similarity.shape[0], dtype=torch.bool, device=similarity.device)
 
     def pick(s):
-        weights = (_f32(s).softmax(dim=1) + 1e-4).masked_fill(eye, 0.0)
+        weights = (at_least_float32(s).softmax(dim=1) + 1e-4).masked_fill(eye, 0.0)
         return torch.multinomial(weights, 1).squeeze(1) if sample else weights.argmax(dim=1)
 
     return pick(similarity), pick(similarity.T)
@@ -107,8 +94,8 @@ def reconstruction_loss(cat_logits, con_predictions, categorical, continuous, ma
     cat_ce = torch.zeros_like(mask_cat)
     if n_cat:
         targets = categorical.long() + offsets[None, :]
-        cat_ce = F.cross_entropy(_f32(cat_logits).transpose(1, 2), targets, reduction="none")
-    con_se = (_f32(con_predictions) - _f32(continuous)) ** 2 if mask_con.shape[1] else torch.zeros_like(mask_con)
+        cat_ce = F.cross_entropy(at_least_float32(cat_logits).transpose(1, 2), targets, reduction="none")
+    con_se = (at_least_float32(con_predictions) - at_least_float32(continuous)) ** 2 if mask_con.shape[1] else torch.zeros_like(mask_con)
     if reduction == "none":
         per_row = lambda v, m: (v * m).sum(1) / m.sum(1).clamp_min(1.0)  # noqa: E731
         return per_row(cat_ce, mask_cat), per_row(con_se, mask_con)
@@ -121,6 +108,7 @@ class TipPretrain(SSLMethod):
     arguments_class = TipPretrainArguments
     label_free = True
     labeled_views = None
+    # view recipes of data_utils/views.py; the table-only ones share the image of the "image" view of the row
     unlabeled_views = {"image": "tip_image", "corrupted": "tip_corrupted_table", "masked": "tip_masked_table",
                        "clean": "tip_clean_table"}
     eval_views = {"eval": "eval", "masked": "tip_masked_table"}
@@ -128,6 +116,7 @@ class TipPretrain(SSLMethod):
     required_modalities = ("image", "tabular")
     preferred_model = "tip-tiny"
     selection = ("loss", False)
+    linear_probe = True
 
     def __init__(self, model, args: TipPretrainArguments | None = None):
         super().__init__(model, args)
@@ -147,13 +136,13 @@ class TipPretrain(SSLMethod):
         a = self.args
         image_tokens, _, z_i = model.encode_image(image["pixel_values"])
         tab_tokens, z_t = model.encode_tabular(table["categorical_values"], table["continuous_values"], table.get("missing_mask"))
-        loss_itc, similarity = contrastive_loss(_f32(z_i), _f32(z_t), a.temperature, a.lambda_0, reduction=reduction)
+        loss_itc, similarity = contrastive_loss(at_least_float32(z_i), at_least_float32(z_t), a.temperature, a.lambda_0, reduction=reduction)
 
         neg_table, neg_image = hard_negatives(similarity.detach(), sample=sample_negatives)
         n = image_tokens.shape[0]
         pairs_tab = torch.cat([tab_tokens, tab_tokens[neg_table], tab_tokens])
         pairs_img = torch.cat([image_tokens, image_tokens, image_tokens[neg_image]])
-        itm = _f32(model.itm_logits(model.fuse(pairs_tab, pairs_img)))
+        itm = at_least_float32(model.itm_logits(model.fuse(pairs_tab, pairs_img)))
         itm_target = torch.cat([torch.ones(n, dtype=torch.long), torch.zeros(2 * n, dtype=torch.long)]).to(itm.device)
         itm_ce = F.cross_entropy(itm, itm_target, reduction="none")
         loss_itm = itm_ce.mean() if reduction == "mean" else itm_ce.view(3, n).mean(0)

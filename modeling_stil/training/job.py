@@ -177,7 +177,7 @@ def build_and_train(args) -> dict[str, Any]:
     results["metric_for_best_model"] = trainer.best_metric_name
     if "test" in job["eval_loaders"]:
         results["test"] = trainer.test("test")
-    if hasattr(method, "probe_features"):
+    if method.linear_probe:
         results["probe"] = representation_probe(args, job, trainer)
         trainer.log_metrics("probe", results["probe"])
     if accelerator.is_main_process:
