@@ -189,7 +189,15 @@ def test_no_script_shadows_an_installed_module():
     was) would replace it for everything that script imports."""
     import importlib.util
 
-    shadowing = [p.name for p in (ROOT / "scripts").glob("*.py") if importlib.util.find_spec(p.stem) is not None]
+    scripts = (ROOT / "scripts").resolve()
+
+    def installed_elsewhere(name: str) -> bool:
+        # other tests may have put scripts/ on sys.path or imported a script under its own name: a spec
+        # that points into scripts/ is the script itself, not an installed module
+        spec = importlib.util.find_spec(name)
+        return spec is not None and not (spec.origin and Path(spec.origin).resolve().is_relative_to(scripts))
+
+    shadowing = [p.name for p in (ROOT / "scripts").glob("*.py") if installed_elsewhere(p.stem)]
     assert not shadowing, f"rename {shadowing}: installed modules of that name exist"
 
 
