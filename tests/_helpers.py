@@ -1,8 +1,11 @@
-"""Helpers shared by the test modules: CLIs as modules, in-process training runs, a toy schema."""
+"""Helpers shared by the test modules: CLIs as modules, in-process and launched training runs, train.py
+argument lists, a toy schema."""
 
 import contextlib
 import importlib.util
 import io
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -82,6 +85,19 @@ def run_train(argv: list[str]) -> int:
 
     with fresh_accelerate_state():
         return train.main(argv)
+
+
+def accelerate_launch(args: list[str], processes: int, cwd: Path) -> subprocess.CompletedProcess:
+    """`accelerate launch --cpu --num_processes PROCESSES ARGS` in a subprocess (gloo); ARGS start with
+    the script, e.g. ``["train.py", "--max_steps", "4"]``."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+    # exactly the documented command: accelerate launch --num_processes 2 --cpu train.py ...
+    # (accelerate starts one process; train.py starts the gloo workers)
+    command = [str(accelerate), "launch", "--cpu", "--main_process_port", str(29600 + os.getpid() % 300),
+               "--num_processes", str(processes), "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    return subprocess.run(command + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
 
 
 def flags(defaults: dict, *extra: str) -> list[str]:

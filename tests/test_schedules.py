@@ -25,9 +25,9 @@ from modeling_stil.methods.freematch import MultimodalFreeMatch, MultimodalFreeM
 from modeling_stil.methods.mean_teacher import MeanTeacherArguments
 from modeling_stil.training.arguments import ArgumentError, parse_run_arguments
 from modeling_stil.training.trainer import lr_lambda_factory
-from tests.test_comatch import make as make_comatch
-from tests.test_freematch import hand_inputs
-from tests.test_methods_common import TinyNet
+from tests.helpers.comatch import make as make_comatch
+from tests.helpers.freematch import hand_inputs
+from tests.helpers.nets import TinyNet
 
 
 # ------------------------------------------------------------------------------ the shared pieces by hand
