@@ -109,7 +109,7 @@ def flags(defaults: dict, *extra: str) -> list[str]:
     return [item for key, value in values.items() for item in (f"--{key}", value)]
 
 
-# A tiny fixmatch run on the synthetic multimodal data (the newcomer's and the run-folder tests' job).
+# A tiny fixmatch run on the synthetic multimodal data (the CLI, resume, run-folder and model-card tests' job).
 TINY_FIXMATCH = {
     "synthetic_num_samples": "300", "labeled_fraction": "0.2", "mu": "2", "method": "fixmatch",
     "per_device_train_batch_size": "4", "per_device_eval_batch_size": "64", "max_steps": "4", "eval_steps": "2",
@@ -120,6 +120,20 @@ TINY_FIXMATCH = {
 def tiny_fixmatch_argv(out: Path, cache: Path, *extra: str) -> list[str]:
     """train.py arguments of `TINY_FIXMATCH` into ``out``; ``extra`` flags replace defaults."""
     return flags({"output_dir": str(out), "dataset_cache_dir": str(cache), **TINY_FIXMATCH}, *extra)
+
+
+def copy_synthetic_dataset(cache: Path, target: Path) -> Path:
+    """A copy of the synthetic dataset the `TINY_FIXMATCH` runs use (built into the cache when absent),
+    for a test that damages, edits or moves it."""
+    import shutil
+
+    from data_utils.synthetic import make_synthetic_dataset
+
+    source = cache / "synthetic-multimodal-n300-s32-l0.2"
+    if not source.exists():
+        make_synthetic_dataset("multimodal", source, num_samples=300, image_size=32, labeled_fraction=0.2)
+    shutil.copytree(source, target)
+    return target
 
 
 def train_captured(args: list[str]) -> tuple[int, str, str]:

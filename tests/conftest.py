@@ -25,3 +25,12 @@ def synthetic_cache(tmp_path_factory):
     image size, labelled fraction) is built once, by the first run that asks for it, and read by every
     later one. A test that damages or moves a dataset works on a copy (or a cache of its own)."""
     return tmp_path_factory.mktemp("synthetic_cache")
+
+
+@pytest.fixture(scope="session")
+def loader_data():
+    """(DatasetDict, metadata, schema) of tests/helpers/loader_data.py: 40 image+tabular training rows
+    (4 labelled per class) and 10 validation rows. Tests read it, never change it."""
+    from tests.helpers.loader_data import make_multimodal
+
+    return make_multimodal()
