@@ -34,9 +34,9 @@ TASKS = {
 
 
 @pytest.fixture(scope="module", params=sorted(TASKS))
-def runs(request, tmp_path_factory):
+def runs(request, tmp_path_factory, synthetic_cache):
     root = tmp_path_factory.mktemp(f"l2i_e2e_{request.param}")
-    values = {**COMMON, **TASKS[request.param], "dataset_cache_dir": str(root / "cache")}
+    values = {**COMMON, **TASKS[request.param], "dataset_cache_dir": str(synthetic_cache)}
     straight, resumed = root / "straight", root / "resumed"
     assert run_train(flags({**values, "output_dir": str(straight)})) == 0
     assert run_train(flags({**values, "output_dir": str(resumed), "stop_after_steps": "2"})) == 0

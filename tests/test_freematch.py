@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -266,18 +265,18 @@ def _argv(out: Path, cache: Path, *extra: str):
     return flags(values, *extra)
 
 
-def test_train_py_resumes_the_threshold_state_exactly_and_exports(tmp_path):
+def test_train_py_resumes_the_threshold_state_exactly_and_exports(tmp_path, synthetic_cache):
     from safetensors.torch import load_file
     from transformers import AutoModel
 
     import modeling_stil  # noqa: F401
     from tests._helpers import run_train
 
-    cache, straight, resumed = tmp_path / "cache", tmp_path / "straight", tmp_path / "resumed"
-    assert run_train(_argv(straight, cache)) == 0
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_train(_argv(straight, synthetic_cache)) == 0
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(straight / "checkpoints" / "checkpoint-2", resumed / "checkpoints" / "checkpoint-2")
-    assert run_train(_argv(resumed, cache, "--resume_from_checkpoint", "latest")) == 0
+    assert run_train(_argv(resumed, synthetic_cache, "--resume_from_checkpoint", "latest")) == 0
     a = load_file(straight / "checkpoints" / "checkpoint-4" / "model.safetensors")
     b = load_file(resumed / "checkpoints" / "checkpoint-4" / "model.safetensors")
     start = load_file(straight / "checkpoints" / "checkpoint-2" / "model.safetensors")
@@ -296,10 +295,10 @@ def test_train_py_resumes_the_threshold_state_exactly_and_exports(tmp_path):
     assert train and any(r["unsup_loss"] > 0 for r in train)
 
 
-def test_multimodal_freematch_refuses_an_image_only_model(tmp_path, capsys):
+def test_multimodal_freematch_refuses_an_image_only_model(tmp_path, synthetic_cache, capsys):
     from tests._helpers import run_train
 
-    code = run_train(_argv(tmp_path / "run", tmp_path / "cache", "--method", "multimodal_freematch"))
+    code = run_train(_argv(tmp_path / "run", synthetic_cache, "--method", "multimodal_freematch"))
     assert code != 0
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "multimodal_freematch" in err and "no tabular input" in err and "use a dataset with it" in err

@@ -297,16 +297,15 @@ def _argv(out, cache, method, task, *extra):
 
 
 @pytest.mark.parametrize("method, task, memory", [("l2i_o", "image", False), ("l2i_l", "landmarks", True)])
-def test_end_to_end_resumes_exports_and_reloads(tmp_path, method, task, memory):
+def test_end_to_end_resumes_exports_and_reloads(tmp_path, synthetic_cache, method, task, memory):
     from safetensors.torch import load_file
 
-    cache = tmp_path / "cache"
     extra = ("--label_memory", "true") if memory else ()
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    assert run_train(_argv(full, cache, method, task, *extra)) == 0  # checkpoints at steps 2 and 4, export
+    assert run_train(_argv(full, synthetic_cache, method, task, *extra)) == 0  # checkpoints at steps 2 and 4, export
     # a second run resumes from the first run's step-2 checkpoint and must reach the same step-4 state
     shutil.copytree(full / "checkpoints" / "checkpoint-2", resumed / "checkpoints" / "checkpoint-2")
-    assert run_train(_argv(resumed, cache, method, task, *extra, "--export", "false",
+    assert run_train(_argv(resumed, synthetic_cache, method, task, *extra, "--export", "false",
                            "--resume_from_checkpoint", "latest")) == 0
     a = load_file(full / "checkpoints" / "checkpoint-4" / "model.safetensors")
     b = load_file(resumed / "checkpoints" / "checkpoint-4" / "model.safetensors")
