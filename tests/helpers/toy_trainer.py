@@ -1,4 +1,4 @@
-"""Trainer test doubles (tests/test_trainer.py, test_checkpoint_safety.py, test_checkpoint_limits.py): a
+"""Trainer test doubles (tests/test_trainer.py, test_checkpoint_safety.py, test_save_total_limit.py): a
 linear/dropout model on a fixed random table, a method with one supervised loss, a deterministic
 stream, and a Trainer built from them."""
 
