@@ -27,7 +27,7 @@ def tiny_argv(out: Path, cache: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def offline_push_run(tmp_path_factory, synthetic_cache):
+def offline_push_run(tmp_path_factory):
     """`train.py ... --push_to_hub` with the Hub unreachable: everything saved, then one error line."""
     import contextlib
     import io
@@ -40,7 +40,7 @@ def offline_push_run(tmp_path_factory, synthetic_cache):
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr):
-            code = run_train(tiny_argv(out, synthetic_cache, "--push_to_hub", "true", "--hub_model_id", "someone/stil-tiny"))
+            code = run_train(tiny_argv(out, root / "cache", "--push_to_hub", "true", "--hub_model_id", "someone/stil-tiny"))
     finally:
         if old is None:
             os.environ.pop("HF_HUB_OFFLINE", None)
