@@ -46,7 +46,7 @@ from __future__ import annotations
 import json
 import math
 from collections import deque
-from itertools import count, islice
+from itertools import islice
 from typing import Any, Iterator, Mapping
 
 import numpy as np

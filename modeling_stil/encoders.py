@@ -10,7 +10,6 @@ code. Parameter and buffer names follow the original TIP/STiL checkpoints exactl
 from __future__ import annotations
 
 import difflib
-import math
 import os
 from typing import Optional, Sequence
 

@@ -1,4 +1,5 @@
-"""Reading golden fixtures (scripts/golden/golden_io.py writes them) and comparing our step with them."""
+"""Reading golden fixtures (scripts/golden/golden_io.py writes them), building our side of a golden step,
+and comparing our step with them."""
 
 from __future__ import annotations
 
@@ -31,3 +32,20 @@ def assert_matches_original(ours, theirs, name: str, rtol: float = 1e-9, atol: f
     theirs = torch.as_tensor(theirs).detach().to(torch.float64)
     assert ours.shape == theirs.shape, f"{name}: shape {tuple(ours.shape)} vs original {tuple(theirs.shape)}"
     torch.testing.assert_close(ours, theirs, rtol=rtol, atol=atol, msg=lambda m: f"{name} vs original: {m}")
+
+
+def build_network(meta):
+    """Our mmatch-family network (concat fusion, three heads) in the fixture's tiny configuration, float64."""
+    from modeling_stil.configuration_baselines import MultimodalClassifierConfig
+    from modeling_stil.configuration_stil import layout_from_field_lengths, placeholder_schema
+    from modeling_stil.modeling_baselines import MultimodalClassifier
+    from tests._golden_seeded import float64_default
+
+    o = meta["overrides"]
+    with float64_default():
+        return MultimodalClassifier(MultimodalClassifierConfig(
+            backbone=o["model"], image_size=o["img_size"], num_labels=o["num_classes"],
+            tabular_schema=placeholder_schema(*layout_from_field_lengths(meta["field_lengths"])),
+            tabular_embedding_dim=o["tabular_embedding_dim"], tabular_num_layers=o["tabular_transformer_num_layers"],
+            tabular_num_heads=8, fusion="concat", unimodal_heads=True, fused_dim=o["projection_dim"],
+            image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0]))

@@ -1,8 +1,11 @@
-"""Helpers shared by the test modules: CLIs as modules, in-process training runs, a toy schema."""
+"""Helpers shared by the test modules: CLIs as modules, in-process and launched training runs, train.py
+argument lists, a toy schema."""
 
 import contextlib
 import importlib.util
 import io
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -84,6 +87,19 @@ def run_train(argv: list[str]) -> int:
         return train.main(argv)
 
 
+def accelerate_launch(args: list[str], processes: int, cwd: Path) -> subprocess.CompletedProcess:
+    """`accelerate launch --cpu --num_processes PROCESSES ARGS` in a subprocess (gloo); ARGS start with
+    the script, e.g. ``["train.py", "--max_steps", "4"]``."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+    # exactly the documented command: accelerate launch --num_processes 2 --cpu train.py ...
+    # (accelerate starts one process; train.py starts the gloo workers)
+    command = [str(accelerate), "launch", "--cpu", "--main_process_port", str(29600 + os.getpid() % 300),
+               "--num_processes", str(processes), "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    return subprocess.run(command + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+
+
 def flags(defaults: dict, *extra: str) -> list[str]:
     """``--key value`` arguments from ``defaults`` with ``extra`` flag/value pairs replacing (or adding)
     keys: train.py refuses a flag given twice, so test variants override instead of appending."""
@@ -93,7 +109,7 @@ def flags(defaults: dict, *extra: str) -> list[str]:
     return [item for key, value in values.items() for item in (f"--{key}", value)]
 
 
-# A tiny fixmatch run on the synthetic multimodal data (the newcomer's and the run-folder tests' job).
+# A tiny fixmatch run on the synthetic multimodal data (the CLI, resume, run-folder and model-card tests' job).
 TINY_FIXMATCH = {
     "synthetic_num_samples": "300", "labeled_fraction": "0.2", "mu": "2", "method": "fixmatch",
     "per_device_train_batch_size": "4", "per_device_eval_batch_size": "64", "max_steps": "4", "eval_steps": "2",
@@ -104,6 +120,20 @@ TINY_FIXMATCH = {
 def tiny_fixmatch_argv(out: Path, cache: Path, *extra: str) -> list[str]:
     """train.py arguments of `TINY_FIXMATCH` into ``out``; ``extra`` flags replace defaults."""
     return flags({"output_dir": str(out), "dataset_cache_dir": str(cache), **TINY_FIXMATCH}, *extra)
+
+
+def copy_synthetic_dataset(cache: Path, target: Path) -> Path:
+    """A copy of the synthetic dataset the `TINY_FIXMATCH` runs use (built into the cache when absent),
+    for a test that damages, edits or moves it."""
+    import shutil
+
+    from data_utils.synthetic import make_synthetic_dataset
+
+    source = cache / "synthetic-multimodal-n300-s32-l0.2"
+    if not source.exists():
+        make_synthetic_dataset("multimodal", source, num_samples=300, image_size=32, labeled_fraction=0.2)
+    shutil.copytree(source, target)
+    return target
 
 
 def train_captured(args: list[str]) -> tuple[int, str, str]:

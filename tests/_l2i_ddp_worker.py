@@ -22,7 +22,8 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modeling_stil.methods.base import DataInfo, TrainState  # noqa: E402
-from tests.test_l2i import L2IL, L2IO, make_batch, make_method  # noqa: E402
+from modeling_stil.methods.l2i import L2IL, L2IO  # noqa: E402
+from tests.helpers.l2i import make_batch, make_method, to_float  # noqa: E402
 
 
 def main(out: Path) -> int:
@@ -37,7 +38,7 @@ def main(out: Path) -> int:
         if cls is L2IL:
             method.setup(DataInfo(num_train=64, num_labels=3, task=task))
         labeled, unlabeled = make_batch(task, seed=10 + rank)  # each rank its own shard
-        labeled, unlabeled = _to_float(labeled), _to_float(unlabeled)
+        labeled, unlabeled = to_float(labeled), to_float(unlabeled)
         unlabeled["index"] = unlabeled["index"] + 12 * rank  # distinct rows per rank
         state = TrainState(step=5, max_steps=100, task=task, num_labels=3, learning_rate=0.01, phase=1,
                            num_processes=world, gather=acc.gather, reduce_sum=lambda t: acc.reduce(t, "sum"))
@@ -69,12 +70,6 @@ def main(out: Path) -> int:
     # loaded full-suite run after both had written their reports
     torch.distributed.destroy_process_group()
     return 0 if ok else 1
-
-
-def _to_float(batch):
-    if isinstance(batch, dict):
-        return {k: _to_float(v) for k, v in batch.items()}
-    return batch.float() if isinstance(batch, torch.Tensor) and batch.is_floating_point() else batch
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-import yaml
 
 from modeling_stil.training.arguments import (
     DataArguments,

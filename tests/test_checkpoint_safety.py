@@ -157,7 +157,7 @@ def test_trainer_resume_reads_nothing_unsafely(tmp_path, only_safe_torch_load):
 
     if "load_checkpoint" not in inspect.getsource(Trainer.resume):
         pytest.skip("Trainer.resume still calls accelerator.load_state (one-line change pending)")
-    from tests.test_trainer import make_trainer, weights
+    from tests.helpers.toy_trainer import make_trainer, weights
 
     with fresh_accelerate_state():
         full = make_trainer(tmp_path / "a", optimizer="adamw")

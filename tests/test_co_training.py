@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from modeling_stil.methods.base import TrainState, get_method_class
 from modeling_stil.methods.co_training import CoTraining, CoTrainingArguments
-from tests.test_mmatch import ThreeHeadNet, hand_inputs, mm_batches, multimodal_cache, resume_export_reload  # noqa: F401
+from tests.helpers.multimodal_match import hand_inputs, mm_batches, resume_export_reload
+from tests.helpers.nets import ThreeHeadNet, TinyNet
 
 
 def test_cross_modal_soft_targets_masks_and_routing_by_hand():
@@ -77,8 +78,6 @@ def test_teacher_makes_the_targets_gate_and_eman_rule():
 
 
 def test_registration_defaults_and_a_model_without_unimodal_heads_is_refused():
-    from tests.test_methods_common import TinyNet
-
     assert get_method_class("co_training") is CoTraining
     a = CoTrainingArguments()
     assert (a.alpha, a.rate_uce, a.co_threshold, a.use_ema, a.eman, a.ema_momentum, a.start_epoch) == (0.2, 0.2, 0.9, True, True, 0.996, 10)
@@ -111,7 +110,7 @@ def test_short_run_lowers_the_loss_with_the_cross_modal_terms_on():
     assert sum(losses[-5:]) < sum(losses[:5])
 
 
-def test_train_py_resumes_the_teacher_exactly_and_exports(tmp_path, multimodal_cache):
-    history = resume_export_reload("co_training", tmp_path, multimodal_cache, ("ema.module.classifier_imaging.weight",), "--co_threshold", "0.0")
+def test_train_py_resumes_the_teacher_exactly_and_exports(tmp_path, synthetic_cache):
+    history = resume_export_reload("co_training", tmp_path, synthetic_cache, ("ema.module.classifier_imaging.weight",), "--co_threshold", "0.0")
     train = [r for r in history if "unsup_loss" in r]
     assert train and any(r["unsup_loss"] > 0 for r in train)

@@ -24,45 +24,9 @@ from modeling_stil.methods.base import DataInfo, TrainState
 from modeling_stil.methods.comatch import CoMatch, CoMatchArguments, MultimodalCoMatch, MultimodalCoMatchArguments, enqueue_rows
 from modeling_stil.presets import create_model
 from tests._helpers import TOY_METADATA, TOY_SCHEMA, flags, run_train
+from tests.helpers.comatch import K, N_L, N_U, batches, make
 
 ROOT = Path(__file__).resolve().parents[1]
-N_L, N_U, K = 4, 6, 12
-
-
-def image_view(b, g):
-    return {"pixel_values": torch.rand(b, 3, 32, 32, generator=g)}
-
-
-def mm_view(b, g):
-    return {
-        "pixel_values": torch.rand(b, 3, 32, 32, generator=g),
-        "categorical_values": torch.stack([torch.randint(0, 3, (b,), generator=g), torch.randint(0, 4, (b,), generator=g)], 1),
-        "continuous_values": torch.randn(b, 3, generator=g),
-    }
-
-
-def batches(multimodal=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    view = mm_view if multimodal else image_view
-    labeled = {"labels": torch.tensor([0, 1, 2, 1]), "index": torch.arange(N_L), "position": torch.arange(N_L), "labeled": view(N_L, g)}
-    unlabeled = {"index": torch.arange(N_U), "monitor_labels": torch.arange(N_U) % 3,
-                 "weak": view(N_U, g), "strong_0": view(N_U, g), "strong_1": view(N_U, g)}
-    return labeled, unlabeled
-
-
-def make(multimodal=False, **kw):
-    torch.manual_seed(0)
-    kw.setdefault("queue_size", K)
-    if multimodal:
-        model = create_model("multimodal-concat-tiny", schema=TOY_SCHEMA, metadata=TOY_METADATA, backbone="test_vit")
-        method = MultimodalCoMatch(model, MultimodalCoMatchArguments(**kw))
-    else:
-        model = create_model("image-tiny", metadata=TOY_METADATA, backbone="test_vit")
-        method = CoMatch(model, CoMatchArguments(**kw))
-    method.setup(DataInfo(num_labeled=20, num_labels=3, labeled_batch_size=N_L, unlabeled_batch_size=N_U))
-    return method.train()
-
-
 STATE = TrainState(step=100, epoch=50, max_steps=1000, num_labels=3)
 
 
@@ -339,14 +303,13 @@ def _argv(out, cache, *extra):
     return flags(values, *extra)
 
 
-def test_train_py_resumes_bit_exactly_exports_and_reloads(tmp_path):
+def test_train_py_resumes_bit_exactly_exports_and_reloads(tmp_path, synthetic_cache):
     from safetensors.torch import load_file
 
-    cache = tmp_path / "cache"
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert run_train(_argv(straight, cache)) == 0
-    assert run_train(_argv(resumed, cache, "--stop_after_steps", "2")) == 0
-    assert run_train(_argv(resumed, cache, "--resume_from_checkpoint", "latest")) == 0
+    assert run_train(_argv(straight, synthetic_cache)) == 0
+    assert run_train(_argv(resumed, synthetic_cache, "--stop_after_steps", "2")) == 0
+    assert run_train(_argv(resumed, synthetic_cache, "--resume_from_checkpoint", "latest")) == 0
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ca = load_file(straight / "checkpoints" / "checkpoint-4" / "model.safetensors")

@@ -36,21 +36,16 @@ def history(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("contract_cache")
-
-
 def method_state(run: Path, step: int) -> dict[str, torch.Tensor]:
     return load_file(run / "checkpoints" / f"checkpoint-{step}" / "model.safetensors")
 
 
 # ------------------------------------------------------------------------------------ setup + resume
-def test_setup_sizes_buffers_before_prepare_and_they_resume_exactly(tmp_path, cache):
-    argv = base_argv(tmp_path / "a", cache, "--method", TOY + "BankMethod", "--model", "multimodal-concat-tiny",
+def test_setup_sizes_buffers_before_prepare_and_they_resume_exactly(tmp_path, synthetic_cache):
+    argv = base_argv(tmp_path / "a", synthetic_cache, "--method", TOY + "BankMethod", "--model", "multimodal-concat-tiny",
                      "--save_steps", "3")
     assert run_train(argv) == 0
-    stopped = base_argv(tmp_path / "b", cache, "--method", TOY + "BankMethod", "--model", "multimodal-concat-tiny",
+    stopped = base_argv(tmp_path / "b", synthetic_cache, "--method", TOY + "BankMethod", "--model", "multimodal-concat-tiny",
                         "--save_steps", "3")
     assert run_train(stopped + ["--stop_after_steps", "3"]) == 0
     assert run_train(stopped + ["--resume_from_checkpoint", "latest"]) == 0
@@ -64,9 +59,9 @@ def test_setup_sizes_buffers_before_prepare_and_they_resume_exactly(tmp_path, ca
 
 
 # ------------------------------------------------------------------------------ evaluation + selection
-def test_method_owned_evaluation_scores_every_head_and_selects_by_lowest_loss(tmp_path, cache):
+def test_method_owned_evaluation_scores_every_head_and_selects_by_lowest_loss(tmp_path, synthetic_cache):
     out = tmp_path / "run"
-    assert run_train(base_argv(out, cache, "--method", TOY + "TwoHeadEvalMethod", "--model", "multimodal-concat-tiny",
+    assert run_train(base_argv(out, synthetic_cache, "--method", TOY + "TwoHeadEvalMethod", "--model", "multimodal-concat-tiny",
                                "--max_steps", "9")) == 0
     validation = [r for r in history(out) if r["split"] == "validation"]
     assert {"accuracy", "image/accuracy", "loss"} <= set(validation[0])
@@ -77,21 +72,21 @@ def test_method_owned_evaluation_scores_every_head_and_selects_by_lowest_loss(tm
     assert results["reload_check"]["matches"]  # the export check ran through the same evaluation_step
 
 
-def test_selection_last_keeps_the_last_step(tmp_path, cache):
+def test_selection_last_keeps_the_last_step(tmp_path, synthetic_cache):
     out = tmp_path / "run"
-    assert run_train(base_argv(out, cache, "--method", TOY + "LastStepMethod", "--model", "multimodal-concat-tiny")) == 0
+    assert run_train(base_argv(out, synthetic_cache, "--method", TOY + "LastStepMethod", "--model", "multimodal-concat-tiny")) == 0
     assert json.loads((out / "eval_results.json").read_text())["best_step"] == 6
 
 
 # -------------------------------------------------------------------------- phases + parameter groups
-def test_second_phase_sees_the_first_phase_update_with_its_own_parameter_group(tmp_path, cache):
+def test_second_phase_sees_the_first_phase_update_with_its_own_parameter_group(tmp_path, synthetic_cache):
     from modeling_stil.methods.base import get_method_class
     from modeling_stil.training.optim import build_optimizer
     from modeling_stil.presets import create_model
     from modeling_stil.training.arguments import TrainingArguments
 
     out = tmp_path / "run"
-    assert run_train(base_argv(out, cache, "--method", TOY + "TwoPhaseMethod", "--model", "multimodal-concat-tiny",
+    assert run_train(base_argv(out, synthetic_cache, "--method", TOY + "TwoPhaseMethod", "--model", "multimodal-concat-tiny",
                                "--max_steps", "2", "--eval_steps", "2")) == 0
     state = method_state(out, 2)
     assert state["phase_calls"].tolist() == [2, 2]
@@ -112,21 +107,21 @@ def test_second_phase_sees_the_first_phase_update_with_its_own_parameter_group(t
     (["--gradient_accumulation_steps", "2"], "gradient_accumulation_steps 1"),
     (["--torch_compile", "true"], "torch.compile"),
 ])
-def test_phases_refuse_what_they_cannot_support(tmp_path, cache, capsys, flag, message):
+def test_phases_refuse_what_they_cannot_support(tmp_path, synthetic_cache, capsys, flag, message):
     out = tmp_path / "run"
-    code = run_train(base_argv(out, cache, "--method", TOY + "TwoPhaseMethod", "--model", "multimodal-concat-tiny", *flag))
+    code = run_train(base_argv(out, synthetic_cache, "--method", TOY + "TwoPhaseMethod", "--model", "multimodal-concat-tiny", *flag))
     assert code == 1
     assert message in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------- streams
-def test_meta_stream_is_labelled_and_shuffled_independently(tmp_path, cache):
+def test_meta_stream_is_labelled_and_shuffled_independently(tmp_path, synthetic_cache):
     from data_utils.loaders import build_train_loaders
     from data_utils.views import ViewConfig
     from data_utils.io import load_dataset
 
     out = tmp_path / "run"
-    assert run_train(base_argv(out, cache, "--method", TOY + "MetaStreamMethod", "--model", "multimodal-concat-tiny")) == 0
+    assert run_train(base_argv(out, synthetic_cache, "--method", TOY + "MetaStreamMethod", "--model", "multimodal-concat-tiny")) == 0
     info = json.loads((out / "run_info.json").read_text())
     seen = method_state(out, 6)["meta_rows_seen"]
     assert set(torch.nonzero(seen).flatten().tolist()) <= set(info["labeled_indices"])
@@ -139,13 +134,13 @@ def test_meta_stream_is_labelled_and_shuffled_independently(tmp_path, cache):
     assert labeled["meta"]["index"].tolist() != labeled["index"].tolist()
 
 
-def test_label_free_stream_needs_no_label_column_and_covers_every_row(cache, tmp_path):
+def test_label_free_stream_needs_no_label_column_and_covers_every_row(synthetic_cache, tmp_path):
     from data_utils.loaders import build_train_loaders
     from data_utils.views import ViewConfig
     from data_utils.io import load_dataset
 
     out = tmp_path / "seed_run"
-    assert run_train(base_argv(out, cache, "--method", "supervised", "--model", "multimodal-concat-tiny", "--max_steps", "1",
+    assert run_train(base_argv(out, synthetic_cache, "--method", "supervised", "--model", "multimodal-concat-tiny", "--max_steps", "1",
                                "--export", "false")) == 0
     ds, meta, schema = load_dataset(json.loads((out / "run_info.json").read_text())["dataset"])
     ds = ds.copy()
@@ -175,13 +170,13 @@ def test_stream_options_come_from_the_method_and_the_recipe_overrides_them():
                        "epoch": "longest"}
 
 
-def test_epoch_longest_counts_the_longer_stream(cache, tmp_path):
+def test_epoch_longest_counts_the_longer_stream(synthetic_cache, tmp_path):
     from data_utils.loaders import build_train_loaders
     from data_utils.views import ViewConfig
     from data_utils.io import load_dataset
 
     out = tmp_path / "seed_run"
-    assert run_train(base_argv(out, cache, "--method", "supervised", "--model", "multimodal-concat-tiny", "--max_steps", "1",
+    assert run_train(base_argv(out, synthetic_cache, "--method", "supervised", "--model", "multimodal-concat-tiny", "--max_steps", "1",
                                "--export", "false")) == 0
     ds, meta, schema = load_dataset(json.loads((out / "run_info.json").read_text())["dataset"])
     kwargs = dict(labeled_views={"w": "eval"}, unlabeled_views={"w": "eval"}, view_config=ViewConfig(image_size=32),
@@ -194,7 +189,7 @@ def test_epoch_longest_counts_the_longer_stream(cache, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- hooks
-def test_epoch_end_runs_after_the_optimizer_step_never_inside_an_accumulation_window(tmp_path, cache):
+def test_epoch_end_runs_after_the_optimizer_step_never_inside_an_accumulation_window(tmp_path, synthetic_cache):
     """gas 2 and 3 micro-batches per epoch: epochs end inside windows; the hook waits for the step."""
     import sys
 
@@ -216,7 +211,7 @@ def test_epoch_end_runs_after_the_optimizer_step_never_inside_an_accumulation_wi
     job.Trainer.train = spy
     try:
         with fresh_accelerate_state():
-            code = train.main(base_argv(tmp_path / "run", cache, "--method", TOY + "EpochHookMethod",
+            code = train.main(base_argv(tmp_path / "run", synthetic_cache, "--method", TOY + "EpochHookMethod",
                                         "--model", "multimodal-concat-tiny", "--gradient_accumulation_steps", "2",
                                         "--per_device_train_batch_size", "12", "--max_steps", "4", "--eval_steps", "4"))
     finally:
@@ -269,14 +264,14 @@ TASK_ARGS = {"landmarks": ("--labeled_view", "translate")}
 
 
 @pytest.mark.parametrize("name, task", _method_cases())
-def test_monitor_labels_never_reach_any_loss(tmp_path, cache, name, task):
+def test_monitor_labels_never_reach_any_loss(tmp_path, synthetic_cache, name, task):
     from modeling_stil.training.arguments import parse_run_arguments
     from modeling_stil.training.job import assemble
     from modeling_stil.training.accelerator import make_accelerator
 
     model = MODEL_FOR_METHOD.get(name) or MODEL_FOR[task]
     extra = TASK_ARGS.get(task, ()) if name == "supervised" else ()
-    argv = base_argv(tmp_path / "run", cache, "--method", name, "--model", model, *extra, task=task)
+    argv = base_argv(tmp_path / "run", synthetic_cache, "--method", name, "--model", model, *extra, task=task)
     with fresh_accelerate_state():
         args = parse_run_arguments(argv)
         job = assemble(args, make_accelerator(args))
@@ -348,11 +343,11 @@ def test_init_from_refuses_another_schema_or_class_count(tmp_path):
         init_from_pretrained(create_model("stil-tiny", schema=TOY_SCHEMA, metadata=TOY_METADATA), tmp_path / "missing")
 
 
-def test_init_from_through_the_cli_records_the_report(tmp_path, cache):
+def test_init_from_through_the_cli_records_the_report(tmp_path, synthetic_cache):
     first = tmp_path / "first"
-    assert run_train(base_argv(first, cache, "--method", "supervised", "--model", "multimodal-tip-tiny")) == 0
+    assert run_train(base_argv(first, synthetic_cache, "--method", "supervised", "--model", "multimodal-tip-tiny")) == 0
     second = tmp_path / "second"
-    assert run_train(base_argv(second, cache, "--method", "supervised", "--model", "multimodal-tip-tiny",
+    assert run_train(base_argv(second, synthetic_cache, "--method", "supervised", "--model", "multimodal-tip-tiny",
                                "--init_from", str(first), "--max_steps", "1", "--eval_steps", "1")) == 0
     info = json.loads((second / "run_info.json").read_text())
     assert info["init_from"] == str(first)
@@ -360,11 +355,11 @@ def test_init_from_through_the_cli_records_the_report(tmp_path, cache):
 
 
 # ---------------------------------------------------------------------------- regression + schedule
-def test_regression_targets_are_standardised_on_the_labelled_rows_and_reported_in_original_units(tmp_path, cache):
+def test_regression_targets_are_standardised_on_the_labelled_rows_and_reported_in_original_units(tmp_path, synthetic_cache):
     from data_utils.io import load_dataset
 
     out = tmp_path / "run"
-    assert run_train(base_argv(out, cache, "--method", "supervised", "--model", "tcdcnn", "--standardize_targets", "true",
+    assert run_train(base_argv(out, synthetic_cache, "--method", "supervised", "--model", "tcdcnn", "--standardize_targets", "true",
                                "--labeled_view", "translate", task="landmarks")) == 0
     config = json.loads((out / "config.json").read_text())
     info = json.loads((out / "run_info.json").read_text())
@@ -408,34 +403,34 @@ def test_multistep_needs_milestones():
 
 
 # ----------------------------------------------------------------------------------------- python API
-def test_fit_runs_the_train_py_path_from_python(tmp_path, cache):
+def test_fit_runs_the_train_py_path_from_python(tmp_path, synthetic_cache):
     from modeling_stil.training import fit
 
     with fresh_accelerate_state():
         results = fit({"method": "supervised", "model": "multimodal-concat-tiny"}, output_dir=str(tmp_path / "nb"),
-                      dataset_cache_dir=str(cache), synthetic_num_samples=300, labeled_fraction=0.2,
+                      dataset_cache_dir=str(synthetic_cache), synthetic_num_samples=300, labeled_fraction=0.2,
                       per_device_train_batch_size=4, max_steps=3, eval_steps=3, report_to="none", disable_tqdm=True)
     assert results["finished"] and results["reload_check"]["matches"]
     assert math.isfinite(results["test"]["accuracy"])
 
 
-def test_the_model_follows_the_data_and_the_method(tmp_path, cache):
+def test_the_model_follows_the_data_and_the_method(tmp_path, synthetic_cache):
     """No --model: image-only data gets an image preset (it used to stop with a tabular-schema error),
     STiL gets its own network, and a preset that does not fit names the ones that do."""
     out = tmp_path / "img"
-    assert run_train(base_argv(out, cache, "--method", "supervised", "--max_steps", "1", "--eval_steps", "1",
+    assert run_train(base_argv(out, synthetic_cache, "--method", "supervised", "--max_steps", "1", "--eval_steps", "1",
                                task="image")) == 0
     assert json.loads((out / "config.json").read_text())["model_type"] != "stil"
     import yaml
 
     assert yaml.safe_load((out / "run_config.yaml").read_text())["model"] == "image-tiny"
     out = tmp_path / "stil"
-    assert run_train(base_argv(out, cache, "--method", "stil", "--max_steps", "1", "--eval_steps", "1")) == 0
+    assert run_train(base_argv(out, synthetic_cache, "--method", "stil", "--max_steps", "1", "--eval_steps", "1")) == 0
     assert json.loads((out / "config.json").read_text())["model_type"] == "stil"
 
 
-def test_a_preset_that_does_not_fit_names_the_fitting_ones(tmp_path, cache, capsys):
-    code = run_train(base_argv(tmp_path / "x", cache, "--method", "supervised", "--model", "multimodal-concat-tiny",
+def test_a_preset_that_does_not_fit_names_the_fitting_ones(tmp_path, synthetic_cache, capsys):
+    code = run_train(base_argv(tmp_path / "x", synthetic_cache, "--method", "supervised", "--model", "multimodal-concat-tiny",
                                task="image"))
     assert code == 1
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train.py")]

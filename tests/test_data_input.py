@@ -154,7 +154,7 @@ def test_hflip_false_removes_the_flip_from_every_view_of_every_preset(preset):
             assert not flips(ViewConfig(image_size=size, preset=preset, hflip=False)), (preset, name)
 
 
-def test_hflip_is_a_recipe_key_that_reaches_the_training_views(tmp_path, monkeypatch):
+def test_hflip_is_a_recipe_key_that_reaches_the_training_views(tmp_path, synthetic_cache, monkeypatch):
     from modeling_stil.training import job
     from modeling_stil.training.arguments import parse_run_arguments
 
@@ -180,7 +180,7 @@ def test_hflip_is_a_recipe_key_that_reaches_the_training_views(tmp_path, monkeyp
 
     monkeypatch.setattr(job, "build_loaders", spy)
     with pytest.raises(SystemExit):
-        run_train(["--output_dir", str(tmp_path / "run"), "--dataset_cache_dir", str(tmp_path / "cache"),
+        run_train(["--output_dir", str(tmp_path / "run"), "--dataset_cache_dir", str(synthetic_cache),
                    "--synthetic_num_samples", "200", "--report_to", "none", "--hflip", "false", "--model", "tabular-tiny"])
     assert seen == {"hflip": False}
 
@@ -401,9 +401,9 @@ def test_views_follow_the_task():
     assert preset_for_task("default", "classification") == "default"
 
 
-def test_supervised_on_landmark_data_uses_the_landmark_views(tmp_path, capsys):
+def test_supervised_on_landmark_data_uses_the_landmark_views(tmp_path, synthetic_cache, capsys):
     code = run_train(["--synthetic_task", "landmarks", "--synthetic_num_samples", "120", "--synthetic_image_size", "32",
-                      "--dataset_cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "run"),
+                      "--dataset_cache_dir", str(synthetic_cache), "--output_dir", str(tmp_path / "run"),
                       "--method", "supervised", "--max_steps", "2", "--eval_steps", "2", "--per_device_train_batch_size", "4",
                       "--report_to", "none", "--disable_tqdm", "true", "--export", "false", "--plots", "false"])
     err = capsys.readouterr().err

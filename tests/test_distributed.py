@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests._helpers import accelerate_launch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,24 +24,13 @@ def _argv(out: Path, cache: Path, batch: int) -> list[str]:
     ]
 
 
-def _launch(args: list[str], processes: int, cwd: Path) -> subprocess.CompletedProcess:
-    accelerate = Path(sys.executable).with_name("accelerate")
-    # exactly the documented command: accelerate launch --num_processes 2 --cpu train.py ...
-    # (accelerate starts one process; train.py starts the gloo workers)
-    command = [str(accelerate), "launch", "--cpu", "--main_process_port", str(29600 + os.getpid() % 300),
-               "--num_processes", str(processes), "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    return subprocess.run(command + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
-
-
 def test_two_gloo_processes_match_one_process(tmp_path):
     from safetensors.torch import load_file
 
     cache = tmp_path / "cache"
-    single = _launch(_argv(tmp_path / "one", cache, 16), 1, tmp_path)
+    single = accelerate_launch(_argv(tmp_path / "one", cache, 16), 1, tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]
-    double = _launch(_argv(tmp_path / "two", cache, 8), 2, tmp_path)
+    double = accelerate_launch(_argv(tmp_path / "two", cache, 8), 2, tmp_path)
     assert double.returncode == 0, double.stderr[-3000:]
 
     info = json.loads((tmp_path / "two" / "run_info.json").read_text())
@@ -82,9 +70,9 @@ def test_two_processes_with_batchnorm_report_the_exported_model_and_keep_method_
     from safetensors.torch import load_file
 
     cache = tmp_path / "cache"
-    single = _launch(_toy_bank_argv(tmp_path / "one", cache, 8), 1, tmp_path)
+    single = accelerate_launch(_toy_bank_argv(tmp_path / "one", cache, 8), 1, tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]
-    double = _launch(_toy_bank_argv(tmp_path / "two", cache, 4), 2, tmp_path)
+    double = accelerate_launch(_toy_bank_argv(tmp_path / "two", cache, 4), 2, tmp_path)
     assert double.returncode == 0, double.stderr[-3000:]
     results = json.loads((tmp_path / "two" / "eval_results.json").read_text())
     assert results["reload_check"]["matches"]
@@ -109,7 +97,7 @@ def test_stil_and_tip_train_on_two_processes(tmp_path, method, extra):
             "--dataset_cache_dir", str(tmp_path / "cache"), "--synthetic_num_samples", "300", "--labeled_fraction", "0.2",
             "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "32", "--max_steps", "3",
             "--eval_steps", "3", "--report_to", "none", "--disable_tqdm", "true", *extra]
-    done = _launch(argv, 2, tmp_path)
+    done = accelerate_launch(argv, 2, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "eval_results.json").read_text())
     assert results["reload_check"]["matches"]

@@ -14,7 +14,7 @@ from modeling_stil.encoders import (
     TwoLayerMLP,
     compute_loss,
 )
-from tests.test_convert_original import resnet_shapes, tabular_shapes
+from tests.helpers.original_shapes import resnet_shapes, tabular_shapes
 
 
 def small_encoder():

@@ -30,14 +30,13 @@ def fixmatch_argv(out: Path, cache: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, synthetic_cache):
     root = tmp_path_factory.mktemp("fixmatch_e2e")
-    cache = root / "cache"
     straight, resumed = root / "straight", root / "resumed"
-    assert run_train(fixmatch_argv(straight, cache)) == 0
-    assert run_train(fixmatch_argv(resumed, cache, "--stop_after_steps", "4")) == 0
+    assert run_train(fixmatch_argv(straight, synthetic_cache)) == 0
+    assert run_train(fixmatch_argv(resumed, synthetic_cache, "--stop_after_steps", "4")) == 0
     assert not (resumed / "model.safetensors").exists(), "a stopped run must not export yet"
-    assert run_train(fixmatch_argv(resumed, cache, "--resume_from_checkpoint", "latest")) == 0
+    assert run_train(fixmatch_argv(resumed, synthetic_cache, "--resume_from_checkpoint", "latest")) == 0
     return straight, resumed
 
 

@@ -11,7 +11,6 @@ same test metrics; the prediction pictures are written next to the other plots."
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -34,9 +33,9 @@ TASKS = {
 
 
 @pytest.fixture(scope="module", params=sorted(TASKS))
-def runs(request, tmp_path_factory):
+def runs(request, tmp_path_factory, synthetic_cache):
     root = tmp_path_factory.mktemp(f"l2i_e2e_{request.param}")
-    values = {**COMMON, **TASKS[request.param], "dataset_cache_dir": str(root / "cache")}
+    values = {**COMMON, **TASKS[request.param], "dataset_cache_dir": str(synthetic_cache)}
     straight, resumed = root / "straight", root / "resumed"
     assert run_train(flags({**values, "output_dir": str(straight)})) == 0
     assert run_train(flags({**values, "output_dir": str(resumed), "stop_after_steps": "2"})) == 0

@@ -35,9 +35,9 @@ def _errors(capsys) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, synthetic_cache):
     root = tmp_path_factory.mktemp("stil_e2e")
-    cache = root / "cache"
+    cache = synthetic_cache
     straight, resumed = root / "straight", root / "resumed"
     assert run_train(stil_argv(straight, cache)) == 0
     assert run_train(stil_argv(resumed, cache, "--stop_after_steps", "5")) == 0

@@ -11,7 +11,7 @@ from torch import nn
 
 from modeling_stil.methods.base import TrainState, get_method_class
 from modeling_stil.methods.fixmatch import FixMatch, FixMatchArguments
-from tests.test_methods_common import TinyNet, TinyOutput
+from tests.helpers.nets import TinyNet, TinyOutput
 
 
 class LinearNet(nn.Module):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -25,8 +24,8 @@ from modeling_stil.methods.freematch import (
     sat_batch_statistics,
     sat_mask,
 )
-from tests.test_methods_common import TinyNet, TinyOutput
-from tests.test_mmatch import multimodal_cache  # noqa: F401  (shared synthetic image+tabular dataset)
+from tests.helpers.freematch import batches, hand_inputs
+from tests.helpers.nets import TinyNet, TinyOutput
 
 
 class LinearNet(nn.Module):
@@ -41,22 +40,6 @@ class LinearNet(nn.Module):
 
     def forward(self, pixel_values, **unused):
         return TinyOutput(logits=self.head(pixel_values))
-
-
-def batches(x_l, y_l, x_w, x_s, monitor=None):
-    labeled = {"labels": y_l, "index": torch.arange(len(y_l)), "labeled": {"pixel_values": x_l}}
-    unlabeled = {"index": torch.arange(len(x_w)), "weak": {"pixel_values": x_w}, "strong": {"pixel_values": x_s}}
-    if monitor is not None:
-        unlabeled["monitor_labels"] = monitor
-    return labeled, unlabeled
-
-
-def hand_inputs():
-    x_l = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]], requires_grad=True)
-    # weak rows: confident class 0, unsure, confident class 1
-    x_w = torch.tensor([[6.0, 0.0, 0.0], [0.2, 0.0, 0.1], [0.0, 5.0, 0.0]], requires_grad=True)
-    x_s = torch.tensor([[0.5, 1.0, -1.0], [2.0, 0.0, 1.0], [0.0, 0.2, 0.6]], requires_grad=True)
-    return batches(x_l, torch.tensor([0, 2]), x_w, x_s, torch.tensor([0, 1, 1]))
 
 
 # ------------------------------------------------------------------------------------------ SAT by hand
@@ -282,18 +265,18 @@ def _argv(out: Path, cache: Path, *extra: str):
     return flags(values, *extra)
 
 
-def test_train_py_resumes_the_threshold_state_exactly_and_exports(tmp_path):
+def test_train_py_resumes_the_threshold_state_exactly_and_exports(tmp_path, synthetic_cache):
     from safetensors.torch import load_file
     from transformers import AutoModel
 
     import modeling_stil  # noqa: F401
     from tests._helpers import run_train
 
-    cache, straight, resumed = tmp_path / "cache", tmp_path / "straight", tmp_path / "resumed"
-    assert run_train(_argv(straight, cache)) == 0
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_train(_argv(straight, synthetic_cache)) == 0
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(straight / "checkpoints" / "checkpoint-2", resumed / "checkpoints" / "checkpoint-2")
-    assert run_train(_argv(resumed, cache, "--resume_from_checkpoint", "latest")) == 0
+    assert run_train(_argv(resumed, synthetic_cache, "--resume_from_checkpoint", "latest")) == 0
     a = load_file(straight / "checkpoints" / "checkpoint-4" / "model.safetensors")
     b = load_file(resumed / "checkpoints" / "checkpoint-4" / "model.safetensors")
     start = load_file(straight / "checkpoints" / "checkpoint-2" / "model.safetensors")
@@ -312,31 +295,30 @@ def test_train_py_resumes_the_threshold_state_exactly_and_exports(tmp_path):
     assert train and any(r["unsup_loss"] > 0 for r in train)
 
 
-def test_multimodal_freematch_refuses_an_image_only_model(tmp_path, capsys):
+def test_multimodal_freematch_refuses_an_image_only_model(tmp_path, synthetic_cache, capsys):
     from tests._helpers import run_train
 
-    code = run_train(_argv(tmp_path / "run", tmp_path / "cache", "--method", "multimodal_freematch"))
+    code = run_train(_argv(tmp_path / "run", synthetic_cache, "--method", "multimodal_freematch"))
     assert code != 0
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "multimodal_freematch" in err and "no tabular input" in err and "use a dataset with it" in err
 
 
-def test_two_gloo_processes_hold_the_one_process_threshold_state(tmp_path, multimodal_cache):
+def test_two_gloo_processes_hold_the_one_process_threshold_state(tmp_path, synthetic_cache):
     """accelerate launch --num_processes 2 (batch 4 each) == one process (batch 8): the SAT state is
     the global batch's. tabular-tiny has no BatchNorm, so the two runs train the same model."""
     from safetensors.torch import load_file
 
-    from tests._helpers import run_train
-    from tests.test_distributed import _launch
+    from tests._helpers import accelerate_launch, run_train
 
     def argv(out, batch):
-        return _argv(out, multimodal_cache, "--model", "tabular-tiny", "--synthetic_task", "multimodal",
+        return _argv(out, synthetic_cache, "--model", "tabular-tiny", "--synthetic_task", "multimodal",
                      "--per_device_train_batch_size", str(batch), "--optimizer", "sgd", "--learning_rate", "0.1",
                      "--warmup", "0", "--save_steps", "4", "--synthetic_num_samples", "200",
                      "--pseudo_labels_from", "teacher", "--ema_momentum", "0.5")
 
     assert run_train(argv(tmp_path / "one", 8)) == 0
-    double = _launch(["train.py", *argv(tmp_path / "two", 4)], 2, Path(__file__).resolve().parents[1])
+    double = accelerate_launch(["train.py", *argv(tmp_path / "two", 4)], 2, Path(__file__).resolve().parents[1])
     assert double.returncode == 0, double.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "run_info.json").read_text())["num_processes"] == 2
     a = load_file(tmp_path / "one" / "checkpoints" / "checkpoint-4" / "model.safetensors")

@@ -21,28 +21,12 @@ import modeling_stil.methods.co_training as co_module
 from modeling_stil.methods.base import TrainState
 from modeling_stil.methods.co_training import CoTraining, CoTrainingArguments
 from modeling_stil.training.optim import build_optimizer
-from tests._golden import assert_matches_original, load_golden, with_prefix
-from tests._golden_seeded import compare_recorded, float64_default, float_shapes, perturbed, seeded_images, seeded_state
+from tests._golden import assert_matches_original, build_network, load_golden, with_prefix
+from tests._golden_seeded import compare_recorded, float_shapes, perturbed, seeded_images, seeded_state
 
 
 def _check(ours, theirs, name):
     assert_matches_original(ours, theirs, name, rtol=1e-9, atol=1e-12)
-
-
-def build_network(meta):
-    """Our mmatch-family network (concat fusion, three heads) in the fixture's tiny configuration, float64."""
-    from modeling_stil.configuration_baselines import MultimodalClassifierConfig
-    from modeling_stil.configuration_stil import layout_from_field_lengths, placeholder_schema
-    from modeling_stil.modeling_baselines import MultimodalClassifier
-
-    o = meta["overrides"]
-    with float64_default():
-        return MultimodalClassifier(MultimodalClassifierConfig(
-            backbone=o["model"], image_size=o["img_size"], num_labels=o["num_classes"],
-            tabular_schema=placeholder_schema(*layout_from_field_lengths(meta["field_lengths"])),
-            tabular_embedding_dim=o["tabular_embedding_dim"], tabular_num_layers=o["tabular_transformer_num_layers"],
-            tabular_num_heads=8, fusion="concat", unimodal_heads=True, fused_dim=o["projection_dim"],
-            image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0]))
 
 
 @pytest.fixture(scope="module")

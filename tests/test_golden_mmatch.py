@@ -18,9 +18,8 @@ import torch
 from modeling_stil.methods.base import TrainState
 from modeling_stil.methods.mmatch import MMatch, MMatchArguments
 from modeling_stil.training.optim import build_optimizer
-from tests._golden import assert_matches_original, load_golden, with_prefix
+from tests._golden import assert_matches_original, build_network, load_golden, with_prefix
 from tests._golden_seeded import compare_recorded, float_shapes, seeded_images, seeded_state
-from tests.test_golden_co_training import build_network
 
 
 def _check(ours, theirs, name):

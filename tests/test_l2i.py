@@ -27,21 +27,7 @@ from modeling_stil.methods.l2i import (
     trainable_parameters,
 )
 from tests._helpers import flags, run_train
-
-EPS = 1e-5
-
-
-class TinyNet(nn.Module):
-    """Linear -> BatchNorm1d (batch statistics in train mode) -> tanh -> Linear, float64."""
-
-    def __init__(self, d_in=5, hidden=7, d_out=3):
-        super().__init__()
-        self.fc1 = nn.Linear(d_in, hidden)
-        self.bn = nn.BatchNorm1d(hidden, eps=EPS, momentum=0.1)
-        self.fc2 = nn.Linear(hidden, d_out)
-
-    def forward(self, pixel_values=None, **unused):
-        return SimpleNamespace(logits=self.fc2(torch.tanh(self.bn(self.fc1(pixel_values)))))
+from tests.helpers.l2i import EPS, make_batch, make_method, to_float
 
 
 def reference_forward(w, x):
@@ -50,38 +36,6 @@ def reference_forward(w, x):
     mean, var = h.mean(0), h.var(0, unbiased=False)
     h = (h - mean) / torch.sqrt(var + EPS) * w["bn.weight"] + w["bn.bias"]
     return torch.tanh(h) @ w["fc2.weight"].T + w["fc2.bias"]
-
-
-def make_batch(task, b=6, d_in=5, d_out=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = lambda: torch.randn(b, d_in, generator=g, dtype=torch.float64)  # noqa: E731
-    if task == "classification":
-        y_v = torch.randint(0, d_out, (b,), generator=g)
-        mon = torch.randint(0, d_out, (b,), generator=g)
-        extra1, extra2 = {}, {}
-    else:
-        y_v = torch.randn(b, d_out, generator=g, dtype=torch.float64)
-        mon = torch.randn(b, d_out, generator=g, dtype=torch.float64)
-        extra1 = {"translation": torch.randint(-2, 3, (b, 2), generator=g).double()}
-        extra2 = {"translation": torch.randint(-2, 3, (b, 2), generator=g).double()}
-    labeled = {"labels": y_v, "index": torch.arange(b),
-               "weak": {"pixel_values": x()},
-               "meta": {"labels": y_v, "index": torch.arange(b), "weak": {"pixel_values": x()}}}
-    unlabeled = {"monitor_labels": mon, "index": torch.arange(b) + b,
-                 "student": {"pixel_values": x(), **extra1}, "teacher": {"pixel_values": x(), **extra2}}
-    return labeled, unlabeled
-
-
-def make_method(cls, task, seed=0, **kwargs):
-    torch.manual_seed(seed)
-    d_out = 3 if task == "classification" else 4  # landmarks: 2 points (x1, y1, x2, y2)
-    net = TinyNet(d_out=d_out).double()
-    args_cls = L2IOArguments if cls is L2IO else L2ILArguments
-    method = cls(net, args_cls(**kwargs)).double()
-    method.train()
-    if task != "classification":
-        method.target_std = torch.tensor([2.0, 0.5, 1.0, 4.0], dtype=torch.float64)
-    return method
 
 
 def state_for(task, lr=0.01, phase=1):
@@ -343,16 +297,15 @@ def _argv(out, cache, method, task, *extra):
 
 
 @pytest.mark.parametrize("method, task, memory", [("l2i_o", "image", False), ("l2i_l", "landmarks", True)])
-def test_end_to_end_resumes_exports_and_reloads(tmp_path, method, task, memory):
+def test_end_to_end_resumes_exports_and_reloads(tmp_path, synthetic_cache, method, task, memory):
     from safetensors.torch import load_file
 
-    cache = tmp_path / "cache"
     extra = ("--label_memory", "true") if memory else ()
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    assert run_train(_argv(full, cache, method, task, *extra)) == 0  # checkpoints at steps 2 and 4, export
+    assert run_train(_argv(full, synthetic_cache, method, task, *extra)) == 0  # checkpoints at steps 2 and 4, export
     # a second run resumes from the first run's step-2 checkpoint and must reach the same step-4 state
     shutil.copytree(full / "checkpoints" / "checkpoint-2", resumed / "checkpoints" / "checkpoint-2")
-    assert run_train(_argv(resumed, cache, method, task, *extra, "--export", "false",
+    assert run_train(_argv(resumed, synthetic_cache, method, task, *extra, "--export", "false",
                            "--resume_from_checkpoint", "latest")) == 0
     a = load_file(full / "checkpoints" / "checkpoint-4" / "model.safetensors")
     b = load_file(resumed / "checkpoints" / "checkpoint-4" / "model.safetensors")
@@ -407,18 +360,12 @@ class TinyAttention(nn.Module):
         return SimpleNamespace(logits=self.head(out.mean(dim=1)))
 
 
-def _to_float(batch):
-    if isinstance(batch, dict):
-        return {k: _to_float(v) for k, v in batch.items()}
-    return batch.float() if isinstance(batch, torch.Tensor) and batch.is_floating_point() else batch
-
-
 @pytest.mark.parametrize("cls", [L2IO, L2IL])
 def test_meta_step_runs_through_attention(cls):
     torch.manual_seed(0)
     args = (L2IOArguments if cls is L2IO else L2ILArguments)()
     method = cls(TinyAttention(), args).train()
-    labeled, unlabeled = (_to_float(b) for b in make_batch("classification", d_in=5))
+    labeled, unlabeled = (to_float(b) for b in make_batch("classification", d_in=5))
     loss, logs = method.training_step(labeled, unlabeled, state_for("classification"))
     loss.backward()
     grads = [p.grad for p in method.model.parameters()]

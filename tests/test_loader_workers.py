@@ -6,7 +6,7 @@ import pytest
 
 from data_utils import loaders as loaders_module
 from data_utils.loaders import LoaderError, auto_num_workers, build_eval_loader, build_train_loaders, resolve_num_workers
-from tests.test_loaders import CFG, data  # noqa: F401  (the module-scoped tiny dataset fixture)
+from tests.helpers.loader_data import CFG
 
 
 @pytest.mark.parametrize("cpus, local_processes, device, expected", [
@@ -48,8 +48,8 @@ def test_argument_default_is_auto_and_accepts_counts():
         parse_run_arguments(["--dataloader_num_workers", "many"])
 
 
-def test_training_loaders_keep_workers_and_pin_on_request(data):  # noqa: F811
-    dd, meta, schema = data
+def test_training_loaders_keep_workers_and_pin_on_request(loader_data):
+    dd, meta, schema = loader_data
     stream = build_train_loaders(dd, meta, schema, labeled_views={"weak": "weak"},
                                  unlabeled_views={"weak": "weak", "strong": "strong"}, view_config=CFG,
                                  batch_size=2, mu=3, num_workers=2, pin_memory=True)
@@ -63,7 +63,7 @@ def test_training_loaders_keep_workers_and_pin_on_request(data):  # noqa: F811
 
 
 @pytest.mark.parametrize("device, pinned, workers", [("cpu", False, 0), ("cuda", True, 3)])
-def test_job_resolves_auto_and_pins_on_cuda_only(data, monkeypatch, device, pinned, workers):  # noqa: F811
+def test_job_resolves_auto_and_pins_on_cuda_only(loader_data, monkeypatch, device, pinned, workers):
     """What train.py's job gives the loaders: `auto` resolved for the device, pinned memory on CUDA only."""
     from types import SimpleNamespace
 
@@ -80,7 +80,7 @@ def test_job_resolves_auto_and_pins_on_cuda_only(data, monkeypatch, device, pinn
 
     monkeypatch.setattr(loaders_module, "available_cpus", lambda: 4)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    dd, meta, schema = data
+    dd, meta, schema = loader_data
     args = parse_run_arguments(["--per_device_train_batch_size", "2", "--mu", "3", "--per_device_eval_batch_size", "4"])
     accelerator = SimpleNamespace(device=torch.device(device), num_processes=1, process_index=0)
     stream, evals = build_loaders(args, Method(), {"image_size": 16}, dd, meta, schema, accelerator)

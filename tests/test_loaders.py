@@ -18,66 +18,14 @@ from data_utils.loaders import (
     build_train_loaders,
     decode_image,
 )
-from data_utils.schema import SchemaError, TabularSchema
+from data_utils.schema import SchemaError
 from data_utils.splits import SplitError
 from data_utils.views import ViewConfig, ViewError, normalize_pixels
-
-CLASSES = ["a", "b", "c"]
-
-
-def _pil(rng, size=(24, 20), mode="RGB"):
-    shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
-    return Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode)
+from tests.helpers.loader_data import CFG, make_multimodal, random_image
 
 
-def make_multimodal(n_train=40, n_labeled_per_class=4, n_val=10, image=True, tabular=True, seed=0):
-    """A tiny image+tabular DatasetDict in the stil layout, with its metadata and schema."""
-    rng = np.random.default_rng(seed)
-
-    def split(n, train):
-        labels = [i % 3 for i in range(n)]
-        data = {"label": labels}
-        features = {"label": datasets.ClassLabel(names=CLASSES)}
-        if image:
-            data["image"] = [_pil(rng) for _ in range(n)]
-            features["image"] = datasets.Image()
-        if tabular:
-            data["colour"] = [None if i % 7 == 0 else int(rng.integers(0, 3)) for i in range(n)]
-            data["body"] = [int(rng.integers(0, 2)) for _ in range(n)]
-            data["price"] = [None if i % 5 == 0 else float(rng.normal(100, 10)) for i in range(n)]
-            data["mileage"] = [float(rng.normal(5e4, 1e4)) for _ in range(n)]
-            features.update(colour=datasets.ClassLabel(names=["red", "blue", "grey"]),
-                            body=datasets.ClassLabel(names=["suv", "van"]),
-                            price=datasets.Value("float32"), mileage=datasets.Value("float32"))
-        if train:
-            labeled = np.zeros(n, dtype=bool)
-            for c in range(3):
-                labeled[[i for i in range(n) if labels[i] == c][:n_labeled_per_class]] = True
-            data["labeled"] = labeled.tolist()
-            features["labeled"] = datasets.Value("bool")
-        return datasets.Dataset.from_dict(data, features=datasets.Features(features))
-
-    dd = datasets.DatasetDict(train=split(n_train, True), validation=split(n_val, False))
-    schema = None
-    if tabular:
-        tr = dd["train"]
-        schema = TabularSchema.fit({k: tr[k] for k in ("colour", "body", "price", "mileage")},
-                                   categorical=["colour", "body"], continuous=["price", "mileage"],
-                                   categories={"colour": ["red", "blue", "grey"], "body": ["suv", "van"]})
-    metadata = DatasetMetadata(task="classification", image_column="image" if image else None, label_names=CLASSES)
-    return dd, metadata, schema
-
-
-@pytest.fixture(scope="module")
-def data():
-    return make_multimodal()
-
-
-CFG = ViewConfig(image_size=16, preset="dvm", seed=5)
-
-
-def _loaders(data, **kw):
-    dd, meta, schema = data
+def _loaders(loader_data, **kw):
+    dd, meta, schema = loader_data
     options = dict(labeled_views={"weak": "weak"}, unlabeled_views={"weak": "weak", "strong": "strong"},
                    view_config=CFG, batch_size=2, mu=3)
     options.update(kw)
@@ -99,8 +47,8 @@ def _assert_equal(a, b):
         assert torch.equal(a, b)
 
 
-def test_batch_contract_shapes_and_dtypes(data):
-    loaders = _loaders(data)
+def test_batch_contract_shapes_and_dtypes(loader_data):
+    loaders = _loaders(loader_data)
     labeled, unlabeled = next(loaders.iterate(0))
     assert set(labeled) == {"labels", "index", "position", "weak"}
     assert set(unlabeled) == {"monitor_labels", "index", "position", "weak", "strong"}
@@ -114,7 +62,7 @@ def test_batch_contract_shapes_and_dtypes(data):
             assert inputs["categorical_values"].shape == (b, 2) and inputs["categorical_values"].dtype == torch.long
             assert inputs["continuous_values"].shape == (b, 2) and inputs["continuous_values"].dtype == torch.float32
             assert inputs["missing_mask"].shape == (b, 4) and inputs["missing_mask"].dtype == torch.bool
-    train = data[0]["train"]
+    train = loader_data[0]["train"]
     assert all(train[int(i)]["labeled"] for i in labeled["index"])
     assert not any(train[int(i)]["labeled"] for i in unlabeled["index"])
     assert labeled["labels"].tolist() == [train[int(i)]["label"] for i in labeled["index"]]
@@ -123,8 +71,8 @@ def test_batch_contract_shapes_and_dtypes(data):
     assert np.array_equal(loaders.labeled_rows[labeled["position"].numpy()], labeled["index"].numpy())
 
 
-def test_eval_batches_are_clean_sequential_and_deterministic(data):
-    dd, meta, schema = data
+def test_eval_batches_are_clean_sequential_and_deterministic(loader_data):
+    dd, meta, schema = loader_data
     loader = build_eval_loader(dd, meta, schema, "validation", batch_size=4, view_config=CFG)
     batches = list(loader)
     assert len(loader) == 3 and [len(b["index"]) for b in batches] == [4, 4, 2]
@@ -146,8 +94,8 @@ def test_eval_batches_are_clean_sequential_and_deterministic(data):
     assert torch.allclose(normalize_pixels(raw, raw_cfg)["eval"]["pixel_values"], batches[0]["eval"]["pixel_values"])
 
 
-def test_mu_ratio_epoch_length_and_unlabelled_pass(data):
-    loaders = _loaders(data)
+def test_mu_ratio_epoch_length_and_unlabelled_pass(loader_data):
+    loaders = _loaders(loader_data)
     assert (loaders.num_labeled, loaders.num_unlabeled) == (12, 28)
     assert loaders.steps_per_epoch == 28 // 6 == 4 and loaders.labeled_batches_per_pass == 6
     seen = []
@@ -155,13 +103,13 @@ def test_mu_ratio_epoch_length_and_unlabelled_pass(data):
         assert len(unlabeled["index"]) == 3 * len(labeled["index"])
         seen += unlabeled["index"].tolist()
     assert len(set(seen)) == len(seen) == 24  # one pass, drop_last drops the 4-row remainder
-    only_labeled = _loaders(data, unlabeled_views=None)
+    only_labeled = _loaders(loader_data, unlabeled_views=None)
     assert only_labeled.steps_per_epoch == 6 and next(only_labeled.iterate(0))[1] is None
-    assert _loaders(data, unlabeled_includes_labeled=True).num_unlabeled == 40
+    assert _loaders(loader_data, unlabeled_includes_labeled=True).num_unlabeled == 40
 
 
-def test_labelled_stream_cycles_with_a_fresh_shuffle(data):
-    loaders = _loaders(data)
+def test_labelled_stream_cycles_with_a_fresh_shuffle(loader_data):
+    loaders = _loaders(loader_data)
     batches = _take(loaders.iterate(0), 12)  # two labelled passes
     first = [i for lab, _ in batches[:6] for i in lab["index"].tolist()]
     second = [i for lab, _ in batches[6:] for i in lab["index"].tolist()]
@@ -177,8 +125,8 @@ def test_labelled_stream_cycles_with_a_fresh_shuffle(data):
     assert not torch.equal(pix[0], pix[1])
 
 
-def test_exact_resume_without_loading_skipped_batches(data):
-    loaders = _loaders(data)
+def test_exact_resume_without_loading_skipped_batches(loader_data):
+    loaders = _loaders(loader_data)
     reference = _take(loaders.iterate(0), 10)
     calls = {"n": 0}
     original = loaders.unlabeled_dataset.__getitems__
@@ -194,13 +142,13 @@ def test_exact_resume_without_loading_skipped_batches(data):
         _assert_equal(la, lb)
         _assert_equal(ua, ub)
     # a fresh object (new process after a crash) gives the same batches too
-    fresh = _loaders(data)
+    fresh = _loaders(loader_data)
     _assert_equal(next(fresh.iterate(7))[1], reference[7][1])
 
 
-def test_batches_independent_of_worker_count(data):
-    serial = _take(_loaders(data, num_workers=0).iterate(3), 3)
-    parallel_loaders = _loaders(data, num_workers=2, persistent_workers=True)
+def test_batches_independent_of_worker_count(loader_data):
+    serial = _take(_loaders(loader_data, num_workers=0).iterate(3), 3)
+    parallel_loaders = _loaders(loader_data, num_workers=2, persistent_workers=True)
     parallel = _take(parallel_loaders.iterate(3), 3)
     for (la, ua), (lb, ub) in zip(serial, parallel):
         _assert_equal(la, lb)
@@ -209,13 +157,13 @@ def test_batches_independent_of_worker_count(data):
     _assert_equal(next(parallel_loaders.iterate(4))[1], serial[1][1])
     # uint8 batches written into shared memory by the workers hold the same pixels
     raw_cfg = ViewConfig(image_size=16, preset="dvm", seed=5, normalize_in_loader=False)
-    raw = next(_loaders(data, num_workers=1, view_config=raw_cfg).iterate(3))[1]
+    raw = next(_loaders(loader_data, num_workers=1, view_config=raw_cfg).iterate(3))[1]
     assert raw["strong"]["pixel_values"].dtype == torch.uint8
     _assert_equal(normalize_pixels(raw, raw_cfg), serial[0][1])
 
 
-def test_loading_does_not_touch_the_global_rng(data):
-    loaders = _loaders(data)
+def test_loading_does_not_touch_the_global_rng(loader_data):
+    loaders = _loaders(loader_data)
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
@@ -223,7 +171,7 @@ def test_loading_does_not_touch_the_global_rng(data):
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_rank_sharding_covers_without_overlap(data):
+def test_rank_sharding_covers_without_overlap(loader_data):
     for n, b in ((28, 3), (29, 2), (12, 5)):
         for p in range(3):
             shards = [ShardedBatchSampler(n, b, seed=1, stream="u", num_replicas=2, rank=r) for r in range(2)]
@@ -238,7 +186,7 @@ def test_rank_sharding_covers_without_overlap(data):
     covered = {k[0] for sampler in s for batch in sampler for k in batch}
     assert covered == set(range(11)) and len(s[0]) == len(s[1]) == 3
     # through the loaders: two ranks see disjoint unlabelled rows in each step
-    r0, r1 = _loaders(data, num_replicas=2, rank=0), _loaders(data, num_replicas=2, rank=1)
+    r0, r1 = _loaders(loader_data, num_replicas=2, rank=0), _loaders(loader_data, num_replicas=2, rank=1)
     assert r0.steps_per_epoch == r1.steps_per_epoch == 28 // 12
     for (la, ua), (lb, ub) in zip(_take(r0.iterate(0), 2), _take(r1.iterate(0), 2)):
         assert not set(ua["index"].tolist()) & set(ub["index"].tolist())
@@ -292,8 +240,8 @@ def test_landmarks_translate_view_moves_targets_and_scales_to_model_frame():
                             num_channels=1), batch_size=4, mu=1)
 
 
-def test_clear_errors(data):
-    dd, meta, schema = data
+def test_clear_errors(loader_data):
+    dd, meta, schema = loader_data
     with pytest.raises(SchemaError, match=r"lacks tabular column\(s\) \['price'\]"):
         build_train_loaders(datasets.DatasetDict(train=dd["train"].remove_columns("price")), meta, schema,
                             labeled_views={"weak": "weak"}, view_config=CFG, batch_size=2)
@@ -304,9 +252,9 @@ def test_clear_errors(data):
     with pytest.raises(SplitError, match=r"classes \[2\] have no labelled"):
         build_train_loaders(missing_class, meta, schema, labeled_views={"weak": "weak"}, view_config=CFG, batch_size=2)
     with pytest.raises(LoaderError, match="exceeds the 12 labelled rows"):
-        _loaders(data, batch_size=7, num_replicas=2)
+        _loaders(loader_data, batch_size=7, num_replicas=2)
     with pytest.raises(LoaderError, match="unlabelled rows"):
-        _loaders(data, batch_size=4, mu=8)
+        _loaders(loader_data, batch_size=4, mu=8)
     with pytest.raises(LoaderError, match="no 'test' split"):
         build_eval_loader(dd, meta, schema, "test", batch_size=2, view_config=CFG)
     with pytest.raises(LoaderError, match="rank"):
@@ -315,7 +263,7 @@ def test_clear_errors(data):
 
 def test_decode_image_formats_and_resize():
     rng = np.random.default_rng(0)
-    pil = _pil(rng, size=(64, 48))
+    pil = random_image(rng, size=(64, 48))
     buf = io.BytesIO()
     pil.save(buf, format="JPEG", quality=95)
     tensor, stored = decode_image({"bytes": buf.getvalue(), "path": None}, 3, 16)

@@ -12,29 +12,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from modeling_stil.methods.base import TrainState, get_method_class
 from modeling_stil.methods.common import mean_teacher_momentum
 from modeling_stil.methods.consistency import consistency_loss, consistency_weight, interleaved_logits, transfer_to_view
 from modeling_stil.methods.mean_teacher import MeanTeacher, MeanTeacherArguments
-from tests.test_methods_common import TinyNet, TinyOutput
-
-
-class Identity(nn.Module):
-    """logits = pixel_values @ W^T with W = I at init (no BN): outputs are the inputs."""
-
-    def __init__(self, dim=3):
-        super().__init__()
-        self.head = nn.Linear(dim, dim, bias=False)
-        with torch.no_grad():
-            self.head.weight.copy_(torch.eye(dim))
-        self.batch_sizes = []
-
-    def forward(self, pixel_values, **unused):
-        assert "translation" not in unused and "labels" not in unused
-        self.batch_sizes.append(pixel_values.shape[0])
-        return TinyOutput(logits=self.head(pixel_values))
+from tests.helpers.nets import Identity, TinyNet
 
 
 def batches(x_l, y_l, u1, u2, monitor, t1=None, t2=None):
@@ -174,7 +157,7 @@ def test_landmark_view_transfer_by_hand():
     torch.testing.assert_close(method.teacher_targets(unlabeled, "landmarks"), torch.tensor([[11.0, 20.5, 31.0, 40.5]]))
 
 
-def test_real_loader_views_transfer_onto_the_moved_ground_truth(tmp_path_factory):
+def test_real_loader_views_transfer_onto_the_moved_ground_truth(tmp_path, synthetic_cache):
     """The teacher view's (standardised) ground truth moved with the translations
     equals the student view's ground truth: sign, order (x, y) and the 1/sigma factor are right."""
     from tests._helpers import fresh_accelerate_state, flags
@@ -183,8 +166,7 @@ def test_real_loader_views_transfer_onto_the_moved_ground_truth(tmp_path_factory
     from modeling_stil.training.accelerator import make_accelerator
     from modeling_stil.training.batches import standardize_targets
 
-    cache = tmp_path_factory.mktemp("mt_cache")
-    argv = flags({"output_dir": str(cache / "run"), "dataset_cache_dir": str(cache), "synthetic_task": "landmarks",
+    argv = flags({"output_dir": str(tmp_path / "run"), "dataset_cache_dir": str(synthetic_cache), "synthetic_task": "landmarks",
                   "synthetic_num_samples": "200", "synthetic_image_size": "60", "labeled_fraction": "0.2", "mu": "1",
                   "per_device_train_batch_size": "8", "method": "mean_teacher", "model": "tcdcnn",
                   "standardize_targets": "true", "report_to": "none"})

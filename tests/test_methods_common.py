@@ -1,16 +1,11 @@
-"""Shared SSL pieces (modeling_stil/methods/common.py) against hand-computed values.
-
-Also home of the tiny models used by the method tests (tests/test_supervised.py, test_fixmatch.py).
-"""
+"""Shared SSL pieces (modeling_stil/methods/common.py) against hand-computed values."""
 
 import math
-from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.utils import ModelOutput
 
 from modeling_stil.methods.base import TrainState
 from modeling_stil.methods.common import (
@@ -32,51 +27,7 @@ from modeling_stil.methods.common import (
     view_targets,
     warmup_momentum,
 )
-
-
-# ---------------------------------------------------------------------------------------- tiny models
-@dataclass
-class TinyOutput(ModelOutput):
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    features: torch.Tensor | None = None
-    image_logits: torch.Tensor | None = None
-    tabular_logits: torch.Tensor | None = None
-
-
-class TinyNet(nn.Module):
-    """Image-like model: pixel_values (B, in_dim) -> Linear -> BatchNorm1d -> ReLU -> Linear."""
-
-    def __init__(self, in_dim=4, num_labels=3, hidden=8):
-        super().__init__()
-        self.body = nn.Linear(in_dim, hidden)
-        self.norm = nn.BatchNorm1d(hidden)
-        self.head = nn.Linear(hidden, num_labels)
-
-    def forward(self, pixel_values, **unused):
-        assert "labels" not in unused and "translation" not in unused, "targets must not reach the model"
-        features = F.relu(self.norm(self.body(pixel_values)))
-        return TinyOutput(logits=self.head(features), features=features)
-
-
-class TinyMultimodalNet(nn.Module):
-    """Image + tabular with unimodal heads (the co-training/MMatch backbone shape)."""
-
-    def __init__(self, image_dim=4, tabular_dim=3, num_labels=3):
-        super().__init__()
-        self.image = nn.Linear(image_dim, 6)
-        self.tabular = nn.Linear(tabular_dim, 6)
-        self.image_head = nn.Linear(6, num_labels)
-        self.tabular_head = nn.Linear(6, num_labels)
-        self.head = nn.Linear(12, num_labels)
-
-    def forward(self, pixel_values, continuous_values, **unused):
-        hi, ht = torch.tanh(self.image(pixel_values)), torch.tanh(self.tabular(continuous_values))
-        return TinyOutput(
-            logits=self.head(torch.cat([hi, ht], dim=1)),
-            image_logits=self.image_head(hi),
-            tabular_logits=self.tabular_head(ht),
-        )
+from tests.helpers.nets import TinyNet
 
 
 class WithIntBuffer(nn.Module):

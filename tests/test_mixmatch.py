@@ -19,8 +19,7 @@ from modeling_stil.methods.mixmatch import (
     guess_labels,
     mixup,
 )
-from tests.test_mean_teacher import Identity
-from tests.test_methods_common import TinyNet
+from tests.helpers.nets import Identity, TinyNet
 
 
 def batches(x_l, y_l, u1, u2, monitor):

@@ -4,56 +4,14 @@ gate, exact resume of the queues through train.py, and a short run where the unl
 
 from __future__ import annotations
 
-import json
-import shutil
-from pathlib import Path
-from types import SimpleNamespace
-
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from modeling_stil.methods.base import TrainState, get_method_class
 from modeling_stil.methods.mmatch import MMatch, MMatchArguments, write_columns
-from tests.test_methods_common import TinyOutput
-
-
-class ThreeHeadNet(nn.Module):
-    """z_i = W_i x_img, z_t = W_t x_tab, fused x_m = x_img + x_tab, z_m = W_m x_m (identity init:
-    the logits are the inputs). The MMatch network's shape without encoders."""
-
-    def __init__(self, num_labels=3):
-        super().__init__()
-        self.config = SimpleNamespace(num_labels=num_labels, fused_dim=num_labels)
-        self.fused_dim = num_labels
-        for name in ("classifier_multimodal", "classifier_imaging", "classifier_tabular"):
-            layer = nn.Linear(num_labels, num_labels, bias=False)
-            with torch.no_grad():
-                layer.weight.copy_(torch.eye(num_labels))
-            setattr(self, name, layer)
-
-    def forward(self, pixel_values, continuous_values, **unused):
-        fused = pixel_values + continuous_values
-        return TinyOutput(logits=self.classifier_multimodal(fused), image_logits=self.classifier_imaging(pixel_values),
-                          tabular_logits=self.classifier_tabular(continuous_values), features=fused)
-
-
-def mm_batches(img_l, tab_l, y_l, img_u, tab_u, monitor=None):
-    labeled = {"labels": y_l, "index": torch.arange(len(y_l)), "stil": {"pixel_values": img_l, "continuous_values": tab_l}}
-    unlabeled = {"index": torch.arange(len(img_u)), "stil": {"pixel_values": img_u, "continuous_values": tab_u}}
-    if monitor is not None:
-        unlabeled["monitor_labels"] = monitor
-    return labeled, unlabeled
-
-
-def hand_inputs():
-    img_l = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]], requires_grad=True)
-    tab_l = torch.tensor([[0.5, 0.0, 0.0], [0.0, 0.5, 0.0]], requires_grad=True)
-    # unlabelled fused logits: row 0 confidently class 1 (4 + 1), row 1 unsure, row 2 confidently class 2
-    img_u = torch.tensor([[0.0, 4.0, 0.0], [0.1, 0.0, 0.0], [0.0, 0.0, 2.0]], requires_grad=True)
-    tab_u = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.1, 0.0], [0.0, 1.0, 3.0]], requires_grad=True)
-    return mm_batches(img_l, tab_l, torch.tensor([0, 2]), img_u, tab_u, torch.tensor([1, 1, 2]))
+from tests.helpers.multimodal_match import hand_inputs, mm_batches, multimodal_argv, resume_export_reload
+from tests.helpers.nets import ThreeHeadNet, TinyNet
 
 
 def test_queue_writes_drop_the_overflow_and_restart_at_zero():
@@ -174,8 +132,6 @@ def test_short_run_lowers_the_loss_with_the_unlabelled_terms_on():
 
 
 def test_registration_defaults_and_a_model_without_unimodal_heads_is_refused():
-    from tests.test_methods_common import TinyNet
-
     assert get_method_class("mmatch") is MMatch
     a = MMatchArguments()
     assert (a.alpha, a.mmatch_lambda, a.th1, a.temperature, a.queue_size, a.smoothing, a.distribution_alignment, a.start_epoch) == (
@@ -185,66 +141,16 @@ def test_registration_defaults_and_a_model_without_unimodal_heads_is_refused():
 
 
 # ------------------------------------------------------------------------------------------ through train.py
-@pytest.fixture(scope="session")
-def multimodal_cache(tmp_path_factory):
-    """One synthetic image+tabular dataset (200 rows, 32 px) for every train.py run of these tests."""
-    return tmp_path_factory.mktemp("match_b_multimodal_cache")
-
-
-def multimodal_argv(method: str, out: Path, cache: Path, *extra: str) -> list[str]:
-    from tests._helpers import flags
-
-    values = {
-        "method": method, "model": "mmatch-tiny", "output_dir": str(out), "dataset_cache_dir": str(cache),
-        "synthetic_num_samples": "200", "labeled_fraction": "0.2", "mu": "2", "per_device_train_batch_size": "4",
-        "per_device_eval_batch_size": "64", "max_eval_samples": "32", "max_steps": "4", "eval_steps": "4", "save_steps": "2", "logging_steps": "1",
-        "learning_rate": "0.01", "report_to": "none", "disable_tqdm": "true", "seed": "5", "start_epoch": "-1",
-    }
-    return flags(values, *extra)
-
-
-def resume_export_reload(method: str, root: Path, cache: Path, state_keys: tuple[str, ...], *extra: str) -> list[dict]:
-    """Run 4 steps; resume a copy of checkpoint-2 to step 4: identical checkpoints (model, teacher and
-    method state), the export reloads with AutoModel and reproduces the run's test metrics."""
-    from safetensors.torch import load_file
-    from transformers import AutoModel
-
-    import modeling_stil  # noqa: F401
-    from tests._helpers import run_train
-
-    straight, resumed = root / "straight", root / "resumed"
-    assert run_train(multimodal_argv(method, straight, cache, *extra)) == 0
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(straight / "checkpoints" / "checkpoint-2", resumed / "checkpoints" / "checkpoint-2")
-    assert run_train(multimodal_argv(method, resumed, cache, "--resume_from_checkpoint", "latest", *extra)) == 0
-    a = load_file(straight / "checkpoints" / "checkpoint-4" / "model.safetensors")
-    b = load_file(resumed / "checkpoints" / "checkpoint-4" / "model.safetensors")
-    start = load_file(straight / "checkpoints" / "checkpoint-2" / "model.safetensors")
-    assert a.keys() == b.keys() and set(state_keys) <= set(a)
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-    for key in state_keys:
-        assert not torch.equal(a[key], start[key]), f"{key} did not change between steps 2 and 4"
-    exported, reloaded = load_file(straight / "model.safetensors"), AutoModel.from_pretrained(straight)
-    for name, tensor in reloaded.state_dict().items():
-        if name in exported:
-            assert torch.equal(tensor, exported[name]), name
-    results = json.loads((straight / "eval_results.json").read_text())
-    assert results["reload_check"]["matches"]
-    assert "image/accuracy" in results["test"] and "tabular/accuracy" in results["test"]
-    return [json.loads(l) for l in (straight / "logs" / "metrics.jsonl").read_text().splitlines()]
-
-
-def test_train_py_resumes_the_queues_exactly_and_exports(tmp_path, multimodal_cache):
-    history = resume_export_reload("mmatch", tmp_path, multimodal_cache, ("embed_queue", "probs_queue", "DA.queue.buffer"), "--th1", "0.0")
+def test_train_py_resumes_the_queues_exactly_and_exports(tmp_path, synthetic_cache):
+    history = resume_export_reload("mmatch", tmp_path, synthetic_cache, ("embed_queue", "probs_queue", "DA.queue.buffer"), "--th1", "0.0")
     train = [r for r in history if "unsup_loss" in r]
     assert train and any(r["unsup_loss"] > 0 for r in train)
 
 
-def test_train_py_refuses_a_model_without_unimodal_heads_in_one_line(tmp_path, multimodal_cache, capsys):
+def test_train_py_refuses_a_model_without_unimodal_heads_in_one_line(tmp_path, synthetic_cache, capsys):
     from tests._helpers import run_train
 
-    assert run_train(multimodal_argv("mmatch", tmp_path / "run", multimodal_cache, "--model", "multimodal-concat-tiny")) != 0
+    assert run_train(multimodal_argv("mmatch", tmp_path / "run", synthetic_cache, "--model", "multimodal-concat-tiny")) != 0
     lines = capsys.readouterr().err.strip().splitlines()
     assert "mmatch needs a multimodal model with fused, image and tabular heads" in lines[-1]
     assert "--model mmatch" in lines[-1]

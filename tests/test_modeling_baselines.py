@@ -12,7 +12,7 @@ from data_utils.io import DatasetMetadata
 from data_utils.schema import TabularSchema
 from modeling_stil.configuration_baselines import DataCompatibilityError
 from modeling_stil.encoders import ImageEncoder
-from modeling_stil.modeling_baselines import ImageClassifier, MultimodalClassifier, TabularClassifier
+from modeling_stil.modeling_baselines import ImageClassifier, TabularClassifier
 from modeling_stil.presets import create_model
 from tests._helpers import TOY_METADATA, TOY_SCHEMA, assert_same_up_to_kernel_choice
 

@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from modeling_stil.methods.base import TrainState
 from modeling_stil.methods.fixmatch import FixMatch, FixMatchArguments
 from modeling_stil.methods.stil import Stil, StilArguments
-from tests.test_stil import N_L, N_U, batches, random_prototypes, tiny_config
+from tests.helpers.stil import N_L, N_U, batches, random_prototypes, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 aten = torch.ops.aten

@@ -12,8 +12,7 @@ import torch.nn.functional as F
 
 from modeling_stil.methods.base import TrainState, get_method_class
 from modeling_stil.methods.pseudo_label import PseudoLabel, PseudoLabelArguments
-from tests.test_mean_teacher import Identity
-from tests.test_methods_common import TinyMultimodalNet
+from tests.helpers.nets import Identity, TinyMultimodalNet
 
 
 def batches(x_l, y_l, u1, u2, monitor, t1=None, t2=None):

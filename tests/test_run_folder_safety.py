@@ -30,17 +30,12 @@ def files_under(folder: Path) -> set[str]:
     return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("safety_cache")
-
-
 # ------------------------------------------------------------------------------------------- item 1
 USER_FILES = {"README.md": "# my project\n", "config.json": '{"mine": true}\n', "logs/app.log": "app log\n",
               "plots/figure1.png": "not really a png\n"}
 
 
-def test_user_files_are_never_called_a_run_replaced_or_removed(tmp_path, cache):
+def test_user_files_are_never_called_a_run_replaced_or_removed(tmp_path, synthetic_cache):
     out = tmp_path / "mine"
     for name, text in USER_FILES.items():
         (out / name).parent.mkdir(parents=True, exist_ok=True)
@@ -51,14 +46,14 @@ def test_user_files_are_never_called_a_run_replaced_or_removed(tmp_path, cache):
 
     # a folder of the user's files holds no run: the refusal names the files an export would replace
     for flags in ((), ("--overwrite_output_dir", "true"), ("--overwrite_output_dir", "true", "--allow_foreign_files", "true")):
-        line = one_error_line(*train(argv(out, cache, *flags))[::2])
+        line = one_error_line(*train(argv(out, synthetic_cache, *flags))[::2])
         assert "README.md" in line and "config.json" in line, line
         assert "holds a run" not in line and "previous run" not in line, line
         assert "app.log" not in line and "figure1.png" not in line, line  # no name of theirs is needed
         assert user_files_intact() and files_under(out) == set(USER_FILES)
 
     # a run that needs none of their names writes beside them and lists what it wrote
-    code, _, err = train(argv(out, cache, "--export", "false", "--max_steps", "4"))
+    code, _, err = train(argv(out, synthetic_cache, "--export", "false", "--max_steps", "4"))
     assert code == 0, err[-3000:]
     assert user_files_intact()
     listed = json.loads((out / ".stil_manifest.json").read_text())["entries"]
@@ -67,10 +62,10 @@ def test_user_files_are_never_called_a_run_replaced_or_removed(tmp_path, cache):
     assert (out / "checkpoints" / "checkpoint-4").is_dir()
 
     # now it holds a run; overwriting it removes only what the run wrote, after the user's consent
-    assert "holds a run" in one_error_line(*train(argv(out, cache, "--export", "false"))[::2])
-    line = one_error_line(*train(argv(out, cache, "--export", "false", "--overwrite_output_dir", "true"))[::2])
+    assert "holds a run" in one_error_line(*train(argv(out, synthetic_cache, "--export", "false"))[::2])
+    line = one_error_line(*train(argv(out, synthetic_cache, "--export", "false", "--overwrite_output_dir", "true"))[::2])
     assert "README.md" in line and "--allow_foreign_files" in line
-    code, _, err = train(argv(out, cache, "--export", "false", "--overwrite_output_dir", "true", "--allow_foreign_files", "true"))
+    code, _, err = train(argv(out, synthetic_cache, "--export", "false", "--overwrite_output_dir", "true", "--allow_foreign_files", "true"))
     assert code == 0, err[-3000:]
     assert user_files_intact()
     assert not (out / "checkpoints" / "checkpoint-4").exists()  # the previous run's checkpoint is gone
@@ -118,15 +113,15 @@ def test_a_run_folder_without_manifest_is_never_cleaned_by_guessing(tmp_path):
         check_output_dir(targs)
 
 
-def test_a_run_folder_written_before_manifests_resumes_and_lists_its_files(tmp_path, cache):
+def test_a_run_folder_written_before_manifests_resumes_and_lists_its_files(tmp_path, synthetic_cache):
     from modeling_stil.training import manifest
 
     out = tmp_path / "run"
-    code, _, err = train(argv(out, cache, "--max_steps", "4", "--stop_after_steps", "2", "--export", "false"))
+    code, _, err = train(argv(out, synthetic_cache, "--max_steps", "4", "--stop_after_steps", "2", "--export", "false"))
     assert code == 0, err[-3000:]
     (out / manifest.MANIFEST_FILENAME).unlink()  # as an older stil left it
     (out / "notes.txt").write_text("mine")
-    code, printed, err = train(argv(out, cache, "--max_steps", "4", "--resume_from_checkpoint", "latest"))
+    code, printed, err = train(argv(out, synthetic_cache, "--max_steps", "4", "--resume_from_checkpoint", "latest"))
     assert code == 0, err[-3000:]
     assert "written without a run manifest" in printed
     listed = manifest.read(out)
@@ -162,7 +157,7 @@ class FakeHub:
 
 
 @pytest.fixture(scope="module")
-def pushed_run(tmp_path_factory, cache):
+def pushed_run(tmp_path_factory, synthetic_cache):
     """A run stopped at step 2, resumed with ``--hub_token`` and pushed (Hub mocked), TensorBoard on,
     under umask 022."""
     import huggingface_hub
@@ -173,9 +168,9 @@ def pushed_run(tmp_path_factory, cache):
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(huggingface_hub, "HfApi", FakeHub)
-            first = train(argv(out, cache, "--max_steps", "4", "--stop_after_steps", "2", "--report_to", "tensorboard"))
+            first = train(argv(out, synthetic_cache, "--max_steps", "4", "--stop_after_steps", "2", "--report_to", "tensorboard"))
             assert first[0] == 0, first[2][-3000:]
-            second = train(argv(out, cache, "--max_steps", "4", "--report_to", "tensorboard", "--resume_from_checkpoint", "latest",
+            second = train(argv(out, synthetic_cache, "--max_steps", "4", "--report_to", "tensorboard", "--resume_from_checkpoint", "latest",
                                 "--push_to_hub", "true", "--hub_model_id", "someone/cars", "--hub_token", TOKEN))
             assert second[0] == 0, second[2][-3000:]
     finally:

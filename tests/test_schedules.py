@@ -26,9 +26,9 @@ from modeling_stil.methods.mean_teacher import MeanTeacherArguments
 from modeling_stil.training.arguments import parse_run_arguments
 from modeling_stil.training.optim import lr_lambda_factory
 from modeling_stil.training.recipe_reading import ArgumentError
-from tests.test_comatch import make as make_comatch
-from tests.test_freematch import hand_inputs
-from tests.test_methods_common import TinyNet
+from tests.helpers.comatch import make as make_comatch
+from tests.helpers.freematch import hand_inputs
+from tests.helpers.nets import TinyNet
 
 
 # ------------------------------------------------------------------------------ the shared pieces by hand

@@ -263,14 +263,13 @@ def _argv(out, cache, *extra):
     return flags(values, *extra)
 
 
-def test_train_py_resumes_bit_exactly_exports_and_reloads(tmp_path):
+def test_train_py_resumes_bit_exactly_exports_and_reloads(tmp_path, synthetic_cache):
     from safetensors.torch import load_file
 
-    cache = tmp_path / "cache"
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert run_train(_argv(straight, cache)) == 0
-    assert run_train(_argv(resumed, cache, "--stop_after_steps", "2")) == 0
-    assert run_train(_argv(resumed, cache, "--resume_from_checkpoint", "latest")) == 0
+    assert run_train(_argv(straight, synthetic_cache)) == 0
+    assert run_train(_argv(resumed, synthetic_cache, "--stop_after_steps", "2")) == 0
+    assert run_train(_argv(resumed, synthetic_cache, "--resume_from_checkpoint", "latest")) == 0
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ca = load_file(straight / "checkpoints" / "checkpoint-4" / "model.safetensors")

@@ -10,17 +10,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from modeling_stil.configuration_stil import StilConfig
 from modeling_stil.convert_original import METHOD_STATE_FILENAME, STIL_METHOD_BUFFERS, STIL_METHOD_PREFIXES
 from modeling_stil.methods.base import DataInfo, TrainState, get_method_class
 from modeling_stil.methods.stil import Stil, StilArguments
 from modeling_stil.modeling_stil import StilModel
-
-N_L, N_U = 4, 8
-
-
-def tiny_config():
-    return StilConfig.tiny(image_size=32, interaction_attn_drop=0.0, interaction_proj_drop=0.0, interaction_drop_path=0.0)
+from tests.helpers.stil import N_L, N_U, batches, random_prototypes, tiny_config, view
 
 
 @pytest.fixture(scope="module")
@@ -33,29 +27,6 @@ def make_method(base_model, **kw):
     kw.setdefault("projection_dim", 8)
     method = Stil(copy.deepcopy(base_model), StilArguments(**kw))
     return method.train()
-
-
-def view(cfg, b, g, dtype=torch.float32):
-    cat = torch.stack([torch.randint(0, c, (b,), generator=g) for c in cfg.cat_cardinalities], 1)
-    return dict(
-        pixel_values=torch.rand(b, 3, cfg.image_size, cfg.image_size, generator=g).to(dtype),
-        categorical_values=cat,
-        continuous_values=torch.randn(b, cfg.num_continuous, generator=g).to(dtype),
-    )
-
-
-def batches(cfg, seed=0, dtype=torch.float32, monitor=None):
-    g = torch.Generator().manual_seed(seed)
-    labeled = {"labels": torch.tensor([0, 1, 2, 0]), "index": torch.arange(N_L), "stil": view(cfg, N_L, g, dtype)}
-    monitor = torch.arange(N_U) % 3 if monitor is None else monitor
-    unlabeled = {"index": torch.arange(N_U), "monitor_labels": monitor, "stil": view(cfg, N_U, g, dtype)}
-    return labeled, unlabeled
-
-
-def random_prototypes(method, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        method.prototypes.copy_(F.normalize(torch.randn(method.prototypes.shape, generator=g), dim=1) * 0.8)
 
 
 # ---------------------------------------------------------------------------------------------- reference

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from modeling_stil.methods.base import TrainState, get_method_class
 from modeling_stil.methods.supervised import Supervised, SupervisedArguments
-from tests.test_methods_common import TinyMultimodalNet, TinyNet
+from tests.helpers.nets import TinyMultimodalNet, TinyNet
 
 
 def labeled_batch(x, y, key="weak", **extra):

@@ -176,13 +176,13 @@ def test_refuses_a_model_without_tip_heads():
         TipPretrain(model)
 
 
-def test_tip_then_stil_through_train_py(tmp_path):
+def test_tip_then_stil_through_train_py(tmp_path, synthetic_cache):
     """TIP pretraining over every row (selected by validation loss, probed, exported), then STiL
     initialised from it with --init_from: the encoders STiL starts with are TIP's."""
     from safetensors.torch import load_file
 
-    cache, tip, stil = tmp_path / "cache", tmp_path / "tip", tmp_path / "stil"
-    common = ["--dataset_cache_dir", str(cache), "--synthetic_num_samples", "300", "--labeled_fraction", "0.2",
+    tip, stil = tmp_path / "tip", tmp_path / "stil"
+    common = ["--dataset_cache_dir", str(synthetic_cache), "--synthetic_num_samples", "300", "--labeled_fraction", "0.2",
               "--per_device_eval_batch_size", "64", "--report_to", "none", "--disable_tqdm", "true", "--seed", "3"]
     assert run_train(["--method", "tip_pretrain", "--output_dir", str(tip), "--per_device_train_batch_size", "16",
                       "--max_steps", "4", "--eval_steps", "2", *common]) == 0
@@ -203,15 +203,13 @@ def test_tip_then_stil_through_train_py(tmp_path):
     torch.testing.assert_close(stil_weights[key], tip_weights[key], rtol=1e-6, atol=1e-8)
 
 
-def test_tip_resume_is_exact(tmp_path):
+def test_tip_resume_is_exact(tmp_path, synthetic_cache):
     """6 steps straight vs stopped at 3 and resumed: identical exported weights (the hard-negative
     draws come from the checkpointed RNG, the label-free stream restarts at the right row)."""
     from safetensors.torch import load_file
 
-    cache = tmp_path / "cache"
-
     def argv(out, *extra):
-        return ["--method", "tip_pretrain", "--output_dir", str(out), "--dataset_cache_dir", str(cache),
+        return ["--method", "tip_pretrain", "--output_dir", str(out), "--dataset_cache_dir", str(synthetic_cache),
                 "--synthetic_num_samples", "300", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "64",
                 "--max_steps", "6", "--eval_steps", "3", "--report_to", "none", "--disable_tqdm", "true", "--seed", "4", *extra]
 

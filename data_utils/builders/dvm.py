@@ -33,7 +33,6 @@ from ._common import (
     make_features,
     read_image_file,
     read_npy_image,
-    take,
     write_dataset,
 )
 
