@@ -47,7 +47,7 @@ def test_prepare_dataset_writes_sharded_parquet_from_a_table(tmp_path):
     import pyarrow.parquet as pq
 
     from data_utils.builders._common import run_cli
-    from tests.test_builders_table import BASE, make_table
+    from tests.helpers.user_table import BASE, make_table
 
     table = make_table(tmp_path / "raw", n=40)
     out = tmp_path / "shards"
