@@ -1,7 +1,6 @@
 """Image-only, tabular-only and multimodal baseline classifiers (concat, tip, unimodal heads)."""
 
 import os
-import time
 
 import pytest
 import torch
@@ -209,13 +208,17 @@ def test_bf16_autocast_channels_last_and_compile():
     torch.testing.assert_close(compiled(**tab_inputs).logits, tabular(**tab_inputs).logits, rtol=1e-5, atol=1e-6)
 
 
-def test_tiny_presets_train_step_well_under_a_second():
+def test_tiny_presets_train_step_costs_well_under_a_gigaflop():
+    """The tiny presets exist to run on a CPU: their cost is counted, not timed (a timed test fails on a
+    loaded machine). A forward + backward at batch 8 must stay under 1 GFLOP (measured 0.2 for the image
+    and multimodal presets, ~0.004 for tabular-tiny), i.e. well under a second on one CPU core; and under
+    2 M parameters (measured 0.4 M)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     inputs = make_inputs(batch=8)
     for name in PRESETS:
         model = build(name).train()
-        best = float("inf")
-        for _ in range(3):
-            start = time.perf_counter()
+        with FlopCounterMode(display=False) as counter:
             model(**inputs).loss.backward()
-            best = min(best, time.perf_counter() - start)
-        assert best < 1.0, f"{name}: forward+backward took {best:.2f} s"
+        assert counter.get_total_flops() < 1e9, f"{name}: forward+backward costs {counter.get_total_flops() / 1e9:.2f} GFLOP"
+        assert sum(p.numel() for p in model.parameters()) < 2_000_000, name
