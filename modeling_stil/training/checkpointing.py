@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -30,6 +29,8 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from data_utils.fingerprint import json_digest
 
 CHECKPOINTS_DIRNAME = "checkpoints"
 STATE_FILENAME = "trainer_state.json"
@@ -68,10 +69,6 @@ class TrainerProgress:
                 setattr(self, key, value)
 
 
-def digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def make_fingerprint(method: str, model_config: dict[str, Any], dataset: dict[str, Any]) -> dict[str, Any]:
     """What must not change between a checkpoint and the run resuming it.
 
@@ -82,8 +79,8 @@ def make_fingerprint(method: str, model_config: dict[str, Any], dataset: dict[st
     return {
         "method": method,
         "model_type": model_config.get("model_type"),
-        "model": digest(arch),
-        "dataset": digest(dataset),
+        "model": json_digest(arch),
+        "dataset": json_digest(dataset),
         "dataset_description": dataset,
     }
 
