@@ -131,3 +131,17 @@ def test_paper_recipes_keep_the_epochwise_warmup_from_zero():
     run = parse_run_arguments(["recipes/stil_dvm_1pct.yaml"])
     assert run.training.warmup_from_zero and run.training.lr_scheduler_interval == "epoch" and run.training.warmup_epochs == 10
     assert run.method.start_fraction is None and run.method.start_epoch > 0  # absolute: the original's epochs
+
+
+def test_an_absolute_schedule_key_the_recipes_relative_form_would_override_is_refused():
+    """stil_synthetic.yaml sets start_fraction and ema_span_fraction: a command-line start_epoch or
+    ema_momentum would be silently ignored (the relative form wins), so it is refused with the fix."""
+    with pytest.raises(ArgumentError, match=r"--start_epoch 5 would have no effect.*--start_fraction null"):
+        parse_run_arguments(["recipes/stil_synthetic.yaml", "--start_epoch", "5"])
+    with pytest.raises(ArgumentError, match=r"--ema_momentum 0.99 would have no effect.*--ema_span_fraction null"):
+        parse_run_arguments(["recipes/stil_synthetic.yaml", "--ema_momentum", "0.99"])
+    cleared = parse_run_arguments(["recipes/stil_synthetic.yaml", "--start_epoch", "5", "--start_fraction", "null"])
+    assert (cleared.method.start_epoch, cleared.method.start_fraction) == (5, None)
+    assert parse_run_arguments(["recipes/stil_synthetic.yaml", "--start_fraction", "0.2"]).method.start_fraction == 0.2
+    # no relative form in the recipe: the absolute key applies as before
+    assert parse_run_arguments(["recipes/fixmatch_synthetic_image.yaml", "--ema_momentum", "0.99"]).method.ema_momentum == 0.99

@@ -278,6 +278,32 @@ class RunArguments:
 
 
 # ----------------------------------------------------------------------------------------- parsing
+# A schedule's relative form (a fraction of max_steps) takes precedence over its absolute form. Each
+# relative key and the absolute keys it replaces (the names differ between methods' papers).
+RELATIVE_FORMS: dict[str, tuple[str, ...]] = {
+    "start_fraction": ("start_epoch",),
+    "instance_start_fraction": ("instance_start_epoch",),
+    "smoothing_start_fraction": ("smoothing_start_epoch", "smoothing_start_step"),
+    "ema_span_fraction": ("ema_momentum", "ema_decay"),
+    "eval_ema_span_fraction": ("eval_ema_decay",),
+    "lambda_c_rampup_fraction": ("lambda_c_ramp",),
+}
+
+
+def check_overridden_by_relative_form(values: dict[str, Any], overrides: dict[str, Any], method_fields: dict) -> None:
+    """``--start_epoch 5`` on a recipe that sets ``start_fraction`` would be silently ignored (the relative
+    form wins): refuse it, naming the key to clear."""
+    for relative, absolutes in RELATIVE_FORMS.items():
+        if relative not in method_fields or values.get(relative) in (None, "null", "None", "none") or relative in overrides:
+            continue
+        for absolute in absolutes:
+            if absolute in overrides and absolute in method_fields:
+                raise ArgumentError(
+                    f"--{absolute} {overrides[absolute]} would have no effect: the recipe sets {relative} "
+                    f"{values[relative]}, its relative form, which takes precedence; add --{relative} null to use "
+                    f"{absolute}, or set --{relative} instead")
+
+
 def parse_run_arguments(argv: Sequence[str] | None = None, recipe_values: dict[str, Any] | None = None) -> RunArguments:
     """Parse ``[RECIPE.yaml] [--key value ...]`` into a `RunArguments` (two passes: method first)."""
     from ..methods.base import get_method_class
@@ -324,6 +350,7 @@ def parse_run_arguments(argv: Sequence[str] | None = None, recipe_values: dict[s
             built[group] = cls(**kwargs)
         except (TypeError, ValueError) as error:
             raise ArgumentError(f"invalid {group} arguments: {error}") from None
+    check_overridden_by_relative_form(values, overrides, group_fields["method"])
     run = RunArguments(data=built["data"], model=built["model"], training=built["training"], method=built["method"], recipe=recipe)
     keep_own_labels(run, overrides)
     validate(run)
