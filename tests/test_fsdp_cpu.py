@@ -75,6 +75,9 @@ def _ema_under_fully_shard(rank: int, world: int, store: str, out: str) -> None:
             expected[name] = after[name]
     if rank == 0:
         torch.save({"result": result, "expected": expected}, out)
+    # both ranks leave together: a rank that tears gloo down while its peer is still writing can abort
+    # (SIGABRT) in the peer's connection teardown
+    dist.barrier()
     dist.destroy_process_group()
 
 
