@@ -279,36 +279,15 @@ CO_SCALE = {f"classifier_{head}.weight": 2.0 for head in ("multimodal", "imaging
 def build_original_co_training(src: str):
     """The original CoTraining (epoch pinned past start_epoch), tiny, float64, seeded weights."""
     import torch
-    from omegaconf import OmegaConf
 
-    from gen_tip import _install_stand_ins
+    from gen_tip import _install_stand_ins, compose_original
     from tests._golden_seeded import float_shapes, perturbed, seeded_state
 
     use_checkout(src)
     _install_stand_ins()  # lightly, pl_bolts scheduler and torchvision_ssl_encoder
     from models.SemiMultimodal.CoTraining import CoTraining
 
-    class _AtEpoch(CoTraining):
-        pinned_epoch = 0
-
-        @property
-        def current_epoch(self):
-            return self.pinned_epoch
-
-    parts = []
-    for name in CO_FILES:
-        part = OmegaConf.load(os.path.join(src, "configs", name))
-        part.pop("defaults", None)
-        parts.append(part)
-    hp = OmegaConf.merge(*parts)
-    with tempfile.TemporaryDirectory() as tmp:
-        lengths = os.path.join(tmp, "tabular_lengths.pt")
-        torch.save(FIELD_LENGTHS, lengths)
-        hp.merge_with(dict(CO_TINY, field_lengths_tabular=lengths))
-        with contextlib.redirect_stdout(io.StringIO()):
-            module = _AtEpoch(hp)
-    module.use_ddp = False
-    module.pinned_epoch = int(hp.start_epoch) + 1
+    module, hp = compose_original(src, CoTraining, CO_FILES, CO_TINY, pin_start_epoch=True)
     disable_dropout(module)
     module.double()
     student = seeded_state(float_shapes(module.model.state_dict()), SEED_STUDENT, CO_SCALE)
@@ -395,9 +374,8 @@ def generate_mmatch() -> str:
     write truncated at the end of the queue)."""
     import torch
     import torch.nn.functional as F
-    from omegaconf import OmegaConf
 
-    from gen_tip import _install_stand_ins
+    from gen_tip import _install_stand_ins, compose_original
     from golden_io import save_golden
     from tests._golden_seeded import float_shapes, record, seeded_state
 
@@ -406,27 +384,7 @@ def generate_mmatch() -> str:
     _install_stand_ins()
     from models.SemiMultimodal.MMatch import MMatch
 
-    class _AtEpoch(MMatch):
-        pinned_epoch = 0
-
-        @property
-        def current_epoch(self):
-            return self.pinned_epoch
-
-    parts = []
-    for name in MM_FILES:
-        part = OmegaConf.load(os.path.join(src, "configs", name))
-        part.pop("defaults", None)
-        parts.append(part)
-    hp = OmegaConf.merge(*parts)
-    with tempfile.TemporaryDirectory() as tmp:
-        lengths = os.path.join(tmp, "tabular_lengths.pt")
-        torch.save(FIELD_LENGTHS, lengths)
-        hp.merge_with(dict(MM_TINY, field_lengths_tabular=lengths))
-        with contextlib.redirect_stdout(io.StringIO()):
-            module = _AtEpoch(hp)
-    module.use_ddp = False
-    module.pinned_epoch = int(hp.start_epoch) + 1
+    module, hp = compose_original(src, MMatch, MM_FILES, MM_TINY, pin_start_epoch=True)
     disable_dropout(module)
     module.double()
     student = seeded_state(float_shapes(module.model.state_dict()), SEED_STUDENT, CO_SCALE)

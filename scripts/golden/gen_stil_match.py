@@ -15,11 +15,8 @@ Randomness inside the step: none (no dropout in this network, no draw in FreeMat
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import os
-import tempfile
 
 from gen_stil import (FIELD_LENGTHS, IMG, N_L, N_U, NUM_CLASSES, SEED_INPUT, SEED_STUDENT, SEED_TEACHER,
                       _git_commit, disable_dropout, make_inputs, run_original_step, use_checkout)
@@ -39,35 +36,14 @@ def load_original(src: str, config: str, import_path: str, class_name: str, tiny
     """(module, hparams): the original LightningModule of ``import_path``, its epoch pinned past start_epoch."""
     import importlib
 
-    import torch
-    from omegaconf import OmegaConf
 
-    from gen_tip import _install_stand_ins
+    from gen_tip import _install_stand_ins, compose_original
 
     use_checkout(src)
     _install_stand_ins()
     original_cls = getattr(importlib.import_module(import_path), class_name)
 
-    class _AtEpoch(original_cls):
-        pinned_epoch = 0
-
-        @property
-        def current_epoch(self):
-            return self.pinned_epoch
-
-    parts = []
-    for name in (config, *MATCH_DATA):
-        part = OmegaConf.load(os.path.join(src, "configs", name))
-        part.pop("defaults", None)
-        parts.append(part)
-    hp = OmegaConf.merge(*parts)
-    with tempfile.TemporaryDirectory() as tmp:
-        lengths = os.path.join(tmp, "tabular_lengths.pt")
-        torch.save(FIELD_LENGTHS, lengths)
-        hp.merge_with(dict(tiny, field_lengths_tabular=lengths))
-        with contextlib.redirect_stdout(io.StringIO()):
-            module = _AtEpoch(hp)
-    module.pinned_epoch = int(hp.start_epoch) + 1
+    module, hp = compose_original(src, original_cls, (config, *MATCH_DATA), tiny, pin_start_epoch=True)
     disable_dropout(module)
     module.double()
     return module, hp

@@ -78,9 +78,42 @@ def _install_stand_ins() -> None:
     sys.modules["pl_bolts"].utils = utils
 
 
-def build_original(src: str):
+def compose_original(src: str, module_cls, config_files, tiny: dict, pin_start_epoch: bool = False):
+    """(module, hparams): the original LightningModule ``module_cls`` built quietly from its hydra files
+    ``config_files`` (their ``defaults`` dropped), merged with ``tiny`` and our table's field lengths. With
+    ``pin_start_epoch`` its ``current_epoch`` reads start_epoch + 1, so every loss term is on."""
     import torch
     from omegaconf import OmegaConf
+
+    cls = module_cls
+    if pin_start_epoch:
+        class _AtEpoch(module_cls):
+            pinned_epoch = 0
+
+            @property
+            def current_epoch(self):
+                return self.pinned_epoch
+
+        cls = _AtEpoch
+    parts = []
+    for name in config_files:
+        part = OmegaConf.load(os.path.join(src, "configs", name))
+        part.pop("defaults", None)
+        parts.append(part)
+    hp = OmegaConf.merge(*parts)
+    with tempfile.TemporaryDirectory() as tmp:
+        lengths = os.path.join(tmp, "tabular_lengths.pt")
+        torch.save(FIELD_LENGTHS, lengths)
+        hp.merge_with(dict(tiny, field_lengths_tabular=lengths))
+        with contextlib.redirect_stdout(io.StringIO()):
+            module = cls(hp)
+    if pin_start_epoch:
+        module.pinned_epoch = int(hp.start_epoch) + 1
+    return module, hp
+
+
+def build_original(src: str):
+    import torch
 
     from tests._golden_seeded import float_shapes, seeded_state
 
@@ -90,18 +123,7 @@ def build_original(src: str):
     _install_stand_ins()
     from models.Tips.TipModel3Loss import TIP3Loss
 
-    parts = []
-    for name in CONFIG_FILES:
-        part = OmegaConf.load(os.path.join(src, "configs", name))
-        part.pop("defaults", None)
-        parts.append(part)
-    hp = OmegaConf.merge(*parts)
-    with tempfile.TemporaryDirectory() as tmp:
-        lengths = os.path.join(tmp, "tabular_lengths.pt")
-        torch.save(FIELD_LENGTHS, lengths)
-        hp.merge_with(dict(TINY, field_lengths_tabular=lengths))
-        with contextlib.redirect_stdout(io.StringIO()):
-            module = TIP3Loss(hp)
+    module, hp = compose_original(src, TIP3Loss, CONFIG_FILES, TINY)
     module.double()
     weights = seeded_state(float_shapes(module.state_dict()), SEED_WEIGHTS)
     with torch.no_grad():
