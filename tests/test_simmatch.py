@@ -17,20 +17,9 @@ from modeling_stil.methods.base import DataInfo, TrainState
 from modeling_stil.methods.simmatch import MultimodalSimMatch, MultimodalSimMatchArguments, SimMatch, SimMatchArguments
 from modeling_stil.presets import create_model
 from tests._helpers import TOY_METADATA, TOY_SCHEMA, flags, run_train
+from tests.helpers.random_views import image_view, mm_view
 
 N_L, N_U, K = 4, 6, 10
-
-
-def image_view(b, g):
-    return {"pixel_values": torch.rand(b, 3, 32, 32, generator=g)}
-
-
-def mm_view(b, g):
-    return {
-        "pixel_values": torch.rand(b, 3, 32, 32, generator=g),
-        "categorical_values": torch.stack([torch.randint(0, 3, (b,), generator=g), torch.randint(0, 4, (b,), generator=g)], 1),
-        "continuous_values": torch.randn(b, 3, generator=g),
-    }
 
 
 def batches(multimodal=False, seed=0, positions=(7, 2, 9, 0)):
