@@ -34,6 +34,15 @@ def assert_matches_original(ours, theirs, name: str, rtol: float = 1e-9, atol: f
     torch.testing.assert_close(ours, theirs, rtol=rtol, atol=atol, msg=lambda m: f"{name} vs original: {m}")
 
 
+def assert_terms_match_original(fixture: dict, terms: dict, loss, count: int, rtol: float = 1e-9, atol: float = 1e-12) -> None:
+    """Every loss term the original recorded (``term.*``, ``term.loss`` being the total) equals ours, and
+    the fixture holds ``count`` of them, so a term dropped from the recording fails too."""
+    recorded = with_prefix(fixture, "term.")
+    for name, value in recorded.items():
+        assert_matches_original(loss if name == "loss" else terms[name], value, f"term {name}", rtol=rtol, atol=atol)
+    assert len(recorded) == count
+
+
 def build_network(meta):
     """Our mmatch-family network (concat fusion, three heads) in the fixture's tiny configuration, float64."""
     from modeling_stil.configuration_baselines import MultimodalClassifierConfig

@@ -21,7 +21,7 @@ import modeling_stil.methods.co_training as co_module
 from modeling_stil.methods.base import TrainState
 from modeling_stil.methods.co_training import CoTraining, CoTrainingArguments
 from modeling_stil.training.optim import build_optimizer
-from tests._golden import assert_matches_original, build_network, load_golden, with_prefix
+from tests._golden import assert_matches_original, assert_terms_match_original, build_network, load_golden, with_prefix
 from tests._golden_seeded import compare_recorded, float_shapes, perturbed, seeded_images, seeded_state
 
 
@@ -93,10 +93,7 @@ def golden_step():
 
 def test_every_loss_term_matches_original(golden_step):
     fixture, terms, loss, *_ = golden_step
-    recorded = with_prefix(fixture, "term.")
-    for name, value in recorded.items():
-        _check((loss if name == "loss" else terms[name]).detach(), value, f"term {name}")
-    assert len(recorded) == 6
+    assert_terms_match_original(fixture, terms, loss, count=6)
 
 
 def test_teacher_targets_and_masks_match_original(golden_step):

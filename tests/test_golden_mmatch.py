@@ -18,7 +18,7 @@ import torch
 from modeling_stil.methods.base import TrainState
 from modeling_stil.methods.mmatch import MMatch, MMatchArguments
 from modeling_stil.training.optim import build_optimizer
-from tests._golden import assert_matches_original, build_network, load_golden, with_prefix
+from tests._golden import assert_matches_original, assert_terms_match_original, build_network, load_golden, with_prefix
 from tests._golden_seeded import compare_recorded, float_shapes, seeded_images, seeded_state
 
 
@@ -83,10 +83,7 @@ def golden_step():
 
 def test_every_loss_term_matches_original(golden_step):
     fixture, seen, loss, *_ = golden_step
-    recorded = with_prefix(fixture, "term.")
-    for name, value in recorded.items():
-        _check((loss if name == "loss" else seen["terms"][name]).detach(), value, f"term {name}")
-    assert len(recorded) == 6
+    assert_terms_match_original(fixture, seen["terms"], loss, count=6)
 
 
 def test_pseudo_labels_and_mask_match_original(golden_step):

@@ -20,7 +20,7 @@ from modeling_stil.convert_original import METHOD_STATE_FILENAME, convert_stil_s
 from modeling_stil.methods.base import TrainState
 from modeling_stil.methods.stil import Stil, StilArguments
 from modeling_stil.training.optim import build_optimizer
-from tests._golden import assert_matches_original, load_golden, with_prefix
+from tests._golden import assert_matches_original, assert_terms_match_original, load_golden, with_prefix
 from tests._golden_seeded import compare_recorded, float64_default, float_shapes, perturbed, record, seeded_images, seeded_state
 
 RTOL, ATOL = 1e-9, 1e-12
@@ -125,10 +125,7 @@ def test_inputs_regenerate_as_recorded(golden_step):
 
 def test_every_loss_term_matches_original(golden_step):
     fixture, _, _, seen, loss, *_ = golden_step
-    terms = with_prefix(fixture, "term.")
-    for name, value in terms.items():
-        _check(loss if name == "loss" else seen["terms"][name], value, f"term {name}")
-    assert len(terms) == 13
+    assert_terms_match_original(fixture, seen["terms"], loss, count=13, rtol=RTOL, atol=ATOL)
 
 
 def test_pseudo_labels_mask_and_cases_match_original(golden_step):

@@ -44,7 +44,7 @@ from modeling_stil.methods.common import ProjectedNet
 from modeling_stil.methods.freematch import MultimodalFreeMatch, MultimodalFreeMatchArguments
 from modeling_stil.methods.simmatch import MultimodalSimMatch, MultimodalSimMatchArguments
 from modeling_stil.training.optim import build_optimizer
-from tests._golden import assert_matches_original, load_golden, with_prefix
+from tests._golden import assert_matches_original, assert_terms_match_original, load_golden, with_prefix
 from tests._golden_seeded import compare_recorded, float64_default, float_shapes, perturbed, seeded_images, seeded_state
 
 
@@ -171,10 +171,7 @@ def freematch_step():
 
 def test_freematch_every_loss_term_matches_original(freematch_step):
     fixture, seen, loss, *_ = freematch_step
-    recorded = with_prefix(fixture, "term.")
-    for name, value in recorded.items():
-        _check((loss if name == "loss" else seen["terms"][name]).detach(), value, f"term {name}")
-    assert len(recorded) == 4
+    assert_terms_match_original(fixture, seen["terms"], loss, count=4)
 
 
 def test_freematch_pseudo_labels_and_mask_match_original(freematch_step):
@@ -249,10 +246,7 @@ def simmatch_step():
 
 def test_simmatch_every_loss_term_matches_original(simmatch_step):
     fixture, _, seen, loss, *_ = simmatch_step
-    recorded = with_prefix(fixture, "term.")
-    for name, value in recorded.items():
-        _check((loss if name == "loss" else seen["terms"][name]).detach(), value, f"term {name}")
-    assert len(recorded) == 4
+    assert_terms_match_original(fixture, seen["terms"], loss, count=4)
 
 
 def test_simmatch_pseudo_labels_and_mask_match_original(simmatch_step):
@@ -340,10 +334,7 @@ def comatch_step():
 
 def test_comatch_every_loss_term_matches_original(comatch_step):
     fixture, _, seen, loss, *_ = comatch_step
-    recorded = with_prefix(fixture, "term.")
-    for name, value in recorded.items():
-        _check((loss if name == "loss" else seen["terms"][name]).detach(), value, f"term {name}")
-    assert len(recorded) == 4
+    assert_terms_match_original(fixture, seen["terms"], loss, count=4)
 
 
 def test_comatch_pseudo_labels_mask_and_graph_match_original(comatch_step):
