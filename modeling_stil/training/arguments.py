@@ -294,7 +294,7 @@ def check_overridden_by_relative_form(values: dict[str, Any], overrides: dict[st
     """``--start_epoch 5`` on a recipe that sets ``start_fraction`` would be silently ignored (the relative
     form wins): refuse it, naming the key to clear."""
     for relative, absolutes in RELATIVE_FORMS.items():
-        if relative not in method_fields or values.get(relative) in (None, "null", "None", "none") or relative in overrides:
+        if relative not in method_fields or relative in overrides or values.get(relative) is None:
             continue
         for absolute in absolutes:
             if absolute in overrides and absolute in method_fields:
