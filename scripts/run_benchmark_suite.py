@@ -95,9 +95,13 @@ MM = dict(synthetic_task="multimodal", synthetic_num_samples=6000, synthetic_ima
 # the comparison is at equal optimisation steps; the whole table is meant to fit 2 hours on 2 CPU cores
 # (measured per-step costs x 177 runs: 500 steps came to about 2 h 20 min, 400 steps to about 1 h 45 min).
 BUDGET = dict(max_steps=400, eval_steps=100)
+# The paper's 1 % setting runs at the default job's budget (`make train`: 600 steps), so the suite's
+# 3-seed comparison of STiL, TIP fine-tuning and the supervised model is the default job's setting
+# with other seeds (issue 21: "in the suite, at the same setting"), not a shorter variant of it.
+DEFAULT_JOB_BUDGET = dict(max_steps=600, eval_steps=100)
 DATASETS = {
     d.name: d for d in [
-        Dataset("multimodal_1pct", "synthetic multimodal (image + table), 1 % labelled", dict(MM, labeled_fraction=0.01), BUDGET,
+        Dataset("multimodal_1pct", "synthetic multimodal (image + table), 1 % labelled", dict(MM, labeled_fraction=0.01), DEFAULT_JOB_BUDGET,
                 "supervised_multimodal"),
         Dataset("multimodal_10pct", "synthetic multimodal (image + table), 10 % labelled", dict(MM, labeled_fraction=0.1), BUDGET,
                 "supervised_multimodal"),
