@@ -260,6 +260,17 @@ QUICK_OVERRIDES = {"max_steps": 40, "eval_steps": 20}
 # every run: no trackers, no per-run plots, no export (unless the entry asks, e.g. a pretraining stage)
 COMMON_OVERRIDES = {"report_to": "none", "plots": False, "export": False, "disable_tqdm": True, "overwrite_output_dir": True}
 
+# --curves: the longer-budget learning curves. One seed of every baseline and SSL entry (and the stages
+# they start from) at LONG_FACTOR x the dataset's max_steps, evaluated every LONG_EVAL_STEPS, in
+# <work_dir>/long/ so they never share a folder with the 3-seed runs.
+LONG_FACTOR = 3
+LONG_EVAL_STEPS = 100
+LONG_SEED = 0
+LONG_FOLDER = "long"
+CURVE_KINDS = ("baseline", "ssl")  # the entries drawn as learning curves (not the ceiling, not pretraining stages)
+# train.py's evaluation history inside a run folder (its output_dir run/, modeling_stil.training.tracking.JSONL_LOG)
+HISTORY_FILE = "run/logs/metrics.jsonl"
+
 
 # ==================================================================================================
 # planning
@@ -270,11 +281,12 @@ class Run:
     seed: int
     run_dir: Path
     command: list[str]
-    depends: list[str]  # run keys (entry.key) this run starts from
+    depends: list[str]  # ids of the runs this run starts from
+    prefix: str = ""  # "long/" for a longer-budget run (--curves), so its id never equals a 3-seed run's
 
     @property
     def id(self) -> str:
-        return f"{self.entry.key}/seed{self.seed}"
+        return f"{self.prefix}{self.entry.key}/seed{self.seed}"
 
 
 def is_cached(repo_id: str, filename: str) -> bool:
@@ -318,6 +330,12 @@ def select_entries(entries: Iterable[Entry], methods: list[str] | None, datasets
         if methods and not any(e.name == m or e.name.startswith(m + "_") or e.name.split("_")[0] == m for m in methods):
             continue
         chosen.append(e)
+    return _with_dependencies(chosen, entries)
+
+
+def _with_dependencies(chosen: list[Entry], entries: list[Entry]) -> list[Entry]:
+    """``chosen`` and the entries they start from (``"{name}"`` overrides, transitively), in table order."""
+    chosen = list(chosen)
     pending = list(chosen)
     while pending:
         e = pending.pop()
@@ -330,9 +348,27 @@ def select_entries(entries: Iterable[Entry], methods: list[str] | None, datasets
     return sorted(chosen, key=lambda e: order[id(e)])
 
 
+def curve_entries(entries: Iterable[Entry], methods: list[str] | None, datasets: list[str] | None) -> list[Entry]:
+    """The entries of the longer-budget curve runs: every selected baseline and SSL entry, and the
+    pretraining stages they start from (a stage nobody starts from and the all-labels ceiling are left out)."""
+    entries = list(entries)
+    drawn = [e for e in select_entries(entries, methods, datasets) if e.kind in CURVE_KINDS]
+    return _with_dependencies(drawn, entries)
+
+
+def long_budget(max_steps: Any, dataset: str) -> dict[str, int]:
+    """The longer budget of a run whose suite budget is ``max_steps``: LONG_FACTOR x, evaluated every LONG_EVAL_STEPS."""
+    if not isinstance(max_steps, int):
+        raise ValueError(f"dataset {dataset!r} states no max_steps in its budget, so --curves cannot scale it; "
+                         "add max_steps to its Dataset budget")
+    return {"max_steps": LONG_FACTOR * max_steps, "eval_steps": LONG_EVAL_STEPS}
+
+
 def plan_runs(entries: list[Entry], seeds: Iterable[int], work_dir: Path, quick: bool = False, root: Path = ROOT,
-              datasets: dict[str, Dataset] | None = None, python: str = sys.executable) -> tuple[list[Run], list[tuple[Entry, str]]]:
-    """The runs to do, dependencies first, and the entries skipped with the reason."""
+              datasets: dict[str, Dataset] | None = None, python: str = sys.executable,
+              long: bool = False) -> tuple[list[Run], list[tuple[Entry, str]]]:
+    """The runs to do, dependencies first, and the entries skipped with the reason. ``long``: the
+    longer-budget runs of --curves (``long_budget`` steps, folders under ``<work_dir>/long/``)."""
     datasets = datasets or DATASETS
     by_key_name = {}
     for e in entries:
@@ -361,9 +397,10 @@ def plan_runs(entries: list[Entry], seeds: Iterable[int], work_dir: Path, quick:
                 changed = True
     runs: dict[str, Run] = {}
     order: list[str] = []
+    prefix = f"{LONG_FOLDER}/" if long else ""
     for seed in seeds:
         def add(e: Entry) -> str:
-            rid = f"{e.key}/seed{seed}"
+            rid = f"{prefix}{e.key}/seed{seed}"
             if rid in runs:
                 return rid
             deps = []
@@ -374,9 +411,11 @@ def plan_runs(entries: list[Entry], seeds: Iterable[int], work_dir: Path, quick:
             values.update(e.data_overrides)
             values.update(datasets[e.dataset].budget)
             values.update(e.overrides)
+            if long:
+                values.update(long_budget(values.get("max_steps"), e.dataset))
             if quick:
                 values.update(QUICK_OVERRIDES)
-            run_dir = work_dir / e.key / f"seed{seed}"
+            run_dir = work_dir / prefix / e.key / f"seed{seed}"
             for k, v in list(values.items()):
                 for dep_name in _placeholders(v):
                     dep = next(x for x in usable if x.dataset == e.dataset and x.name == dep_name)
@@ -386,7 +425,7 @@ def plan_runs(entries: list[Entry], seeds: Iterable[int], work_dir: Path, quick:
             # --overwrite_output_dir never meets files a run does not write
             values.update(seed=seed, output_dir=_shown(run_dir / "run", root), dataset_cache_dir=_shown(work_dir / "datasets", root))
             command = [python, "train.py", e.recipe] + [item for k, v in values.items() for item in (f"--{k}", _cli(v))]
-            runs[rid] = Run(e, seed, run_dir, command, deps)
+            runs[rid] = Run(e, seed, run_dir, command, deps, prefix)
             order.append(rid)
             return rid
 
@@ -643,6 +682,128 @@ def compare(better: Row, worse: Row) -> tuple[float, float, str]:
     return diff, se, verdict
 
 
+# ==================================================================================================
+# learning curves and time to beat the reference
+# ==================================================================================================
+def read_validation_history(path: Path, metric: str) -> dict[int, float]:
+    """step -> validation ``metric`` from a run's ``logs/metrics.jsonl`` ({} when the file or the metric is
+    absent). A step logged twice (a resumed run) keeps its last value; unreadable lines are skipped."""
+    history: dict[int, float] = {}
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return history
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(record, dict) or record.get("split") != "validation":
+            continue
+        step, value = record.get("step"), record.get(metric)
+        if isinstance(step, int) and isinstance(value, (int, float)) and not math.isnan(value):
+            history[step] = float(value)
+    return history
+
+
+def mean_curve(histories: list[dict[int, float]]) -> dict[int, float]:
+    """step -> mean over the histories (seeds) that evaluated that step, steps in increasing order."""
+    steps = sorted({step for history in histories for step in history})
+    return {step: statistics.fmean(h[step] for h in histories if step in h) for step in steps}
+
+
+def first_step_beating(curve: dict[int, float], reference: dict[int, float],
+                       lower_is_better: bool = False) -> tuple[int | None, int | None]:
+    """(first step at which ``curve`` is strictly better than ``reference`` at the same step, last step
+    both evaluated). Steps only one of them evaluated are not compared; (None, None) when they share none."""
+    common = sorted(set(curve) & set(reference))
+    sign = -1.0 if lower_is_better else 1.0
+    first = next((step for step in common if sign * (curve[step] - reference[step]) > 0), None)
+    return first, (common[-1] if common else None)
+
+
+def time_to_beat(curve: dict[int, float], reference: dict[int, float], lower_is_better: bool = False) -> str:
+    """The report's cell: ``step N``, ``not within N steps`` or why there is nothing to compare."""
+    if not curve:
+        return "no validation history"
+    first, last = first_step_beating(curve, reference, lower_is_better)
+    if last is None:
+        return "no validation step in common with the reference"
+    return f"step {first}" if first is not None else f"not within {last} steps"
+
+
+@dataclass
+class Curve:
+    """One entry's validation curve: mean over its seeds of the headline metric at each evaluated step."""
+
+    entry: Entry
+    metric: str
+    points: dict[int, float]
+    seeds: int  # runs whose history was found
+    test: float  # mean test value of the headline metric (the model selected on validation)
+
+
+def collect_curves(runs: list[Run], results: dict[str, dict[str, Any]], entries: list[Entry]) -> dict[str, list[Curve]]:
+    """dataset -> one Curve per baseline / SSL entry with a finished run (table order), read from each
+    finished run's ``HISTORY_FILE``; the metric is the one the table reports for the entry."""
+    by_key: dict[str, list[Run]] = {}
+    for run in runs:
+        by_key.setdefault(run.entry.key, []).append(run)
+    curves: dict[str, list[Curve]] = {}
+    for e in entries:
+        if e.kind not in CURVE_KINDS or e.key not in by_key:
+            continue
+        metric, tests, histories = None, [], []
+        for run in by_key[e.key]:
+            record = results.get(run.id, {})
+            found = headline(record.get("metrics", {}), e.kind) if record.get("status") == "ok" else None
+            if found is None:
+                continue
+            metric = found[0]
+            tests.append(found[1])
+            history = read_validation_history(run.run_dir / HISTORY_FILE, metric)
+            if history:
+                histories.append(history)
+        if metric is not None:
+            curves.setdefault(e.dataset, []).append(Curve(e, metric, mean_curve(histories), len(histories), statistics.fmean(tests)))
+    return curves
+
+
+@dataclass
+class CurveSection:
+    """What a dataset's curves subsection shows: the curves, their plot, and how the runs were made."""
+
+    curves: list[Curve]
+    plot: Path | None = None
+    max_steps: int | None = None  # the longer budget's steps (None: the table's own runs)
+    seed: int | None = None  # the longer budget's seed
+    commands: list[str] = field(default_factory=list)
+    wall_seconds: float = 0.0
+
+
+def _curve_lines(section: CurveSection, ds: Dataset, report: Path, title: str, long: bool) -> list[str]:
+    """The plot and the time-to-beat table of one dataset's curves (the table's runs or the longer budget)."""
+    reference = next((c for c in section.curves if c.entry.name == ds.reference and c.points), None)
+    lines = []
+    if section.plot is not None:
+        lines += [f"![{title}]({os.path.relpath(section.plot, report.parent)})", ""]
+    ssl = [c for c in section.curves if c.entry.kind == "ssl"]
+    if reference is None:
+        return lines + [f"No validation history of the reference entry {ds.reference}: no time to beat.", ""]
+    lower = reference.metric in LOWER_IS_BETTER
+    metric = f"validation {reference.metric}" + (" (lower is better)" if lower else "")
+    head = f"| method | {metric} ahead of {ds.reference} from | at the last common step: method / {ds.reference} |"
+    if long:
+        head += f" test {reference.metric} (best on validation) |"
+    lines += [head, "|---|---|---|" + ("---|" if long else "")]
+    for c in ssl + ([reference] if long else []):
+        cell = time_to_beat(c.points, reference.points, lower) if c is not reference else "(reference)"
+        _, last = first_step_beating(c.points, reference.points, lower)
+        at_last = f"{_fmt(c.points[last])} / {_fmt(reference.points[last])} (step {last})" if last is not None else ""
+        lines.append(f"| {c.entry.name} | {cell} | {at_last} |" + (f" {_fmt(c.test)} |" if long else ""))
+    return lines + [""]
+
+
 def _fmt(value: float, digits: int = 3) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
@@ -650,9 +811,14 @@ def _fmt(value: float, digits: int = 3) -> str:
 def write_markdown(path: Path, table: dict[str, list[Row]], skipped: list[tuple[Entry, str]], seeds: list[int],
                    quick: bool, total_seconds: float, datasets: dict[str, Dataset] | None = None,
                    plot_files: dict[str, Path] | None = None, checks: list[Check] | None = None,
-                   notes: str | None = None) -> None:
+                   notes: str | None = None, curves: dict[str, CurveSection] | None = None,
+                   long_curves: dict[str, CurveSection] | None = None) -> None:
+    """The report. ``curves``: each dataset's validation curves of the table's runs; ``long_curves``: those
+    of the longer-budget runs (--curves), a subsection of the datasets they were run on."""
     datasets = datasets or DATASETS
     plot_files = plot_files or {}
+    curves = curves or {}
+    long_curves = long_curves or {}
     checks = EXPECTED if checks is None else checks
     # the cost of the whole table: every run once (a run shared by two datasets' tables is counted once)
     counted: dict[str, float] = {}
@@ -668,13 +834,18 @@ def write_markdown(path: Path, table: dict[str, list[Row]], skipped: list[tuple[
         "baseline; wall time is per run (start-up, training, evaluation), on this machine. "
         f"Sum of the wall times of every run in the table: **{compute / 60:.1f} min** ({compute / 3600:.2f} h); "
         f"this invocation: {total_seconds / 60:.1f} min (runs already done were skipped).", "",
+        "Each dataset's section also draws every baseline's and SSL method's **validation** metric at each "
+        "evaluation (mean over seeds) and gives the step at which each SSL method first beats the reference "
+        "there (*time to beat*). Longer-budget curves (`--curves`: seed "
+        f"{LONG_SEED}, {LONG_FACTOR}x the steps) " + (f"were run for: {', '.join(long_curves)}." if long_curves else
+                                                     "have not been run for any dataset."), "",
     ]
     if notes:
         lines += [notes, ""]
     if quick:
         lines += ["**Quick mode: a smoke check with a few dozen steps per run; the numbers are not results.**", ""]
-    for ds_name, rows in table.items():
-        ds = datasets[ds_name]
+    for ds_name in list(table) + [d for d in long_curves if d not in table]:
+        rows, ds = table.get(ds_name, []), datasets[ds_name]
         lines += [f"## {ds.title}", ""]
         data = ", ".join(f"{k} {v}" for k, v in ds.data.items())
         lines += [f"Data: {data}. Budget: {', '.join(f'{k} {v}' for k, v in ds.budget.items())} unless a line says otherwise.", ""]
@@ -694,6 +865,24 @@ def write_markdown(path: Path, table: dict[str, list[Row]], skipped: list[tuple[
             lines.append(f"| {row.entry.name} | {row.entry.kind} | {row.metric or 'n/a'} | {cell} | {len(row.values)} | "
                          f"{delta} | {_fmt(row.wall, 0)} s | {note} |")
         lines.append("")
+        if ds_name in curves and curves[ds_name].curves:
+            lines += [f"### Learning curves and time to beat {ds.reference}", "",
+                      f"Validation metric at every evaluation, mean over the seeds, {ds.reference} in black. Time to "
+                      f"beat: the first evaluated step at which an SSL method's mean validation metric is better than "
+                      f"{ds.reference}'s at the same step (no noise margin: the verdicts with one are the orderings below).", ""]
+            lines += _curve_lines(curves[ds_name], ds, path, f"{ds.title}: validation curves", long=False)
+        if ds_name in long_curves:
+            section = long_curves[ds_name]
+            lines += [f"### Longer budget (seed {section.seed}, {section.max_steps} steps)", "",
+                      f"What was run: seed {section.seed} of every baseline and SSL entry of this dataset (and the "
+                      f"pretraining stage they start from), at {LONG_FACTOR}x the table's budget: max_steps "
+                      f"{section.max_steps}, evaluated every {LONG_EVAL_STEPS} steps (`--curves`, run folders "
+                      f"`<work_dir>/{LONG_FOLDER}/`; commands at the end). Time to beat is measured inside each long "
+                      f"run against {ds.reference}'s long run at the same step: every learning-rate schedule (and any "
+                      f"schedule stated relative to the run's length) is that of the {section.max_steps}-step run, so "
+                      "a point at the table's budget is not the table's shorter run. One seed: no noise estimate. "
+                      f"Sum of the wall times of these runs: {section.wall_seconds / 60:.1f} min.", ""]
+            lines += _curve_lines(section, ds, path, f"{ds.title}: validation curves, longer budget", long=True)
     by_name = {(ds_name, row.entry.name): row for ds_name, rows in table.items() for row in rows if row.values}
     measured = [(c, by_name[(c.dataset, c.better)], by_name[(c.dataset, c.worse)]) for c in checks
                 if (c.dataset, c.better) in by_name and (c.dataset, c.worse) in by_name]
@@ -717,6 +906,10 @@ def write_markdown(path: Path, table: dict[str, list[Row]], skipped: list[tuple[
     for ds_name, rows in table.items():
         lines += [f"### {ds_name}", "", "```"]
         lines += [row.command for row in rows]
+        lines += ["```", ""]
+    for ds_name, section in long_curves.items():
+        lines += [f"### {ds_name}, longer budget (seed {section.seed}, {section.max_steps} steps)", "", "```"]
+        lines += section.commands
         lines += ["```", ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -762,6 +955,49 @@ def write_plots(folder: Path, table: dict[str, list[Row]], datasets: dict[str, D
     return written
 
 
+def write_curve_plots(folder: Path, curves: dict[str, list[Curve]], datasets: dict[str, Dataset] | None = None,
+                      suffix: str = "_curves", subtitle: str = "") -> dict[str, Path]:
+    """One learning-curve plot per dataset (``<dataset><suffix>.png``): validation metric against step, one
+    line per baseline (dashed) and SSL entry (solid), the dataset's reference black and thicker, the
+    legend outside the axes so ~15 lines stay readable."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = datasets or DATASETS
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for ds_name, lines in curves.items():
+        lines = [c for c in lines if c.points]
+        if not lines:
+            continue
+        reference = datasets[ds_name].reference
+        palette = plt.get_cmap("tab20").colors
+        fig, ax = plt.subplots(figsize=(8.5, 4.6))
+        others = [c for c in lines if c.entry.name != reference]
+        for i, c in enumerate(others):
+            ax.plot(list(c.points), list(c.points.values()), marker="o", markersize=3, linewidth=1.3,
+                    linestyle="--" if c.entry.kind == "baseline" else "-", color=palette[i % len(palette)],
+                    label=f"{c.entry.name} ({c.entry.kind})")
+        for c in lines:
+            if c.entry.name == reference:  # drawn last, on top
+                ax.plot(list(c.points), list(c.points.values()), marker="o", markersize=4, linewidth=3.0,
+                        color="black", label=f"{c.entry.name} (reference)", zorder=5)
+        metric = lines[0].metric
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"validation {metric}" + (" (lower is better)" if metric in LOWER_IS_BETTER else ""))
+        ax.set_title(datasets[ds_name].title + (f"\n{subtitle}" if subtitle else ""), fontsize=9)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = folder / f"{ds_name}{suffix}.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        written[ds_name] = path
+    return written
+
+
 # ==================================================================================================
 # command line
 # ==================================================================================================
@@ -779,6 +1015,10 @@ def main(argv: list[str] | None = None, runner: Callable[[Run, Path], dict[str, 
     parser.add_argument("--work_dir", help="run folders (default runs/benchmark_suite, --quick: runs/benchmark_suite_quick)")
     parser.add_argument("--output", help="markdown report (default docs/results.md, --quick: <work_dir>/results.md); "
                                          "plots go to <its folder>/results/")
+    parser.add_argument("--curves", action="store_true",
+                        help=f"run the longer-budget learning curves of the selected datasets: seed {LONG_SEED} of every "
+                             f"baseline and SSL entry at {LONG_FACTOR}x the steps, evaluated every {LONG_EVAL_STEPS}, in "
+                             f"<work_dir>/{LONG_FOLDER}/; every report (this one and later plain invocations) includes them")
     parser.add_argument("--list", action="store_true", help="print the planned runs and exit")
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
@@ -788,16 +1028,22 @@ def main(argv: list[str] | None = None, runner: Callable[[Run, Path], dict[str, 
     unknown = [d for d in wanted or [] if d not in datasets]
     if unknown:
         parser.error(f"unknown dataset(s) {unknown}; choose from {', '.join(datasets)}")
+    if args.curves and args.seeds:
+        parser.error(f"--curves runs seed {LONG_SEED} only (one long run per entry); drop --seeds")
     try:
         seeds = [int(s) for s in _split(args.seeds)] if args.seeds else ([DEFAULT_SEEDS[0]] if args.quick else list(DEFAULT_SEEDS))
     except ValueError:
         parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
-    chosen = select_entries(entries, _split(args.methods), wanted)
+    chosen = (curve_entries if args.curves else select_entries)(entries, _split(args.methods), wanted)
     if not chosen:
-        parser.error("no entry matches --methods/--datasets")
+        parser.error("no entry matches --methods/--datasets" + (" (--curves runs baseline and ssl entries)" if args.curves else ""))
     work_dir = Path(args.work_dir or (root / ("runs/benchmark_suite_quick" if args.quick else "runs/benchmark_suite")))
     output = Path(args.output) if args.output else (work_dir / "results.md" if args.quick else root / "docs" / "results.md")
-    runs, skipped = plan_runs(chosen, seeds, work_dir, quick=args.quick, root=root, datasets=datasets)
+    try:
+        runs, skipped = plan_runs(chosen, [LONG_SEED] if args.curves else seeds, work_dir, quick=args.quick, root=root,
+                                  datasets=datasets, long=args.curves)
+    except ValueError as error:
+        parser.error(str(error))
     for e, why in skipped:
         print(f"skip {e.dataset}/{e.name}: {why}")
     if args.list:
@@ -806,24 +1052,64 @@ def main(argv: list[str] | None = None, runner: Callable[[Run, Path], dict[str, 
         return 0
     started = time.perf_counter()
     prepare_datasets(runs, work_dir, datasets, root=root)
-    results = execute(runs, runner, progress=not args.no_progress)
-    # the report covers the whole table: runs of entries not selected this time count when already done
+    fresh = execute(runs, runner, progress=not args.no_progress)
+    # the report covers the whole table and every longer-budget run: runs not selected this time count
+    # when already done (their markers and histories are read, nothing is run again)
     everything, skipped_all = plan_runs(entries, seeds, work_dir, quick=args.quick, root=root, datasets=datasets)
-    for run in everything:
-        if run.id not in results and is_done(run):
-            results[run.id] = json.loads((run.run_dir / RESULT_FILE).read_text())
+    results = _finished(everything, {} if args.curves else fresh)
     reported = [run for run in everything if run.id in results]
+    folder = output.parent / "results"
     table = aggregate(reported, results, entries)
-    plots = write_plots(output.parent / "results", table, datasets)
+    plots = write_plots(folder, table, datasets)
+    found = collect_curves(reported, results, entries)
+    curve_plots = write_curve_plots(folder, found, datasets)
+    curves = {d: CurveSection(c, curve_plots.get(d)) for d, c in found.items()}
+    long_curves = _long_sections(entries, work_dir, args.quick, root, datasets, fresh if args.curves else {}, folder)
     analysis = output.parent / ANALYSIS_FILE
     notes = (f"Why the orderings below come out as they do, with the evidence: [{ANALYSIS_FILE}]({ANALYSIS_FILE})."
              if analysis.is_file() and not args.quick else None)
     write_markdown(output, table, skipped_all, seeds, args.quick, time.perf_counter() - started, datasets, plots,
-                   EXPECTED if entries is SUITE else [], notes)
-    failed = [rid for rid, r in results.items() if r.get("status") != "ok"]
-    print(f"wrote {output} and {len(plots)} plot(s); {len(runs) - len(failed)} of {len(runs)} runs ok"
-          + (f"; failed: {', '.join(failed)}" if failed else ""))
+                   EXPECTED if entries is SUITE else [], notes, curves, long_curves)
+    failed = [rid for rid, r in fresh.items() if r.get("status") != "ok"]
+    print(f"wrote {output} and {len(plots) + len(curve_plots) + len(long_curves)} plot(s); "
+          f"{len(runs) - len(failed)} of {len(runs)} runs ok" + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
+
+
+def _finished(runs: list[Run], fresh: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """run id -> result: this invocation's (``fresh``), else the stored marker of a run already done."""
+    results = {}
+    for run in runs:
+        if run.id in fresh:
+            results[run.id] = fresh[run.id]
+        elif is_done(run):
+            results[run.id] = json.loads((run.run_dir / RESULT_FILE).read_text())
+    return results
+
+
+def _option(command: list[str], flag: str) -> str | None:
+    return command[command.index(flag) + 1] if flag in command else None
+
+
+def _long_sections(entries: list[Entry], work_dir: Path, quick: bool, root: Path, datasets: dict[str, Dataset],
+                   fresh: dict[str, dict[str, Any]], folder: Path) -> dict[str, CurveSection]:
+    """dataset -> its longer-budget subsection, for every dataset with a finished long run (others: none)."""
+    scalable = [d for d, ds in datasets.items() if isinstance(ds.budget.get("max_steps"), int)]
+    long_entries = curve_entries(entries, None, scalable)
+    planned, _ = plan_runs(long_entries, [LONG_SEED], work_dir, quick=quick, root=root, datasets=datasets, long=True)
+    results = _finished(planned, fresh)
+    reported = [run for run in planned if run.id in results]
+    curves = collect_curves(reported, results, entries)
+    plots = write_curve_plots(folder, curves, datasets, "_long_curves", f"longer budget, seed {LONG_SEED}")
+    sections = {}
+    for ds_name, lines in curves.items():
+        keys = {e.key for e in long_entries if e.dataset == ds_name}
+        runs = [run for run in reported if run.entry.key in keys]
+        steps = [int(s) for s in (_option(run.command, "--max_steps") for run in runs if run.entry.kind in CURVE_KINDS) if s]
+        walls = [float(results[run.id].get("wall_seconds", 0.0)) for run in runs if results[run.id].get("status") == "ok"]
+        sections[ds_name] = CurveSection(lines, plots.get(ds_name), max(steps) if steps else None, LONG_SEED,
+                                         [display_command(run) for run in runs], sum(walls))
+    return sections
 
 
 if __name__ == "__main__":
