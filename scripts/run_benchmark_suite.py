@@ -797,9 +797,12 @@ def _curve_lines(section: CurveSection, ds: Dataset, report: Path, title: str, l
         head += f" test {reference.metric} (best on validation) |"
     lines += [head, "|---|---|---|" + ("---|" if long else "")]
     for c in ssl + ([reference] if long else []):
-        cell = time_to_beat(c.points, reference.points, lower) if c is not reference else "(reference)"
         _, last = first_step_beating(c.points, reference.points, lower)
-        at_last = f"{_fmt(c.points[last])} / {_fmt(reference.points[last])} (step {last})" if last is not None else ""
+        if c is reference:
+            cell, at_last = "(reference)", f"{_fmt(c.points[last])} (step {last})"
+        else:
+            cell = time_to_beat(c.points, reference.points, lower)
+            at_last = f"{_fmt(c.points[last])} / {_fmt(reference.points[last])} (step {last})" if last is not None else ""
         lines.append(f"| {c.entry.name} | {cell} | {at_last} |" + (f" {_fmt(c.test)} |" if long else ""))
     return lines + [""]
 

@@ -360,3 +360,143 @@ def test_digits_built_once_through_the_users_cli(repo):
     # built: the next call (a resumed suite) does nothing
     assert suite.prepare_datasets(runs, repo / "work", run_command=run_command, log=lambda *a: None, root=repo) == []
     assert len(commands) == 1
+
+
+# ------------------------------------------------------------------------------ learning curves, time to beat
+def _write_history(path, points, metric="accuracy"):
+    """A train.py-like logs/metrics.jsonl: train records between the validation ones, the test record last."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for step, value in points:
+        lines.append(json.dumps({"step": step, "split": "train", "loss": 1.0, metric: 0.0}))
+        lines.append(json.dumps({"step": step, "split": "validation", metric: value, "num_samples": 10}))
+    lines.append(json.dumps({"step": points[-1][0] if points else 0, "split": "test", metric: 0.99}))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_validation_history_reads_the_validation_records_of_the_metric(tmp_path):
+    path = tmp_path / "run/logs/metrics.jsonl"
+    _write_history(path, [(100, 0.3), (200, 0.4), (200, 0.45)])  # step 200 logged twice (a resumed run): the last counts
+    with open(path, "a") as handle:
+        handle.write('{not json\n{"step": 300, "split": "validation", "macro_f1": 0.2}\n'
+                     '{"step": 400, "split": "validation", "accuracy": NaN}\n')
+    assert suite.read_validation_history(path, "accuracy") == {100: 0.3, 200: 0.45}  # no test, no train, no NaN
+    assert suite.read_validation_history(path, "nme") == {}
+    assert suite.read_validation_history(tmp_path / "absent.jsonl", "accuracy") == {}
+
+
+def test_mean_curve_averages_the_seeds_that_evaluated_each_step():
+    curve = suite.mean_curve([{100: 0.2, 200: 0.4}, {100: 0.4, 300: 0.9}, {}])
+    assert list(curve) == [100, 200, 300] and curve == pytest.approx({100: 0.3, 200: 0.4, 300: 0.9})
+    assert suite.mean_curve([]) == {}
+
+
+def test_time_to_beat_by_hand():
+    reference = {100: 0.40, 200: 0.45, 300: 0.50}
+    assert suite.first_step_beating({100: 0.30, 200: 0.50, 300: 0.60}, reference) == (200, 300)
+    assert suite.time_to_beat({100: 0.30, 200: 0.50, 300: 0.60}, reference) == "step 200"
+    # equal is not ahead; never ahead: "not within" the last step both evaluated
+    assert suite.time_to_beat({100: 0.40, 200: 0.45, 300: 0.50}, reference) == "not within 300 steps"
+    # missing steps: only steps both evaluated are compared (150 has no reference value, 300 none of the method)
+    assert suite.first_step_beating({100: 0.1, 150: 0.99, 200: 0.2}, reference) == (None, 200)
+    assert suite.time_to_beat({100: 0.1, 150: 0.99, 200: 0.2}, reference) == "not within 200 steps"
+    assert suite.time_to_beat({150: 0.99}, reference) == "no validation step in common with the reference"
+    # a run without history
+    assert suite.time_to_beat({}, reference) == "no validation history"
+    assert suite.first_step_beating({}, reference) == (None, None)
+    # lower is better (landmark NME): the smaller value beats
+    nme_reference = {100: 0.30, 200: 0.20}
+    assert suite.time_to_beat({100: 0.35, 200: 0.15}, nme_reference, lower_is_better=True) == "step 200"
+    assert suite.time_to_beat({100: 0.35, 200: 0.15}, nme_reference) == "step 100"  # read as higher-is-better
+    assert suite.time_to_beat({100: 0.25, 200: 0.25}, nme_reference, lower_is_better=True) == "step 100"
+
+
+def test_long_runs_plan_baselines_and_ssl_at_three_times_the_steps_in_their_own_folder(repo):
+    orphan = Entry("orphan_pretrain", "toy", "recipes/pre.yaml", {}, "pretrain")  # nothing starts from it
+    entries = ENTRIES + [orphan]
+    chosen = suite.curve_entries(entries, None, ["toy"])
+    assert [e.name for e in chosen] == ["supervised", "pretrain", "ssl_image", "absent", "needs_absent"]  # no ceiling
+    runs, skipped = suite.plan_runs(chosen, [0], repo / "work", root=repo, datasets=DATASETS, python="python", long=True)
+    assert [r.id for r in runs] == ["long/toy/supervised/seed0", "long/shared/pretrain/seed0", "long/toy/ssl_image/seed0"]
+    ssl = runs[2]
+    assert ssl.depends == ["long/shared/pretrain/seed0"] and ssl.run_dir == repo / "work/long/toy/ssl_image/seed0"
+    assert suite._option(ssl.command, "--init_from") == "work/long/shared/pretrain/seed0/run"
+    assert suite._option(ssl.command, "--max_steps") == "15" and suite._option(ssl.command, "--eval_steps") == "100"
+    assert suite._option(runs[1].command, "--max_steps") == "9"  # 3x the entry's own budget
+    # the 3-seed runs' commands do not change (a resumed suite keeps its finished runs)
+    plain, _ = suite.plan_runs(chosen, [0], repo / "work", root=repo, datasets=DATASETS, python="python")
+    assert suite._option(plain[0].command, "--max_steps") == "5" and "long" not in " ".join(plain[0].command)
+    assert suite.curve_entries(entries, ["orphan_pretrain"], None) == []
+    no_budget = {"toy": Dataset("toy", "toy data", {}, {})}
+    with pytest.raises(ValueError, match="states no max_steps"):
+        suite.plan_runs(chosen[:1], [0], repo / "work", root=repo, datasets=no_budget, long=True)
+
+
+def test_real_table_long_runs(tmp_path):
+    image = suite.curve_entries(suite.SUITE, None, ["image", "digits"])
+    assert {e.kind for e in image} == {"baseline", "ssl"}
+    assert {e.name for e in image if e.dataset == "digits"} >= {"supervised", *suite.IMAGE_SSL}
+    multimodal = suite.curve_entries(suite.SUITE, None, ["multimodal_1pct"])
+    assert "tip_pretrain" in {e.name for e in multimodal}  # stil and supervised_tip_init start from it
+    assert not any(e.kind == "ceiling" for e in multimodal)
+    short, _ = suite.plan_runs(suite.SUITE, [0, 1, 2], tmp_path / "w", root=ROOT)
+    long, _ = suite.plan_runs(suite.curve_entries(suite.SUITE, None, None), [0], tmp_path / "w", root=ROOT, long=True)
+    assert long and not {r.run_dir for r in long} & {r.run_dir for r in short}
+    digits = next(r for r in long if r.id == "long/digits/fixmatch/seed0")
+    assert suite._option(digits.command, "--max_steps") == str(3 * suite.BUDGET["max_steps"])
+    assert suite._option(digits.command, "--dataset") == suite._option(short[0].command, "--dataset_cache_dir") + "/digits"
+
+
+CURVE_DATASETS = {"toy": Dataset("toy", "toy data", {"synthetic_task": "multimodal"}, {"max_steps": 200, "eval_steps": 100})}
+CURVE_ENTRIES = [
+    Entry("supervised", "toy", "recipes/sup.yaml", {}, "baseline"),
+    Entry("ceiling", "toy", "recipes/sup.yaml", {}, "ceiling", data_overrides={"labeled_fraction": 1.0}),
+    Entry("ssl", "toy", "recipes/ssl.yaml", {}, "ssl"),
+]
+
+
+class HistoryRunner(FakeRunner):
+    """Writes a validation history: supervised 0.5 + 0.0002 x step, ssl 0.3 + 0.001 x step (ahead after step 250)."""
+
+    def __call__(self, run, log_path):
+        metrics = super().__call__(run, log_path)
+        max_steps, every = int(suite._option(run.command, "--max_steps")), int(suite._option(run.command, "--eval_steps"))
+        start, slope = (0.3, 0.001) if run.entry.name == "ssl" else (0.5, 0.0002)
+        steps = range(every, max_steps + 1, every)
+        _write_history(run.run_dir / suite.HISTORY_FILE, [(s, start + slope * s + 0.01 * run.seed) for s in steps])
+        return metrics
+
+
+def test_curves_then_plain_invocation_write_one_report_with_both(repo):
+    work, out = repo / "w", repo / "docs" / "results.md"
+    argv = ["--no_progress", "--work_dir", str(work), "--output", str(out)]
+    first = HistoryRunner()
+    assert suite.main(argv, runner=first, entries=CURVE_ENTRIES, datasets=CURVE_DATASETS, root=repo) == 0
+    text = out.read_text()
+    assert "have not been run for any dataset" in text and "Longer budget" not in text
+    assert "![toy data: validation curves](results/toy_curves.png)" in text
+    assert "| ssl | not within 200 steps | 0.510 / 0.550 (step 200) |" in text  # means over seeds 0, 1, 2
+    assert (out.parent / "results" / "toy_curves.png").read_bytes()[:4] == b"\x89PNG"
+    long = HistoryRunner()
+    assert suite.main(argv + ["--curves"], runner=long, entries=CURVE_ENTRIES, datasets=CURVE_DATASETS, root=repo) == 0
+    assert long.calls == ["long/toy/supervised/seed0", "long/toy/ssl/seed0"]  # seed 0, no ceiling
+    plain = HistoryRunner()
+    assert suite.main(argv, runner=plain, entries=CURVE_ENTRIES, datasets=CURVE_DATASETS, root=repo) == 0
+    assert plain.calls == []  # everything cached: the report is written from the markers and histories
+    text = out.read_text()
+    assert "were run for: toy." in text and "### Longer budget (seed 0, 600 steps)" in text
+    assert "| ssl | not within 200 steps |" in text  # the table's runs
+    assert "| ssl | step 300 | 0.900 / 0.620 (step 600) | 0.500 |" in text  # inside the long runs
+    assert "| supervised | (reference) | 0.620 (step 600) | 0.500 |" in text and "![toy data: validation curves, longer budget](results/toy_long_curves.png)" in text
+    assert "--max_steps 600 --eval_steps 100 --seed 0 --output_dir w/long/toy/ssl/seed0/run" in text
+    assert (out.parent / "results" / "toy_long_curves.png").is_file()
+    with pytest.raises(SystemExit):
+        suite.main(argv + ["--curves", "--seeds", "1"], runner=plain, entries=CURVE_ENTRIES, datasets=CURVE_DATASETS, root=repo)
+
+
+def test_report_says_when_the_reference_has_no_history(repo):
+    curves = {"toy": suite.CurveSection([suite.Curve(Entry("supervised", "toy", "r"), "accuracy", {}, 0, 0.5),
+                                         suite.Curve(Entry("ssl", "toy", "r"), "accuracy", {100: 0.9}, 1, 0.6)])}
+    out = repo / "results.md"
+    suite.write_markdown(out, {"toy": [_row("supervised", [0.5])]}, [], [0], False, 1.0, DATASETS, {}, [], None, curves)
+    assert "No validation history of the reference entry supervised" in out.read_text()
