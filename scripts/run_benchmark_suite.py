@@ -787,9 +787,11 @@ def _curve_lines(section: CurveSection, ds: Dataset, report: Path, title: str, l
     lines = []
     if section.plot is not None:
         lines += [f"![{title}]({os.path.relpath(section.plot, report.parent)})", ""]
-    ssl = [c for c in section.curves if c.entry.kind == "ssl"]
     if reference is None:
         return lines + [f"No validation history of the reference entry {ds.reference}: no time to beat.", ""]
+    ssl = [c for c in section.curves if c.entry.kind == "ssl" and c is not reference]
+    if not ssl:
+        return lines + ["No SSL entry of this dataset has finished: no time to beat yet.", ""]
     lower = reference.metric in LOWER_IS_BETTER
     metric = f"validation {reference.metric}" + (" (lower is better)" if lower else "")
     head = f"| method | {metric} ahead of {ds.reference} from | at the last common step: method / {ds.reference} |"

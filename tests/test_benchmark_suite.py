@@ -495,8 +495,12 @@ def test_curves_then_plain_invocation_write_one_report_with_both(repo):
 
 
 def test_report_says_when_the_reference_has_no_history(repo):
-    curves = {"toy": suite.CurveSection([suite.Curve(Entry("supervised", "toy", "r"), "accuracy", {}, 0, 0.5),
+    curves = {"toy": suite.CurveSection([suite.Curve(Entry("supervised", "toy", "r", kind="baseline"), "accuracy", {}, 0, 0.5),
                                          suite.Curve(Entry("ssl", "toy", "r"), "accuracy", {100: 0.9}, 1, 0.6)])}
     out = repo / "results.md"
     suite.write_markdown(out, {"toy": [_row("supervised", [0.5])]}, [], [0], False, 1.0, DATASETS, {}, [], None, curves)
     assert "No validation history of the reference entry supervised" in out.read_text()
+    curves["toy"].curves[0].points = {100: 0.5}
+    del curves["toy"].curves[1]  # the reference alone: no empty table
+    suite.write_markdown(out, {"toy": [_row("supervised", [0.5])]}, [], [0], False, 1.0, DATASETS, {}, [], None, curves)
+    assert "No SSL entry of this dataset has finished" in out.read_text() and "ahead of supervised from" not in out.read_text()
