@@ -4,6 +4,7 @@
     python scripts/run_benchmark_suite.py                 # the whole table, 3 seeds (measured: 1 h 48 min on 2 CPU cores)
     python scripts/run_benchmark_suite.py --quick         # smoke check: 1 seed, a few dozen steps per run
     python scripts/run_benchmark_suite.py --methods stil,supervised_multimodal --datasets multimodal_1pct --seeds 0,1
+    python scripts/run_benchmark_suite.py --curves --datasets image,digits   # longer-budget curves (seed 0, 3x the steps)
 
 What runs is the table ``SUITE`` below: one line per (method, dataset) with the recipe and the
 overrides. A recipe that does not exist yet (a method not merged) is skipped with a note in the
@@ -23,6 +24,20 @@ Output: a markdown report (mean +- std over seeds of the test metric of the best
 wall time per run, the exact commands, the skipped entries) and one PNG bar chart with error bars
 per dataset in ``<report folder>/results/``. ``--quick`` writes into ``runs/benchmark_suite_quick/``
 so a smoke check never overwrites ``docs/results.md``.
+
+Learning curves and time to beat: each dataset's section also plots (``<dataset>_curves.png``) the
+validation headline metric (the table's metric: accuracy, or NME where lower is better) of every
+baseline and SSL entry at each evaluation, mean over seeds, read from each run's
+``run/logs/metrics.jsonl``, the reference entry in black; a small table gives, for every SSL entry, the
+first evaluated step at which its mean validation metric beats the reference's at the same step, or
+"not within N steps". ``--curves`` runs, for the selected datasets, seed 0 of every baseline and SSL
+entry (and the pretraining stage they start from; not the all-labels ceiling) at 3x the dataset's
+max_steps, evaluated every 100 steps, in ``<work_dir>/long/`` (resumable like the rest, never sharing a
+folder or a command with the 3-seed runs); every later report, plain invocations included, adds a
+"longer budget" subsection (``<dataset>_long_curves.png`` and the same table, measured inside each long
+run, whose schedules are those of the long run) for each dataset with finished long runs. So
+``--curves --datasets image,digits`` then a plain invocation write one report with both; runs already
+done are read from their markers and histories, not run again.
 """
 
 from __future__ import annotations
