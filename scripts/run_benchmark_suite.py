@@ -791,6 +791,7 @@ class CurveSection:
     curves: list[Curve]
     plot: Path | None = None
     max_steps: int | None = None  # the longer budget's steps (None: the table's own runs)
+    eval_steps: int | None = None  # and its evaluation interval
     seed: int | None = None  # the longer budget's seed
     commands: list[str] = field(default_factory=list)
     wall_seconds: float = 0.0
@@ -895,8 +896,8 @@ def write_markdown(path: Path, table: dict[str, list[Row]], skipped: list[tuple[
             section = long_curves[ds_name]
             lines += [f"### Longer budget (seed {section.seed}, {section.max_steps} steps)", "",
                       f"What was run: seed {section.seed} of every baseline and SSL entry of this dataset (and the "
-                      f"pretraining stage they start from), at {LONG_FACTOR}x the table's budget: max_steps "
-                      f"{section.max_steps}, evaluated every {LONG_EVAL_STEPS} steps (`--curves`, run folders "
+                      f"pretraining stage they start from), at {'the smoke check' if quick else f'{LONG_FACTOR}x the table'}'s budget: max_steps "
+                      f"{section.max_steps}, evaluated every {section.eval_steps} steps (`--curves`, run folders "
                       f"`<work_dir>/{LONG_FOLDER}/`; commands at the end). Time to beat is measured inside each long "
                       f"run against {ds.reference}'s long run at the same step: every learning-rate schedule (and any "
                       f"schedule stated relative to the run's length) is that of the {section.max_steps}-step run, so "
@@ -976,14 +977,16 @@ def write_plots(folder: Path, table: dict[str, list[Row]], datasets: dict[str, D
 
 
 def write_curve_plots(folder: Path, curves: dict[str, list[Curve]], datasets: dict[str, Dataset] | None = None,
-                      suffix: str = "_curves", subtitle: str = "") -> dict[str, Path]:
+                      suffix: str = "_curves", subtitle: str = "", marks: dict[str, int] | None = None) -> dict[str, Path]:
     """One learning-curve plot per dataset (``<dataset><suffix>.png``): validation metric against step, one
     line per baseline (dashed) and SSL entry (solid), the dataset's reference black and thicker, the
-    legend outside the axes so ~15 lines stay readable."""
+    legend outside the axes so ~15 lines stay readable. ``marks``: dataset -> the table's budget, drawn as a
+    dotted vertical line on a longer-budget plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     datasets = datasets or DATASETS
     folder.mkdir(parents=True, exist_ok=True)
@@ -1004,7 +1007,10 @@ def write_curve_plots(folder: Path, curves: dict[str, list[Curve]], datasets: di
             if c.entry.name == reference:  # drawn last, on top
                 ax.plot(list(c.points), list(c.points.values()), marker="o", markersize=4, linewidth=3.0,
                         color="black", label=f"{c.entry.name} (reference)", zorder=5)
+        if marks and ds_name in marks:
+            ax.axvline(marks[ds_name], color="grey", linestyle=":", linewidth=1.2, label=f"the table's budget ({marks[ds_name]} steps)")
         metric = lines[0].metric
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))
         ax.set_xlabel("step")
         ax.set_ylabel(f"validation {metric}" + (" (lower is better)" if metric in LOWER_IS_BETTER else ""))
         ax.set_title(datasets[ds_name].title + (f"\n{subtitle}" if subtitle else ""), fontsize=9)
@@ -1120,15 +1126,18 @@ def _long_sections(entries: list[Entry], work_dir: Path, quick: bool, root: Path
     results = _finished(planned, fresh)
     reported = [run for run in planned if run.id in results]
     curves = collect_curves(reported, results, entries)
-    plots = write_curve_plots(folder, curves, datasets, "_long_curves", f"longer budget, seed {LONG_SEED}")
+    table_budget = {d: ds.budget["max_steps"] for d, ds in datasets.items() if d in scalable and not quick}
+    plots = write_curve_plots(folder, curves, datasets, "_long_curves", f"longer budget, seed {LONG_SEED}", table_budget)
     sections = {}
     for ds_name, lines in curves.items():
         keys = {e.key for e in long_entries if e.dataset == ds_name}
         runs = [run for run in reported if run.entry.key in keys]
-        steps = [int(s) for s in (_option(run.command, "--max_steps") for run in runs if run.entry.kind in CURVE_KINDS) if s]
+        drawn = [run for run in runs if run.entry.kind in CURVE_KINDS]  # what the curves show (a stage may differ)
+        steps = [int(_option(run.command, "--max_steps")) for run in drawn if "--max_steps" in run.command]
+        every = [int(_option(run.command, "--eval_steps")) for run in drawn if "--eval_steps" in run.command]
         walls = [float(results[run.id].get("wall_seconds", 0.0)) for run in runs if results[run.id].get("status") == "ok"]
-        sections[ds_name] = CurveSection(lines, plots.get(ds_name), max(steps) if steps else None, LONG_SEED,
-                                         [display_command(run) for run in runs], sum(walls))
+        sections[ds_name] = CurveSection(lines, plots.get(ds_name), max(steps, default=None), min(every, default=None),
+                                         LONG_SEED, [display_command(run) for run in runs], sum(walls))
     return sections
 
 

@@ -485,6 +485,7 @@ def test_curves_then_plain_invocation_write_one_report_with_both(repo):
     assert plain.calls == []  # everything cached: the report is written from the markers and histories
     text = out.read_text()
     assert "were run for: toy." in text and "### Longer budget (seed 0, 600 steps)" in text
+    assert "max_steps 600, evaluated every 100 steps" in text
     assert "| ssl | not within 200 steps |" in text  # the table's runs
     assert "| ssl | step 300 | 0.900 / 0.620 (step 600) | 0.500 |" in text  # inside the long runs
     assert "| supervised | (reference) | 0.620 (step 600) | 0.500 |" in text and "![toy data: validation curves, longer budget](results/toy_long_curves.png)" in text
