@@ -363,11 +363,16 @@ def _with_dependencies(chosen: list[Entry], entries: list[Entry]) -> list[Entry]
     return sorted(chosen, key=lambda e: order[id(e)])
 
 
-def curve_entries(entries: Iterable[Entry], methods: list[str] | None, datasets: list[str] | None) -> list[Entry]:
-    """The entries of the longer-budget curve runs: every selected baseline and SSL entry, and the
-    pretraining stages they start from (a stage nobody starts from and the all-labels ceiling are left out)."""
+def curve_entries(entries: Iterable[Entry], methods: list[str] | None, datasets: list[str] | None,
+                  catalogue: dict[str, Dataset] | None = None) -> list[Entry]:
+    """The entries of the longer-budget curve runs: every selected baseline and SSL entry, each dataset's
+    reference entry (time to beat needs it, whatever --methods says), and the pretraining stages they
+    start from (a stage nobody starts from and the all-labels ceiling are left out)."""
     entries = list(entries)
+    catalogue = catalogue or DATASETS
     drawn = [e for e in select_entries(entries, methods, datasets) if e.kind in CURVE_KINDS]
+    wanted = {e.dataset for e in drawn}
+    drawn += [e for e in entries if e.dataset in wanted and e.name == catalogue[e.dataset].reference and e not in drawn]
     return _with_dependencies(drawn, entries)
 
 
@@ -1060,7 +1065,8 @@ def main(argv: list[str] | None = None, runner: Callable[[Run, Path], dict[str, 
         seeds = [int(s) for s in _split(args.seeds)] if args.seeds else ([DEFAULT_SEEDS[0]] if args.quick else list(DEFAULT_SEEDS))
     except ValueError:
         parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
-    chosen = (curve_entries if args.curves else select_entries)(entries, _split(args.methods), wanted)
+    chosen = (curve_entries(entries, _split(args.methods), wanted, datasets) if args.curves
+              else select_entries(entries, _split(args.methods), wanted))
     if not chosen:
         parser.error("no entry matches --methods/--datasets" + (" (--curves runs baseline and ssl entries)" if args.curves else ""))
     work_dir = Path(args.work_dir or (root / ("runs/benchmark_suite_quick" if args.quick else "runs/benchmark_suite")))
@@ -1121,7 +1127,7 @@ def _long_sections(entries: list[Entry], work_dir: Path, quick: bool, root: Path
                    fresh: dict[str, dict[str, Any]], folder: Path) -> dict[str, CurveSection]:
     """dataset -> its longer-budget subsection, for every dataset with a finished long run (others: none)."""
     scalable = [d for d, ds in datasets.items() if isinstance(ds.budget.get("max_steps"), int)]
-    long_entries = curve_entries(entries, None, scalable)
+    long_entries = curve_entries(entries, None, scalable, datasets)
     planned, _ = plan_runs(long_entries, [LONG_SEED], work_dir, quick=quick, root=root, datasets=datasets, long=True)
     results = _finished(planned, fresh)
     reported = [run for run in planned if run.id in results]

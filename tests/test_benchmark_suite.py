@@ -414,7 +414,7 @@ def test_time_to_beat_by_hand():
 def test_long_runs_plan_baselines_and_ssl_at_three_times_the_steps_in_their_own_folder(repo):
     orphan = Entry("orphan_pretrain", "toy", "recipes/pre.yaml", {}, "pretrain")  # nothing starts from it
     entries = ENTRIES + [orphan]
-    chosen = suite.curve_entries(entries, None, ["toy"])
+    chosen = suite.curve_entries(entries, None, ["toy"], DATASETS)
     assert [e.name for e in chosen] == ["supervised", "pretrain", "ssl_image", "absent", "needs_absent"]  # no ceiling
     runs, skipped = suite.plan_runs(chosen, [0], repo / "work", root=repo, datasets=DATASETS, python="python", long=True)
     assert [r.id for r in runs] == ["long/toy/supervised/seed0", "long/shared/pretrain/seed0", "long/toy/ssl_image/seed0"]
@@ -426,7 +426,9 @@ def test_long_runs_plan_baselines_and_ssl_at_three_times_the_steps_in_their_own_
     # the 3-seed runs' commands do not change (a resumed suite keeps its finished runs)
     plain, _ = suite.plan_runs(chosen, [0], repo / "work", root=repo, datasets=DATASETS, python="python")
     assert suite._option(plain[0].command, "--max_steps") == "5" and "long" not in " ".join(plain[0].command)
-    assert suite.curve_entries(entries, ["orphan_pretrain"], None) == []
+    assert suite.curve_entries(entries, ["orphan_pretrain"], None, DATASETS) == []
+    # the reference comes along whatever --methods says (time to beat needs it)
+    assert [e.name for e in suite.curve_entries(entries, ["ssl_image"], None, DATASETS)] == ["supervised", "pretrain", "ssl_image"]
     no_budget = {"toy": Dataset("toy", "toy data", {}, {})}
     with pytest.raises(ValueError, match="states no max_steps"):
         suite.plan_runs(chosen[:1], [0], repo / "work", root=repo, datasets=no_budget, long=True)
