@@ -879,8 +879,11 @@ def write_markdown(path: Path, table: dict[str, list[Row]], skipped: list[tuple[
             lines += [f"![{ds.title}]({os.path.relpath(plot_files[ds_name], path.parent)})", ""]
         reference = next((r for r in rows if r.entry.name == ds.reference and r.values), None)
         lower = (reference.metric if reference else "") in LOWER_IS_BETTER
-        lines += [f"| method | kind | test metric | mean ± std | seeds | Δ vs {ds.reference}{' (lower is better)' if lower else ''} "
-                  "| wall time / run | note |", "|---|---|---|---|---|---|---|---|"]
+        if rows:
+            lines += [f"| method | kind | test metric | mean ± std | seeds | Δ vs {ds.reference}{' (lower is better)' if lower else ''} "
+                      "| wall time / run | note |", "|---|---|---|---|---|---|---|---|"]
+        else:  # only longer-budget runs so far
+            lines.append("No run of this dataset's table has finished yet (only the longer-budget runs below).")
         for row in rows:
             cell = f"{_fmt(row.mean)} ± {_fmt(row.std)}" if row.values else "failed"
             delta = (f"{row.mean - reference.mean:+.3f}" if reference is not None and row.values and row.metric == reference.metric

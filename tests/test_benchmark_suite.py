@@ -482,6 +482,12 @@ def test_curves_then_plain_invocation_write_one_report_with_both(repo):
     long = HistoryRunner()
     assert suite.main(argv + ["--curves"], runner=long, entries=CURVE_ENTRIES, datasets=CURVE_DATASETS, root=repo) == 0
     assert long.calls == ["long/toy/supervised/seed0", "long/toy/ssl/seed0"]  # seed 0, no ceiling
+    # long runs alone (another work folder): the dataset's section holds them, its 3-seed table says it is empty
+    assert suite.main(["--no_progress", "--work_dir", str(repo / "w2"), "--output", str(repo / "r2.md"), "--curves"],
+                      runner=HistoryRunner(), entries=CURVE_ENTRIES, datasets=CURVE_DATASETS, root=repo) == 0
+    alone = (repo / "r2.md").read_text()
+    assert "No run of this dataset's table has finished yet" in alone and "| ssl | step 300 |" in alone
+    assert "| method | kind |" not in alone
     plain = HistoryRunner()
     assert suite.main(argv, runner=plain, entries=CURVE_ENTRIES, datasets=CURVE_DATASETS, root=repo) == 0
     assert plain.calls == []  # everything cached: the report is written from the markers and histories
