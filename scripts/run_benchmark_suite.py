@@ -376,9 +376,9 @@ def curve_entries(entries: Iterable[Entry], methods: list[str] | None, datasets:
     return _with_dependencies(drawn, entries)
 
 
-def long_budget(max_steps: Any, dataset: str) -> dict[str, int]:
+def long_budget(max_steps: int | None, dataset: str) -> dict[str, int]:
     """The longer budget of a run whose suite budget is ``max_steps``: LONG_FACTOR x, evaluated every LONG_EVAL_STEPS."""
-    if not isinstance(max_steps, int):
+    if max_steps is None:
         raise ValueError(f"dataset {dataset!r} states no max_steps in its budget, so --curves cannot scale it; "
                          "add max_steps to its Dataset budget")
     return {"max_steps": LONG_FACTOR * max_steps, "eval_steps": LONG_EVAL_STEPS}
@@ -895,22 +895,23 @@ def write_markdown(path: Path, table: dict[str, list[Row]], skipped: list[tuple[
                          f"{delta} | {_fmt(row.wall, 0)} s | {note} |")
         lines.append("")
         if ds_name in curves and curves[ds_name].curves:
-            lines += [f"### Learning curves and time to beat {ds.reference}", "",
-                      f"Validation metric at every evaluation, mean over the seeds, {ds.reference} in black. Time to "
-                      f"beat: the first evaluated step at which an SSL method's mean validation metric is better than "
-                      f"{ds.reference}'s at the same step (no noise margin: the verdicts with one are the orderings below).", ""]
+            how = (f"Validation metric at every evaluation, mean over the seeds, {ds.reference} in black. Time to "
+                   f"beat: the first evaluated step at which an SSL method's mean validation metric is better than "
+                   f"{ds.reference}'s at the same step (no noise margin: the verdicts with one are the orderings below).")
+            lines += [f"### Learning curves and time to beat {ds.reference}", "", how, ""]
             lines += _curve_lines(curves[ds_name], ds, path, f"{ds.title}: validation curves", long=False)
         if ds_name in long_curves:
             section = long_curves[ds_name]
-            lines += [f"### Longer budget (seed {section.seed}, {section.max_steps} steps)", "",
-                      f"What was run: seed {section.seed} of every baseline and SSL entry of this dataset (and the "
-                      f"pretraining stage they start from), at {'the smoke check' if quick else f'{LONG_FACTOR}x the table'}'s budget: max_steps "
-                      f"{section.max_steps}, evaluated every {section.eval_steps} steps (`--curves`, run folders "
-                      f"`<work_dir>/{LONG_FOLDER}/`; commands at the end). Time to beat is measured inside each long "
-                      f"run against {ds.reference}'s long run at the same step: every learning-rate schedule (and any "
-                      f"schedule stated relative to the run's length) is that of the {section.max_steps}-step run, so "
-                      "a point at the table's budget is not the table's shorter run. One seed: no noise estimate. "
-                      f"Sum of the wall times of these runs: {section.wall_seconds / 60:.1f} min.", ""]
+            budget = "the smoke check's" if quick else f"{LONG_FACTOR}x the table's"
+            what = (f"What was run: seed {section.seed} of every baseline and SSL entry of this dataset (and the "
+                    f"pretraining stage they start from), at {budget} budget: max_steps {section.max_steps}, evaluated "
+                    f"every {section.eval_steps} steps (`--curves`, run folders `<work_dir>/{LONG_FOLDER}/`; commands at "
+                    f"the end). Time to beat is measured inside each long run against {ds.reference}'s long run at the "
+                    "same step: every learning-rate schedule (and any schedule stated relative to the run's length) is "
+                    f"that of the {section.max_steps}-step run, so a point at the table's budget is not the table's "
+                    "shorter run. One seed: no noise estimate. Sum of the wall times of these runs: "
+                    f"{section.wall_seconds / 60:.1f} min.")
+            lines += [f"### Longer budget (seed {section.seed}, {section.max_steps} steps)", "", what, ""]
             lines += _curve_lines(section, ds, path, f"{ds.title}: validation curves, longer budget", long=True)
     by_name = {(ds_name, row.entry.name): row for ds_name, rows in table.items() for row in rows if row.values}
     measured = [(c, by_name[(c.dataset, c.better)], by_name[(c.dataset, c.worse)]) for c in checks

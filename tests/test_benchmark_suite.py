@@ -416,7 +416,7 @@ def test_long_runs_plan_baselines_and_ssl_at_three_times_the_steps_in_their_own_
     entries = ENTRIES + [orphan]
     chosen = suite.curve_entries(entries, None, ["toy"], DATASETS)
     assert [e.name for e in chosen] == ["supervised", "pretrain", "ssl_image", "absent", "needs_absent"]  # no ceiling
-    runs, skipped = suite.plan_runs(chosen, [0], repo / "work", root=repo, datasets=DATASETS, python="python", long=True)
+    runs, _ = suite.plan_runs(chosen, [0], repo / "work", root=repo, datasets=DATASETS, python="python", long=True)
     assert [r.id for r in runs] == ["long/toy/supervised/seed0", "long/shared/pretrain/seed0", "long/toy/ssl_image/seed0"]
     ssl = runs[2]
     assert ssl.depends == ["long/shared/pretrain/seed0"] and ssl.run_dir == repo / "work/long/toy/ssl_image/seed0"
