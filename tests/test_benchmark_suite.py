@@ -513,3 +513,16 @@ def test_report_says_when_the_reference_has_no_history(repo):
     del curves["toy"].curves[1]  # the reference alone: no empty table
     suite.write_markdown(out, {"toy": [_row("supervised", [0.5])]}, [], [0], False, 1.0, DATASETS, {}, [], None, curves)
     assert "No SSL entry of this dataset has finished" in out.read_text() and "ahead of supervised from" not in out.read_text()
+
+
+def test_runs_shared_by_both_label_rates_have_one_command_whatever_the_selection(tmp_path):
+    """TIP pretraining and the fully labelled ceiling serve both multimodal tables from one folder; planned
+    from the 10 % table alone they took its 400 steps and would overwrite the 1 % table's 600-step run."""
+    def shared_commands(datasets):
+        runs, _ = suite.plan_runs(suite.select_entries(suite.SUITE, None, datasets), [0], tmp_path / "w", root=ROOT)
+        return {r.id: r.command for r in runs if r.entry.run_key}
+
+    both = shared_commands(["multimodal_1pct", "multimodal_10pct"])
+    assert set(both) == {"multimodal/tip_pretrain/seed0", "multimodal/supervised_all_labels/seed0"}
+    assert shared_commands(["multimodal_10pct"]) == shared_commands(["multimodal_1pct"]) == both
+    assert suite.DATASETS["multimodal_10pct"].budget["max_steps"] != suite.SHARED_MULTIMODAL_BUDGET["max_steps"]
