@@ -100,7 +100,7 @@ class _Jitter:
 
     def apply(self, x: torch.Tensor, plan: dict) -> torch.Tensor:
         for op, idx, factor in plan["groups"]:
-            x = x.index_copy(0, idx, _COLOR_OPS[op](x.index_select(0, idx), factor))
+            x.index_copy_(0, idx, _COLOR_OPS[op](x.index_select(0, idx), factor))
         return x
 
 
@@ -117,7 +117,7 @@ class _Gray:
         if idx.numel() == 0:
             return x
         picked = x.index_select(0, idx)
-        return x.index_copy(0, idx, _gray(picked).expand_as(picked))
+        return x.index_copy_(0, idx, _gray(picked).expand_as(picked))
 
 
 @dataclass
@@ -155,7 +155,7 @@ class _Blur:
         flat = picked.reshape(1, n * c, h, w)
         flat = F.conv2d(F.pad(flat, (r, r, 0, 0), mode="reflect"), kernel.view(n * c, 1, 1, -1), groups=n * c)
         flat = F.conv2d(F.pad(flat, (0, 0, r, r), mode="reflect"), kernel.view(n * c, 1, -1, 1), groups=n * c)
-        return x.index_copy(0, idx, flat.view(n, c, h, w))
+        return x.index_copy_(0, idx, flat.view(n, c, h, w))
 
 
 @dataclass
@@ -202,7 +202,7 @@ class _CropFlip:
         picked = x.index_select(0, idx)
         grid = F.affine_grid(plan["theta"], list(picked.shape), align_corners=False)
         out = F.grid_sample(picked, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        return x.index_copy(0, idx, out)
+        return x.index_copy_(0, idx, out)
 
 
 @dataclass
@@ -233,7 +233,7 @@ class _PadCropFlip:
         n = idx.numel()
         batch = torch.arange(n, device=x.device)[:, None, None]
         out = padded.permute(0, 2, 3, 1)[batch, plan["ys"][:, :, None], plan["xs"][:, None, :]]  # (n, H, W, C)
-        return x.index_copy(0, idx, out.permute(0, 3, 1, 2).contiguous())
+        return x.index_copy_(0, idx, out.permute(0, 3, 1, 2).contiguous())
 
 
 _GEOMETRIC = (_CropFlip, _PadCropFlip)
@@ -280,35 +280,24 @@ def _saturation(x, factor):
 
 
 def _hue(x, factor):
-    """Shift the hue by a per-row fraction of the circle (torchvision's adjust_hue, vectorised)."""
+    """Shift the hue by a per-row fraction of the circle: torchvision's adjust_hue (RGB -> HSV, shift,
+    back), vectorised, with the closed form of HSV -> RGB (channel n in 5, 3, 1 for r, g, b:
+    v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6 h) mod 6), the same values as its six-sector table."""
     r, g, b = x.unbind(1)
-    maxc, _ = x.max(dim=1)
-    minc, _ = x.min(dim=1)
-    eqc = maxc == minc
-    cr = maxc - minc
-    ones = torch.ones_like(maxc)
-    s = cr / torch.where(eqc, ones, maxc)
-    cr_divisor = torch.where(eqc, ones, cr)
-    rc, gc, bc = (maxc - r) / cr_divisor, (maxc - g) / cr_divisor, (maxc - b) / cr_divisor
-    hr = (maxc == r) * (bc - gc)
-    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
-    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
-    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
-    h = torch.remainder(h + factor.view(-1, 1, 1), 1.0)
-    v = maxc
-    h6 = h * 6.0
-    i = torch.floor(h6)
-    f = h6 - i
-    p = (v * (1.0 - s)).clamp(0.0, 1.0)
-    q = (v * (1.0 - s * f)).clamp(0.0, 1.0)
-    t = (v * (1.0 - s * (1.0 - f))).clamp(0.0, 1.0)
-    vpqt = torch.stack((v, p, q, t), dim=1)  # (n, 4, H, W)
-    select = _HSV_SELECT.to(x.device)[:, i.to(torch.int64) % 6]  # (3, n, H, W): which of v p q t per channel
-    return vpqt.gather(1, select.transpose(0, 1))
-
-
-# sector (0..5) of the hue circle -> the (r, g, b) sources among (v, p, q, t)
-_HSV_SELECT = torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]], dtype=torch.int64)
+    maxc, minc = x.amax(dim=1), x.amin(dim=1)
+    chroma = maxc - minc
+    grey = chroma == 0
+    s = chroma / torch.where(grey, 1.0, maxc)
+    chroma = torch.where(grey, 1.0, chroma)
+    rc, gc, bc = (maxc - r) / chroma, (maxc - g) / chroma, (maxc - b) / chroma
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h6 = torch.remainder(torch.fmod(h / 6.0 + 1.0, 1.0) + factor.view(-1, 1, 1), 1.0) * 6.0
+    vs = maxc * s
+    channels = []
+    for n in (5.0, 3.0, 1.0):
+        k = torch.remainder(h6 + n, 6.0)
+        channels.append(maxc - vs * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0))
+    return torch.stack(channels, dim=1)
 
 
 _COLOR_OPS = (_brightness, _contrast, _saturation, _hue)
@@ -368,7 +357,8 @@ class DeviceView:
         """uint8 (or [0, 1] float) (B, C, H, W) on any device -> float32 in [0, 1], the plan applied."""
         if images.ndim != 4:
             raise ViewError(f"device views take a (B, C, H, W) batch, got shape {tuple(images.shape)}")
-        x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+        # a fresh float32 batch: the stages write their rows into it in place
+        x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.to(torch.float32, copy=True)
         for stage, params in zip(self.stages, plan.stages):
             x = stage.apply(x, params)
         return x
