@@ -183,22 +183,24 @@ def device_views_rate(dd, meta, schema, cfg, batch_size: int, mu: int, steps: in
     iterator = iter(loaders.unlabeled_loader)
     device_views = DeviceViews(on)
     device_views.prepare(next(iterator), device)  # warm-up
-    batches, load_s = [], 0.0
+    batches, load_s, load_cpu = [], 0.0, 0.0
     for _ in range(steps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         batches.append(next(iterator))
-        load_s += time.perf_counter() - t
+        load_s, load_cpu = load_s + time.perf_counter() - t, load_cpu + time.process_time() - c
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     sync()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     for batch in batches:
         device_views.prepare(batch, device)
     sync()
-    apply_s = time.perf_counter() - t
+    apply_s, apply_cpu = time.perf_counter() - t, time.process_time() - c
     rows = sum(len(b["index"]) for b in batches)
     on_device = sorted(k for k, v in batches[0].items() if isinstance(v, dict) and "device_view" in v)
     return {"device": device, "rows": rows, "views_on_device": on_device,
             "loader_rows_per_s": rows / load_s, "device_views_rows_per_s": rows / apply_s,
+            # load-independent: rows per CPU-second of this (single-threaded) process
+            "loader_rows_per_cpu_s": rows / load_cpu, "device_views_rows_per_cpu_s": rows / apply_cpu,
             "threads": torch.get_num_threads()}
 
 
@@ -261,8 +263,9 @@ def main(argv=None):
             r["preset"], r["load_average"] = preset, os.getloadavg()[0]
             results.setdefault("device_views", []).append(r)
             print(f"preset {preset:8s} views on {r['device']} ({', '.join(r['views_on_device']) or 'none'}): loader "
-                  f"{r['loader_rows_per_s']:7.0f} rows/s (main process), device views {r['device_views_rows_per_s']:7.0f} "
-                  f"rows/s ({r['threads']} thread(s)); load {r['load_average']:.2f}")
+                  f"{r['loader_rows_per_s']:7.0f} rows/s (main process; {r['loader_rows_per_cpu_s']:.0f} per CPU-second), "
+                  f"device views {r['device_views_rows_per_s']:7.0f} rows/s ({r['device_views_rows_per_cpu_s']:.0f} per "
+                  f"CPU-second, {r['threads']} thread(s)); load {r['load_average']:.2f}")
         if args.uint8:
             raw = ViewConfig(**{**cfg.__dict__, "normalize_in_loader": False})
             r = throughput(dd, meta, schema, raw, max({0, 1, 2, *args.workers}), args.batch_size, args.mu, args.steps, views)
