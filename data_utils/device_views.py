@@ -313,9 +313,12 @@ class DevicePlan:
     active: np.ndarray  # bool per row: the row is augmented (else only resized)
 
     def to(self, device) -> "DevicePlan":
+        # pinned first on CUDA: a copy from pageable memory would wait for the queued training step
+        pin = torch.device(device).type == "cuda"
+
         def move(value):
             if isinstance(value, torch.Tensor):
-                return value.to(device, non_blocking=True)
+                return (value.pin_memory() if pin else value).to(device, non_blocking=True)
             if isinstance(value, list):
                 return [move(v) for v in value]
             if isinstance(value, tuple):
@@ -422,6 +425,7 @@ class DeviceViews:
     def __init__(self, cfg: ViewConfig):
         self.config = cfg
         self._views: dict[str, DeviceView] = {}
+        self._normalisers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # per device: (mean, std), made once
 
     def view(self, name: str) -> DeviceView:
         if name not in self._views:
@@ -455,12 +459,19 @@ class DeviceViews:
         out = {k: self._apply(v, plans) for k, v in batch.items() if k != BATCH_KEY}
         if BATCH_KEY in batch:
             plan = plans[batch[BATCH_KEY]]
-            out["pixel_values"] = normalize_unit(plan.view.apply(batch["pixel_values"], plan), self.config)
+            pixels = plan.view.apply(batch["pixel_values"], plan)
+            out["pixel_values"] = normalize_unit(pixels, *self._normaliser(pixels.device))
         return out
 
+    def _normaliser(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = str(device)
+        if key not in self._normalisers:
+            mean = torch.tensor(self.config.image_mean, dtype=torch.float32).view(1, -1, 1, 1)
+            std = torch.tensor(self.config.image_std, dtype=torch.float32).view(1, -1, 1, 1)
+            self._normalisers[key] = (mean.to(device), std.to(device))
+        return self._normalisers[key]
 
-def normalize_unit(pixels: torch.Tensor, cfg: ViewConfig) -> torch.Tensor:
-    """float [0, 1] -> (x - mean) / std per channel (what views.normalize_batch does from uint8)."""
-    mean = torch.tensor(cfg.image_mean, dtype=torch.float32, device=pixels.device).view(1, -1, 1, 1)
-    std = torch.tensor(cfg.image_std, dtype=torch.float32, device=pixels.device).view(1, -1, 1, 1)
-    return (pixels - mean) / std
+
+def normalize_unit(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """float [0, 1] -> (x - mean) / std per channel (what views.normalize_batch does from uint8), in place."""
+    return pixels.sub_(mean).div_(std)

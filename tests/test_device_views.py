@@ -279,3 +279,17 @@ def test_fixmatch_trains_with_weak_on_the_device_and_strong_kept_on_the_cpu(tmp_
     line = next(l for l in stdout.splitlines() if l.startswith("image views on the device"))
     assert "weak (weak)" in line and "kept on the CPU: strong (strong)" in line and "RandAugment" in line
     _trains(out)
+
+
+def test_applying_a_plan_never_waits_for_the_device():
+    """Everything data-dependent is decided on the host (the plan); on a GPU the views then queue
+    behind the training step without a host synchronisation (counted as tests/test_no_host_sync.py does)."""
+    from tests.test_no_host_sync import count_host_syncs
+
+    for name, preset in (("stil", "dvm"), ("weak", "cifar"), ("strong", "dvm")):
+        view = build_device_view(name, ViewConfig(image_size=S, preset=preset))
+        x = _images(8)
+        plan = view.plan(_seeds(8), np.array([True] * 6 + [False] * 2), (S, S)).to("cpu")
+        with count_host_syncs() as calls:
+            view.apply(x, plan)
+        assert calls == [], (name, calls)
