@@ -44,7 +44,10 @@ Batches (the batch contract)::
 the labelled stream: banks of labelled-set size index with it). ``inputs`` holds ``pixel_values``
 (float, normalised) for image data and ``categorical_values``/``continuous_values``/``missing_mask``
 for tabular data; ``translate`` views add ``translation`` (B, 2) = (tx, ty) pixels and, for
-landmarks, their moved ``labels``; ``masked`` views add ``masked_fields``. Landmark targets are given
+landmarks, their moved ``labels``; ``masked`` views add ``masked_fields``. With
+``ViewConfig(views_on_device=True)`` a view whose image view data_utils.device_views ports carries the
+resized uint8 ``pixel_values`` and ``device_view`` = ``{"view", "seeds"[, "augment"]}`` instead, until
+``DeviceViews.prepare`` makes the view on the accelerator and restores the contract. Landmark targets are given
 in the pixel frame of the ``image_size`` x ``image_size`` model input (stored coordinates scaled by
 image_size / stored size). ``monitor_labels`` are -1 (classification) / NaN (regression) where the
 dataset has no ground truth.

@@ -293,3 +293,22 @@ def test_applying_a_plan_never_waits_for_the_device():
         with count_host_syncs() as calls:
             view.apply(x, plan)
         assert calls == [], (name, calls)
+
+
+def test_the_device_stream_resumes_onto_the_same_views(loader_data):
+    from modeling_stil.training.data_setup import DeviceViewStream
+
+    on = ViewConfig(image_size=16, preset="dvm", seed=5, views_on_device=True)
+    stream = DeviceViewStream(_loaders(loader_data, on, {"stil": "stil"}, {"stil": "stil", "weak": "weak"}),
+                              DeviceViews(on), "cpu")
+    assert stream.steps_per_epoch == stream.stream.steps_per_epoch and not hasattr(stream, "state_dict")
+    straight = stream.iterate(0)
+    next(straight)
+    labeled, unlabeled = next(straight)
+    resumed_l, resumed_u = next(stream.iterate(1))
+    for a, b in ((labeled, resumed_l), (unlabeled, resumed_u)):
+        assert torch.equal(a["index"], b["index"])
+        for key in ("stil", "weak"):
+            if key in a:
+                assert a[key]["pixel_values"].dtype == torch.float32
+                assert torch.equal(a[key]["pixel_values"], b[key]["pixel_values"])
