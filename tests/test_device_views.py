@@ -312,3 +312,18 @@ def test_the_device_stream_resumes_onto_the_same_views(loader_data):
             if key in a:
                 assert a[key]["pixel_values"].dtype == torch.float32
                 assert torch.equal(a[key]["pixel_values"], b[key]["pixel_values"])
+
+
+def test_requests_travel_through_loader_workers(loader_data):
+    dd, meta, schema = loader_data
+    on = ViewConfig(image_size=16, preset="dvm", seed=5, views_on_device=True)
+    views = DeviceViews(on)
+    batches = []
+    for workers in (0, 1):
+        loaders = build_train_loaders(dd, meta, schema, labeled_views={"hard": "hard"}, unlabeled_views={"stil": "stil"},
+                                      view_config=on, batch_size=2, mu=3, num_workers=workers)
+        labeled, unlabeled = next(loaders.iterate(0))
+        batches.append((views.prepare(labeled, "cpu"), views.prepare(unlabeled, "cpu")))
+    (l0, u0), (l1, u1) = batches
+    assert torch.equal(l0["hard"]["pixel_values"], l1["hard"]["pixel_values"])
+    assert torch.equal(u0["stil"]["pixel_values"], u1["stil"]["pixel_values"])
