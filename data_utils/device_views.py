@@ -44,8 +44,9 @@ Same distributions as the CPU views (torchvision v2 on uint8), with these differ
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,6 +73,8 @@ def device_view_unsupported(name: str, cfg: ViewConfig) -> str | None:
 
 
 # ================================================================================= stages
+# A stage draws ``draws`` uniforms per row (``plan``: the rows to change and their parameters, on the
+# host) and changes those rows of a float batch in place (``apply``, on the batch's device).
 @dataclass
 class _Jitter:
     """ColorJitter(brightness, contrast, saturation, hue) with probability p, in a random order per row."""
@@ -80,9 +83,9 @@ class _Jitter:
     hue: float
     p: float
     color: bool
-    width = 9  # coin, 4 factors, 4 order keys
+    draws = 9  # coin, 4 factors, 4 order keys
 
-    def plan(self, u: np.ndarray, rows: np.ndarray) -> dict:
+    def plan(self, u: np.ndarray, rows: np.ndarray, height: int, width: int) -> dict:
         rows = rows[u[rows, 0] < self.p]
         s = self.strength
         lo, hi = max(0.0, 1.0 - s), 1.0 + s
@@ -106,10 +109,12 @@ class _Jitter:
 
 @dataclass
 class _Gray:
-    p: float
-    width = 1
+    """RandomGrayscale(p): luma in every channel."""
 
-    def plan(self, u: np.ndarray, rows: np.ndarray) -> dict:
+    p: float
+    draws = 1
+
+    def plan(self, u: np.ndarray, rows: np.ndarray, height: int, width: int) -> dict:
         return {"idx": _long(rows[u[rows, 0] < self.p])}
 
     def apply(self, x: torch.Tensor, plan: dict) -> torch.Tensor:
@@ -127,13 +132,13 @@ class _Blur:
     kernel: int
     sigma: tuple[float, float]
     p: float
-    width = 2
+    draws = 2
 
     @property
     def radius(self) -> int:  # the widest kernel any row can get
         return min(self.kernel // 2, math.ceil(3.0 * self.sigma[1]))
 
-    def plan(self, u: np.ndarray, rows: np.ndarray) -> dict:
+    def plan(self, u: np.ndarray, rows: np.ndarray, height: int, width: int) -> dict:
         rows = rows[u[rows, 0] < self.p]
         sigma = self.sigma[0] + u[rows, 1] * (self.sigma[1] - self.sigma[0])
         radius = np.minimum(self.kernel // 2, np.ceil(3.0 * sigma)).astype(np.int64)
@@ -167,7 +172,7 @@ class _CropFlip:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
     attempts = 10
-    width = 10 * 2 + 3  # area, log-ratio per attempt; top, left, flip
+    draws = 10 * 2 + 3  # area, log-ratio per attempt; top, left, flip
 
     def plan(self, u: np.ndarray, rows: np.ndarray, height: int, width: int) -> dict:
         u = u[rows]
@@ -211,7 +216,7 @@ class _PadCropFlip:
 
     pad: int
     flip: bool = True
-    width = 3
+    draws = 3
 
     def plan(self, u: np.ndarray, rows: np.ndarray, height: int, width: int) -> dict:
         u = u[rows]
@@ -234,9 +239,6 @@ class _PadCropFlip:
         batch = torch.arange(n, device=x.device)[:, None, None]
         out = padded.permute(0, 2, 3, 1)[batch, plan["ys"][:, :, None], plan["xs"][:, None, :]]  # (n, H, W, C)
         return x.index_copy_(0, idx, out.permute(0, 3, 1, 2).contiguous())
-
-
-_GEOMETRIC = (_CropFlip, _PadCropFlip)
 
 
 def _fallback_box(height: int, width: int, ratio: tuple[float, float]) -> tuple[float, float]:
@@ -308,11 +310,11 @@ _COLOR_OPS = (_brightness, _contrast, _saturation, _hue)
 class DevicePlan:
     """Every random decision of one view for one batch: per stage, its rows and parameters."""
 
-    view: "DeviceView"
+    view: DeviceView
     stages: list[dict]
     active: np.ndarray  # bool per row: the row is augmented (else only resized)
 
-    def to(self, device) -> "DevicePlan":
+    def to(self, device) -> DevicePlan:
         # pinned first on CUDA: a copy from pageable memory would wait for the queued training step
         pin = torch.device(device).type == "cuda"
 
@@ -352,8 +354,8 @@ class DeviceView:
         rows = np.flatnonzero(active)
         stages = []
         for number, stage in enumerate(self.stages):
-            u = _uniform(seeds, 1001 + number, stage.width)
-            stages.append(stage.plan(u, rows, height, width) if isinstance(stage, _GEOMETRIC) else stage.plan(u, rows))
+            u = _uniform(seeds, 1001 + number, stage.draws)
+            stages.append(stage.plan(u, rows, height, width))
         return DevicePlan(self, stages, active)
 
     def apply(self, images: torch.Tensor, plan: DevicePlan) -> torch.Tensor:

@@ -30,7 +30,15 @@ from data_utils.device_views import (
     device_view_unsupported,
 )
 from data_utils.loaders import build_train_loaders
-from data_utils.views import ViewConfig, ViewError, _uniform, get_recipe, joint_coins, joint_probability, sample_seeds
+from data_utils.views import (
+    ViewConfig,
+    ViewError,
+    _uniform,
+    get_recipe,
+    joint_coins,
+    joint_probability,
+    sample_seeds,
+)
 from tests._helpers import tiny_fixmatch_argv, train_captured
 
 S = 32
@@ -45,11 +53,8 @@ def _seeds(n=8, start=0, key="k"):
     return sample_seeds(3, "unlabeled", key, np.zeros(n), np.arange(start, start + n))
 
 
-def _plan_stage(stage, u, rows=None):
-    rows = np.arange(len(u)) if rows is None else rows
-    if isinstance(stage, (_CropFlip, _PadCropFlip)):
-        return stage.plan(u, rows, S, S)
-    return stage.plan(u, rows)
+def _plan_stage(stage, u):
+    return stage.plan(u, np.arange(len(u)), S, S)
 
 
 # ------------------------------------------------------------------ stages against torchvision
@@ -83,7 +88,7 @@ def test_blur_equals_torchvision_with_the_truncated_kernel_per_row():
 def test_crop_box_maps_the_right_pixels_and_flip_flips():
     stage = _CropFlip(scale=(0.08, 1.0))
     x = _images(4).float() / 255
-    u = np.random.default_rng(0).random((4, stage.width))
+    u = np.random.default_rng(0).random((4, stage.draws))
     u[:, 22] = [0.1, 0.9, 0.2, 0.8]  # rows 0 and 2 flip
     plan = _plan_stage(stage, u)
     out = stage.apply(x.clone(), plan)
@@ -97,7 +102,7 @@ def test_crop_box_maps_the_right_pixels_and_flip_flips():
         assert torch.allclose(out[i, :, 1:-1, 1:-1], expected[:, 1:-1, 1:-1], atol=1e-5), i
     # the whole image unflipped is the identity; flipped, the mirror image
     whole = _CropFlip(scale=(1.0, 1.0), ratio=(1.0, 1.0))
-    u = np.zeros((2, whole.width))
+    u = np.zeros((2, whole.draws))
     u[:, 22] = [0.9, 0.1]
     out = whole.apply(x[:2].clone(), _plan_stage(whole, u))
     assert torch.allclose(out[0], x[0], atol=1e-5) and torch.allclose(out[1], x[1].flip(-1), atol=1e-5)
@@ -131,7 +136,7 @@ def test_crop_scales_and_aspects_follow_torchvision_distribution():
     for scale in ((0.08, 1.0), (0.6, 1.0)):
         stage = _CropFlip(scale=scale)
         seeds = _seeds(n)
-        boxes = stage.plan(_uniform(seeds, 7, stage.width), np.arange(n), S, S)["boxes"]
+        boxes = stage.plan(_uniform(seeds, 7, stage.draws), np.arange(n), S, S)["boxes"]
         area = boxes[:, 2] * boxes[:, 3] / (S * S)
         aspect = boxes[:, 3] / boxes[:, 2]
         # rounding a side to whole pixels moves the area and aspect a little beyond the drawn bounds
