@@ -189,9 +189,10 @@ class _CropFlip:
         h = np.where(found, h[np.arange(len(rows)), first], 0.0)
         fw, fh = _fallback_box(height, width, self.ratio)
         w, h = np.where(found, w, fw), np.where(found, h, fh)
-        top = np.where(found, np.floor(u[:, 20] * (height - h + 1)), (height - h) // 2)
-        left = np.where(found, np.floor(u[:, 21] * (width - w + 1)), (width - w) // 2)
-        flipped = (u[:, 22] < 0.5) if self.flip else np.zeros(len(rows), dtype=bool)
+        u_top, u_left, u_flip = u[:, 2 * self.attempts], u[:, 2 * self.attempts + 1], u[:, 2 * self.attempts + 2]
+        top = np.where(found, np.floor(u_top * (height - h + 1)), (height - h) // 2)
+        left = np.where(found, np.floor(u_left * (width - w + 1)), (width - w) // 2)
+        flipped = (u_flip < 0.5) if self.flip else np.zeros(len(rows), dtype=bool)
         theta = np.zeros((len(rows), 2, 3), dtype=np.float64)
         theta[:, 0, 0] = np.where(flipped, -1.0, 1.0) * w / width
         theta[:, 0, 2] = (2 * left + w) / width - 1
