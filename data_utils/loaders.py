@@ -44,7 +44,10 @@ Batches (the batch contract)::
 the labelled stream: banks of labelled-set size index with it). ``inputs`` holds ``pixel_values``
 (float, normalised) for image data and ``categorical_values``/``continuous_values``/``missing_mask``
 for tabular data; ``translate`` views add ``translation`` (B, 2) = (tx, ty) pixels and, for
-landmarks, their moved ``labels``; ``masked`` views add ``masked_fields``. Landmark targets are given
+landmarks, their moved ``labels``; ``masked`` views add ``masked_fields``. With
+``ViewConfig(views_on_device=True)`` a view whose image view data_utils.device_views ports carries the
+resized uint8 ``pixel_values`` and ``device_view`` = ``{"view", "seeds"[, "augment"]}`` instead, until
+``DeviceViews.prepare`` makes the view on the accelerator and restores the contract. Landmark targets are given
 in the pixel frame of the ``image_size`` x ``image_size`` model input (stored coordinates scaled by
 image_size / stored size). ``monitor_labels`` are -1 (classification) / NaN (regression) where the
 dataset has no ground truth.
@@ -61,6 +64,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .device_views import BATCH_KEY as DEVICE_VIEW_KEY
+from .device_views import device_view_request, device_view_unsupported
 from .io import DatasetMetadata
 from .schema import TabularSchema
 from .splits import SplitError, check_labeled_split
@@ -290,6 +295,7 @@ class ViewDataset(Dataset):
         self.pool = pool
         self.image_column = metadata.image_column
         self.image_views = {}
+        self.device_views: dict[str, str] = {}  # view key -> image view made on the device (device_views)
         if self.image_column is not None:
             for key, recipe in self.views.items():
                 if recipe.image is None:
@@ -302,6 +308,9 @@ class ViewDataset(Dataset):
                         "the 'translate' and 'eval' recipes"
                     )
                 self.image_views[key] = view
+                if view_config.views_on_device and device_view_unsupported(recipe.image, view_config) is None:
+                    self.device_views[key] = recipe.image
+        self._resize_only = build_image_view("eval", view_config) if self.device_views else None
         self._images = None
         if self.image_views:
             import datasets
@@ -366,7 +375,13 @@ class ViewDataset(Dataset):
             view = self.image_views.get(key)
             if view is not None:
                 shape = (len(images), self.config.num_channels, self.config.image_size, self.config.image_size)
-                if self.config.normalize_in_loader:
+                if key in self.device_views:
+                    # resized only: the view is made on the device from these seeds (and joint coins)
+                    pixels, translation = apply_image_view(self._resize_only, images, seeds,
+                                                           out=_output_buffer(shape, torch.uint8))
+                    inputs["pixel_values"] = pixels
+                    inputs[DEVICE_VIEW_KEY] = device_view_request(self.device_views[key], seeds, coins)
+                elif self.config.normalize_in_loader:
                     pixels, translation = apply_image_view(view, images, seeds, coins)
                     inputs["pixel_values"] = normalize_batch(pixels, self.config, out=_output_buffer(shape, torch.float32))
                 else:

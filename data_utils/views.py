@@ -100,6 +100,9 @@ class ViewConfig:
     # False: they carry uint8 pixel_values (4x less worker->main traffic and pinned memory) and the
     # trainer calls `normalize_pixels(batch, view_config, device)` after moving them (on the GPU).
     normalize_in_loader: bool = True
+    # True: the views data_utils.device_views ports are made on the accelerator (the loader ships the
+    # resized uint8 image and the rows' seeds); the others stay here. See docs/data.md.
+    views_on_device: bool = False
 
     def __post_init__(self):
         if self.preset not in PRESETS:

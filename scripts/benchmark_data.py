@@ -6,6 +6,9 @@
     python scripts/benchmark_data.py --views stil --batch-size 8 --mu 7 --num-samples 2000 --presets dvm \
         --step-seconds 9.5       # STiL's views (one "stil" view per row) vs a training step of 9.5 s
 
+``--on-device cpu`` (or ``cuda``) adds, per preset, the views made by data_utils.device_views: the
+loader's rate when it only decodes and resizes (the CPU work left per row) and the device views' rate.
+
 ``--views stil`` times STiL's stream instead (one ``stil`` view per row: random-resized crop,
 colour jitter, grey, flip at 128 px, table corrupted at 0.3; labelled rows get the same view, so the
 unlabelled rate stands for both). ``--step-seconds S`` prints, per worker count, whether the loader
@@ -165,6 +168,42 @@ def profile(dd, meta, schema, cfg, rows: int, views: dict) -> dict:
     return {k: v / rows * 1e3 for k, v in out.items()}
 
 
+def device_views_rate(dd, meta, schema, cfg, batch_size: int, mu: int, steps: int, views: dict, device: str) -> dict:
+    """``--on-device``: the loader with ``views_on_device`` (decode, resize, tabular views, seeds: the CPU
+    work left per row) in the main process, and the device views themselves (plan on the host, apply on
+    ``device``) on the same batches, each as rows/s."""
+    from dataclasses import replace
+
+    from data_utils.device_views import DeviceViews
+
+    on = replace(cfg, views_on_device=True)
+    loaders = build_train_loaders(dd, meta, schema, labeled_views={"weak": "weak"}, unlabeled_views=views,
+                                  view_config=on, batch_size=batch_size, mu=mu, num_workers=0)
+    loaders.unlabeled_sampler.start_step = 0
+    iterator = iter(loaders.unlabeled_loader)
+    device_views = DeviceViews(on)
+    device_views.prepare(next(iterator), device)  # warm-up
+    batches, load_s, load_cpu = [], 0.0, 0.0
+    for _ in range(steps):
+        t, c = time.perf_counter(), time.process_time()
+        batches.append(next(iterator))
+        load_s, load_cpu = load_s + time.perf_counter() - t, load_cpu + time.process_time() - c
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    t, c = time.perf_counter(), time.process_time()
+    for batch in batches:
+        device_views.prepare(batch, device)
+    sync()
+    apply_s, apply_cpu = time.perf_counter() - t, time.process_time() - c
+    rows = sum(len(b["index"]) for b in batches)
+    on_device = sorted(k for k, v in batches[0].items() if isinstance(v, dict) and "device_view" in v)
+    return {"device": device, "rows": rows, "views_on_device": on_device,
+            "loader_rows_per_s": rows / load_s, "device_views_rows_per_s": rows / apply_s,
+            # load-independent: rows per CPU-second of this (single-threaded) process
+            "loader_rows_per_cpu_s": rows / load_cpu, "device_views_rows_per_cpu_s": rows / apply_cpu,
+            "threads": torch.get_num_threads()}
+
+
 def _report(r: dict) -> None:
     main = f"; main process {r['main_cpu_ms_per_sample']:.3f} ms/sample" if r["main_cpu_ms_per_sample"] else ""
     print(f"preset {r['preset']:8s} workers {r['workers']:2d}: {r['samples_per_s']:7.0f} samples/s wall "
@@ -188,6 +227,10 @@ def main(argv=None):
                         help="fixmatch: weak + strong per unlabelled row; stil: one 'stil' view per row")
     parser.add_argument("--step-seconds", type=float, default=None,
                         help="compare with a training step of this many seconds (rows = batch-size x (1 + mu))")
+    parser.add_argument("--on-device", default=None, metavar="DEVICE",
+                        help="also time the views made on DEVICE (cpu, cuda): the loader's remaining CPU work per "
+                             "row and data_utils.device_views' rate, on unlabelled batches (docs/benchmarks.md)")
+    parser.add_argument("--only-main", action="store_true", help="time workers 0 only (skip 1, 2 and --workers)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -209,12 +252,20 @@ def main(argv=None):
         for k, v in prof.items():
             print(f"  {k:28s} {v:7.3f}")
         print(f"  {'total':28s} {sum(prof.values()):7.3f}  -> {1e3 / sum(prof.values()):.0f} samples/s/core")
-        for workers in sorted({0, 1, 2, *args.workers}):
+        for workers in ([0] if args.only_main else sorted({0, 1, 2, *args.workers})):
             r = throughput(dd, meta, schema, cfg, workers, args.batch_size, args.mu, args.steps, views)
             r["preset"] = preset
             r["load_average"] = os.getloadavg()[0]
             results["throughput"].append(r)
             _report(r)
+        if args.on_device:
+            r = device_views_rate(dd, meta, schema, cfg, args.batch_size, args.mu, args.steps, views, args.on_device)
+            r["preset"], r["load_average"] = preset, os.getloadavg()[0]
+            results.setdefault("device_views", []).append(r)
+            print(f"preset {preset:8s} views on {r['device']} ({', '.join(r['views_on_device']) or 'none'}): loader "
+                  f"{r['loader_rows_per_s']:7.0f} rows/s (main process; {r['loader_rows_per_cpu_s']:.0f} per CPU-second), "
+                  f"device views {r['device_views_rows_per_s']:7.0f} rows/s ({r['device_views_rows_per_cpu_s']:.0f} per "
+                  f"CPU-second, {r['threads']} thread(s)); load {r['load_average']:.2f}")
         if args.uint8:
             raw = ViewConfig(**{**cfg.__dict__, "normalize_in_loader": False})
             r = throughput(dd, meta, schema, raw, max({0, 1, 2, *args.workers}), args.batch_size, args.mu, args.steps, views)

@@ -14,7 +14,8 @@ versions) and, for the STiL steps, samples/s and model FLOPs utilisation. Parts,
    128 px, ResNet-50, DVM's 286 classes and 4 + 13 fields; scripts/benchmark_train.py).
 2. ``original_step_{fp32,bf16}``: the original code's step on the same batch, when STIL_ORIGINAL_SRC
    names a checkout of siyi-wind/STiL (scripts/benchmark_original.py; TF32 on, as its torch 1.11 ran).
-3. ``data_stil``: STiL's views at 128 px, rows/s for several worker counts (scripts/benchmark_data.py).
+3. ``data_stil``: STiL's views at 128 px, rows/s for several worker counts (scripts/benchmark_data.py),
+   and made on the GPU (``--on-device cuda``: data_utils.device_views).
 4. ``ddp_stil``: ``accelerate launch`` with the multi-GPU config on one process, 20 steps of ``stil``.
 5. ``{fsdp,deepspeed}_{stil,fixmatch}``: 20 steps with accelerate_configs/fsdp.yaml and
    deepspeed_zero2.yaml (DeepSpeed skipped when the package is not installed).
@@ -101,6 +102,7 @@ def plan(dry: bool, out: Path) -> list[dict]:
     data = ["--views", "stil", "--presets", "dvm"]
     data += (["--num-samples", "200", "--image-size", "32", "--batch-size", "4", "--mu", "2", "--steps", "1"] if dry
              else ["--num-samples", "3000", "--batch-size", "64", "--mu", "7", "--steps", "4", "--workers", "4", "8", "16"])
+    data += ["--on-device", "cpu" if dry else "cuda"]  # the same views made by data_utils.device_views
     parts.append({"name": "data_stil", "argv": [sys.executable, "scripts/benchmark_data.py", *data,
                                                 "--json", str(out / "data_stil.result.json")],
                   "timeout": 150, "kind": "data", "result_file": out / "data_stil.result.json"})

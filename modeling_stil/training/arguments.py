@@ -79,6 +79,13 @@ class DataArguments:
         "1/(1+mu) of the rows, gets ceil(N/(1+mu)) more). auto: 0 when training on the CPU (the step "
         "needs the cores), else min(16, this process's share of the machine's cores - 1)", default="auto"
     )
+    image_views_on_device: bool = _help(
+        "make the training image views on the accelerator (data_utils.device_views): the loader ships resized "
+        "uint8 images and per-row seeds, and crop/flip/colour jitter/grey/blur run batched on the device, for "
+        "when CPU workers cannot feed the GPU. Views without a device version (RandAugment 'strong' for "
+        "default/cifar, cardiac's contrastive view, translate) stay on the CPU; the run says which (docs/data.md)",
+        default=False,
+    )
     max_eval_samples: int | None = _help("evaluate on at most this many rows of validation/test", default=None)
     unlabeled_includes_labeled: bool | None = _help(
         "the unlabelled stream iterates over all train rows, labelled ones too (None: the method's default)", default=None

@@ -15,6 +15,14 @@ def move_to_device(batch, device):
     return send_to_device(batch, device, non_blocking=True)
 
 
+def move_with_device_views(batch, device, device_views):
+    """`move_to_device`, making on ``device`` the image views the loader left to it
+    (``--image_views_on_device``; data_utils.device_views.DeviceViews plans them on the host first)."""
+    if batch is None:
+        return None
+    return device_views.prepare(batch, device)
+
+
 def split_eval_batch(batch: dict) -> tuple[dict, torch.Tensor]:
     """An eval batch -> (model inputs, labels). Accepts flat batches or a single nested view."""
     labels = batch["labels"]

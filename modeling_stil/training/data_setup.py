@@ -64,6 +64,10 @@ def build_loaders(args, method, model_config, dataset_dict, metadata, schema, ac
     if options["augmentation_rate"] is not None:
         view_config = replace(view_config, augmentation_rate=float(options["augmentation_rate"]))
     data = args.data
+    eval_view_config = view_config  # evaluation views are plain resizes: always made by the loader
+    if data.image_views_on_device:
+        view_config = replace(view_config, views_on_device=True)
+        accelerator.print(describe_device_views(method, view_config))
     # the processes sharing this machine's cores (LOCAL_WORLD_SIZE: set by torchrun and train.py's CPU launcher)
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE") or accelerator.num_processes)
     num_workers = resolve_num_workers(data.dataloader_num_workers, local_processes, accelerator.device.type)
@@ -93,13 +97,59 @@ def build_loaders(args, method, model_config, dataset_dict, metadata, schema, ac
             dataset_dict = dataset_dict.copy()
             dataset_dict[split] = dataset_dict[split].select(range(data.max_eval_samples))
         eval_loaders[split] = build_eval_loader(
-            dataset_dict, metadata, schema, split, args.training.per_device_eval_batch_size, view_config,
+            dataset_dict, metadata, schema, split, args.training.per_device_eval_batch_size, eval_view_config,
             views=dict(method.eval_views), num_workers=num_workers,
             pin_memory=accelerator.device.type == "cuda",
         )
     if "validation" not in eval_loaders:
         raise ValueError("the dataset has no validation split: best-model selection needs one")
+    if data.image_views_on_device:
+        from data_utils.device_views import DeviceViews
+
+        train_stream = DeviceViewStream(train_stream, DeviceViews(view_config), accelerator.device)
     return train_stream, eval_loaders
+
+
+def describe_device_views(method, view_config) -> str:
+    """One line: which training image views are made on the device and which stay on the CPU (and why)."""
+    from data_utils.device_views import device_view_unsupported
+    from data_utils.views import resolve_views
+
+    on_device, on_cpu = [], []
+    for views in (method.labeled_views, method.unlabeled_views, method.meta_views):
+        for key, recipe in resolve_views(dict(views) if views is not None else None).items():
+            if recipe.image is None:
+                continue
+            reason = device_view_unsupported(recipe.image, view_config)
+            entry = f"{key} ({recipe.image})" if reason is None else f"{key} ({recipe.image}): {reason}"
+            listed = on_device if reason is None else on_cpu
+            if entry not in listed:  # the meta stream repeats the labelled stream's keys
+                listed.append(entry)
+    return (f"image views on the device: {', '.join(on_device) or 'none'}"
+            + (f"; kept on the CPU: {'; '.join(on_cpu)}" if on_cpu else ""))
+
+
+class DeviceViewStream:
+    """The training stream with its image views made on the device (``--image_views_on_device``): each
+    batch is planned on the host, moved and augmented on ``device`` before the loop prepares it further;
+    everything else (steps_per_epoch, samplers, workers) is the wrapped stream's."""
+
+    def __init__(self, stream, device_views, device):
+        self.stream = stream
+        self.device_views = device_views
+        self.device = device
+
+    def iterate(self, start_step: int = 0):
+        from .batches import move_with_device_views
+
+        for labeled, unlabeled in self.stream.iterate(start_step):
+            yield (move_with_device_views(labeled, self.device, self.device_views),
+                   move_with_device_views(unlabeled, self.device, self.device_views))
+
+    def __getattr__(self, name):
+        if name == "stream":  # not yet set (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.stream, name)
 
 
 def data_info(args, train_stream, dataset_dict, metadata, accelerator, target_stats):

@@ -25,6 +25,7 @@ def check_streaming_arguments(args, method_cls) -> None:
                                    "is read up front); drop it"),
         (data.bad_images == "skip", "--bad_images skip is not available with --streaming (images are decoded as they "
                                     "are read, never up front); repair the data or drop the option"),
+        (data.image_views_on_device, "--image_views_on_device is not available with --streaming yet; drop it"),
         (method_cls.linear_probe, f"--method {targs.method}: its linear probe reads the whole train split, "
                                                  "which --streaming never loads; train it without --streaming"),
     ]
