@@ -300,6 +300,27 @@ def _safe_custom_states(progress: TrainerProgress | None):
         accelerator_module.load_custom_state = real
 
 
+@contextlib.contextmanager
+def _optimizer_state_may_lack_unused_parameters():
+    """During ``accelerator.load_state`` under FSDP2: a trainable parameter that never received a
+    gradient (a head the method does not use) has no optimizer state, in the optimizer that was saved
+    as in the one that loads it; torch's strict loading refuses exactly that, so it loads non-strictly
+    (the parameters and their names are the fingerprinted run's, checked before)."""
+    import torch.distributed.checkpoint.state_dict as dcp_state_dict
+
+    real = dcp_state_dict.set_optimizer_state_dict
+
+    def set_optimizer_state_dict(model, optimizers, optim_state_dict, *, options=None):
+        options = dataclasses.replace(options or dcp_state_dict.StateDictOptions(), strict=False)
+        return real(model, optimizers, optim_state_dict, options=options)
+
+    dcp_state_dict.set_optimizer_state_dict = set_optimizer_state_dict
+    try:
+        yield
+    finally:
+        dcp_state_dict.set_optimizer_state_dict = real
+
+
 def load_checkpoint(accelerator, path: str | os.PathLike, progress: TrainerProgress) -> None:
     """Restore a `save_checkpoint` folder into the prepared objects, the RNGs and ``progress``
     without unpickling anything that could run code (see the module docstring).
@@ -322,7 +343,7 @@ def load_checkpoint(accelerator, path: str | os.PathLike, progress: TrainerProgr
             f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}); an exact resume needs them"
         ) from error
     try:
-        with _safe_custom_states(progress):
+        with _safe_custom_states(progress), _optimizer_state_may_lack_unused_parameters():
             accelerator.load_state(str(path), load_kwargs={"weights_only": True})
     except pickle.UnpicklingError as error:
         raise IncompatibleCheckpointError(
