@@ -89,11 +89,42 @@ def make_accelerator(args):
     )
     if fsdp_on_cpu is not None:
         run_fsdp_on_cpu(accelerator, fsdp_on_cpu)
+    if accelerator.is_fsdp2:
+        wrap_only_modules_with_forward()
     return accelerator
 
 
 def _truthy(value: str | None) -> bool:
     return str(value).strip().lower() in ("1", "true", "yes")
+
+
+def wrap_only_modules_with_forward() -> None:
+    """Accelerate's FSDP2 size-based wrap policy without the containers torch refuses to shard.
+
+    Accelerate 1.15 calls ``fully_shard`` on every submodule above ``fsdp_min_num_params``, a
+    ``ModuleList`` of transformer blocks included (the tabular encoders' blocks), which torch >= 2.13
+    refuses ("fully_shard does not support containers that do not implement forward"), so a model with
+    such a list above the threshold stopped in ``prepare``. The blocks inside are still wrapped when
+    large enough; the list's own leftovers belong to the unit above it."""
+    from accelerate.utils import fsdp_utils
+
+    choose = fsdp_utils.fsdp2_prepare_auto_wrap_policy
+    if getattr(choose, "skips_containers", False):
+        return
+
+    def policy_without_containers(plugin, model):
+        policy = choose(plugin, model)
+        if policy is None:
+            return None
+
+        def wrap(module: nn.Module) -> bool:
+            container = isinstance(module, (nn.ModuleList, nn.ModuleDict)) and type(module).forward is nn.Module.forward
+            return not container and policy(module)
+
+        return wrap
+
+    policy_without_containers.skips_containers = True
+    fsdp_utils.fsdp2_prepare_auto_wrap_policy = policy_without_containers
 
 
 @contextlib.contextmanager
