@@ -110,6 +110,7 @@ def run_info(args, job: dict, accelerator, fingerprint: dict[str, Any], resume: 
         "labeled_indices": job["labeled"],
         "split_sizes": {k: len(v) for k, v in dataset_dict.items()},
         "num_processes": accelerator.num_processes,
+        "distributed_type": accelerator.distributed_type.value,  # MULTI_CPU (DDP over gloo), FSDP, MULTI_GPU, ...
         "dataloader_num_workers": job["train_stream"].num_workers,  # what "auto" resolved to
         "mixed_precision": accelerator.mixed_precision,
         "device": str(accelerator.device),

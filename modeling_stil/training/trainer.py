@@ -25,7 +25,7 @@ from torch import nn
 from ..methods.base import TASK_CLASSIFICATION, SSLMethod, TrainState
 from . import checkpointing as ckpt
 from . import manifest
-from .accelerator import average_batchnorm_statistics, make_accelerator, whole_parameters
+from .accelerator import average_batchnorm_statistics, check_sharding_fits, make_accelerator, whole_parameters
 from .batches import batch_size, display_images, move_to_device, standardize_targets, to_channels_last
 from .divergence import DivergenceGuard, NonFiniteLossError
 from .errors import JobError
@@ -111,6 +111,7 @@ class Trainer:
         if self.targs.torch_compile:
             compile_model(method)
         self.method, self.optimizer, self.scheduler = acc.prepare(method, optimizer, scheduler)
+        check_sharding_fits(self.method, method)
         # clipping sees exactly what the optimizer updates, in the module's order: under FSDP Accelerate compares
         # this list with the model's parameters, which for another order of equal length compares tensors
         updated = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
