@@ -2,7 +2,7 @@
 with two gloo processes through Accelerate's own FSDP2 path (issue 23 item 1).
 
 * stil (teacher, prototypes, three heads), its submodules sharded on their own: a run resumed from its
-  step-2 checkpoint ends with the uninterrupted run's whole method state and optimizer state, bit for bit
+  step-1 checkpoint ends with the uninterrupted run's whole method state and optimizer state, bit for bit
   (FULL_STATE_DICT, the config's checkpoints); the export reloads with the reported metrics;
 * supervised (a head it never trains: parameters without optimizer state) with SHARDED_STATE_DICT:
   the same exact resume, from per-process shards;
@@ -30,10 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
 _PORTS = itertools.count(30000 + (os.getpid() % 400) * 8)  # one port per launch, apart from the other tests' ranges
 
-# 16 px synthetic image+table rows, 4 steps, a checkpoint at 2 and 4, the last step exported
+# 16 px synthetic image+table rows, 2 steps, a checkpoint after each, the last step exported (each launch
+# costs its processes' start-up mostly: few launches, few steps)
 TINY = {"synthetic_num_samples": "200", "synthetic_image_size": "16", "labeled_fraction": "0.2", "mu": "2",
-        "per_device_train_batch_size": "4", "per_device_eval_batch_size": "64", "max_steps": "4", "eval_steps": "4",
-        "save_steps": "2", "logging_steps": "2", "metric_for_best_model": "last", "plots": "false",
+        "per_device_train_batch_size": "4", "per_device_eval_batch_size": "64", "max_steps": "2", "eval_steps": "2",
+        "save_steps": "1", "logging_steps": "1", "metric_for_best_model": "last", "plots": "false",
         "learning_rate": "0.001", "report_to": "none", "disable_tqdm": "true", "seed": "3"}
 
 
@@ -97,8 +98,8 @@ def assert_exact_resume(straight: Path, resumed: Path) -> None:
     """The resumed run's last checkpoint holds the uninterrupted run's: every tensor of the method (model,
     teachers, banks, BN statistics) and the optimizer state, bit for bit."""
     for name in ("model", "optimizer"):
-        assert_identical(checkpoint_state(straight / "checkpoints" / "checkpoint-4", name),
-                         checkpoint_state(resumed / "checkpoints" / "checkpoint-4", name))
+        assert_identical(checkpoint_state(straight / "checkpoints" / "checkpoint-2", name),
+                         checkpoint_state(resumed / "checkpoints" / "checkpoint-2", name))
 
 
 def trained_under_fsdp(run: Path) -> None:
@@ -116,13 +117,13 @@ def test_stil_under_fsdp_resumes_exactly_and_exports_the_full_model(tmp_path, sy
     straight = fsdp_launch(tmp_path, argv(tmp_path / "straight", synthetic_cache, "stil", *common), "--fsdp_min_num_params", "2000")
     assert straight.returncode == 0, straight.stderr[-3000:]
     resumed = fsdp_launch(tmp_path, argv(tmp_path / "resumed", synthetic_cache, "stil", *common, "--export", "false",
-                                         "--resume_from_checkpoint", str(tmp_path / "straight" / "checkpoints" / "checkpoint-2")),
+                                         "--resume_from_checkpoint", str(tmp_path / "straight" / "checkpoints" / "checkpoint-1")),
                           "--fsdp_min_num_params", "2000")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     trained_under_fsdp(tmp_path / "straight")
     assert_exact_resume(tmp_path / "straight", tmp_path / "resumed")
-    method_state = checkpoint_state(tmp_path / "straight" / "checkpoints" / "checkpoint-4", "model")
+    method_state = checkpoint_state(tmp_path / "straight" / "checkpoints" / "checkpoint-2", "model")
     assert {"prototypes", "ema.module.encoder_imaging.conv1.weight", "model.encoder_imaging.bn1.running_mean"} <= method_state.keys()
     # the export is the whole evaluation model (not a shard), and reproduces the run's test metrics
     exported = load_file(tmp_path / "straight" / "model.safetensors")
@@ -138,21 +139,21 @@ def test_supervised_resumes_exactly_from_sharded_checkpoints(tmp_path, synthetic
     straight = fsdp_launch(tmp_path, argv(tmp_path / "straight", synthetic_cache, "supervised", *common), *sharded)
     assert straight.returncode == 0, straight.stderr[-3000:]
     resumed = fsdp_launch(tmp_path, argv(tmp_path / "resumed", synthetic_cache, "supervised", *common,
-                                         "--resume_from_checkpoint", str(tmp_path / "straight" / "checkpoints" / "checkpoint-2")),
+                                         "--resume_from_checkpoint", str(tmp_path / "straight" / "checkpoints" / "checkpoint-1")),
                           *sharded)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     trained_under_fsdp(tmp_path / "straight")
-    checkpoint = tmp_path / "straight" / "checkpoints" / "checkpoint-2"
+    checkpoint = tmp_path / "straight" / "checkpoints" / "checkpoint-1"
     assert (checkpoint / "pytorch_model_fsdp_0" / "__1_0.distcp").is_file()  # one shard per process
     assert_exact_resume(tmp_path / "straight", tmp_path / "resumed")
     # the multimodal model's projection head never trains here: no optimizer state, before and after resuming
-    optimizer = checkpoint_state(tmp_path / "resumed" / "checkpoints" / "checkpoint-4", "optimizer")
+    optimizer = checkpoint_state(tmp_path / "resumed" / "checkpoints" / "checkpoint-2", "optimizer")
     assert not any(key.startswith("state.model.head.") for key in optimizer)
 
 
 def test_fixmatch_under_fsdp_exports_what_ddp_exports(tmp_path, synthetic_cache):
-    """Same command, FSDP2 against DDP (both 2 gloo processes): SGD at lr 0.01, 4 steps. The only
+    """Same command, FSDP2 against DDP (both 2 gloo processes): SGD at lr 0.01, 2 steps. The only
     difference is where float32 sums are cut: FSDP2 takes the clipping norm as per-shard partial sums
     reduced across processes (DDP over the whole tensor), so the clip coefficient may differ in its last
     bit (for 2 processes the gradient reduction itself is one addition either way). Measured: at most
