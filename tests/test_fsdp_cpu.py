@@ -9,7 +9,7 @@ with two gloo processes through Accelerate's own FSDP2 path (issue 23 item 1).
 * fixmatch: the FSDP run's export equals the 2-process DDP run's on the same command (SGD, so a
   wrongly reduced gradient would show at full size);
 * what cannot work stops at start-up with one line: a functional_call method (L2I) with submodules
-  sharded on their own, FSDP through Accelerate's --cpu launcher, DeepSpeed on the CPU."""
+  sharded on their own, FSDP through Accelerate's --cpu launcher, FSDP1 or DeepSpeed on the CPU."""
 
 from __future__ import annotations
 
@@ -240,15 +240,19 @@ def test_fsdp_through_the_cpu_launcher_stops_at_start_up(tmp_path):
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()  # nothing started
 
 
-def test_deepspeed_told_to_run_on_the_cpu_is_refused(monkeypatch, tmp_path):
+@pytest.mark.parametrize("engine, message", [({"ACCELERATE_USE_DEEPSPEED": "true"}, "^DeepSpeed was asked for on the CPU"),
+                                             ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"},
+                                              "^fsdp_version 1 was asked for on the CPU, where only FSDP2")])
+def test_engine_that_cannot_run_on_the_cpu_is_refused(monkeypatch, tmp_path, engine, message):
     from modeling_stil.training.accelerator import make_accelerator
     from modeling_stil.training.arguments import parse_run_arguments
     from modeling_stil.training.errors import JobError
 
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    for name, value in engine.items():
+        monkeypatch.setenv(name, value)
     args = parse_run_arguments(["--output_dir", str(tmp_path / "run"), "--report_to", "none"])
-    with pytest.raises(JobError, match="^DeepSpeed was asked for on the CPU"):
+    with pytest.raises(JobError, match=message):
         make_accelerator(args)
 
 
