@@ -243,6 +243,9 @@ class SSLMethod(nn.Module):
     selection: ClassVar[tuple[str, bool] | str | None] = None
     # True: after training, a linear probe is fitted on ``probe_features`` (pretraining methods)
     linear_probe: ClassVar[bool] = False
+    # methods of ``self.model`` besides forward that training_step calls (TIP's encode_image, ...): under
+    # FSDP2 they gather the model's sharded parameters as its forward does
+    model_forward_methods: ClassVar[tuple[str, ...]] = ()
 
     @_then_build_emas
     def __init__(self, model: nn.Module, args: MethodArguments | None = None):
