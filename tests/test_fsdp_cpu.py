@@ -8,6 +8,7 @@ with two gloo processes through Accelerate's own FSDP2 path (issue 23 item 1).
   the same exact resume, from per-process shards;
 * fixmatch: the FSDP run's export equals the 2-process DDP run's on the same command (SGD, so a
   wrongly reduced gradient would show at full size);
+* a model method besides forward (TIP's encode_image, ...) gathers its sharded parameters;
 * what cannot work stops at start-up with one line: a functional_call method (L2I) with submodules
   sharded on their own, FSDP through Accelerate's --cpu launcher, FSDP1 or DeepSpeed on the CPU."""
 
