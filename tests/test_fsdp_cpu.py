@@ -110,6 +110,7 @@ def trained_under_fsdp(run: Path) -> None:
     assert any(r["split"] == "train" and r["grad_norm"] > 0 for r in train)  # it trained
 
 
+@pytest.mark.slow
 def test_stil_under_fsdp_resumes_exactly_and_exports_the_full_model(tmp_path, synthetic_cache):
     from safetensors.torch import load_file
 
@@ -134,6 +135,7 @@ def test_stil_under_fsdp_resumes_exactly_and_exports_the_full_model(tmp_path, sy
     assert json.loads((tmp_path / "straight" / "eval_results.json").read_text())["reload_check"]["matches"]
 
 
+@pytest.mark.slow
 def test_supervised_resumes_exactly_from_sharded_checkpoints(tmp_path, synthetic_cache):
     sharded = ("--fsdp_state_dict_type", "SHARDED_STATE_DICT")
     common = ("--labeled_fraction", "0.5", "--per_device_train_batch_size", "8", "--export", "false")
@@ -153,6 +155,7 @@ def test_supervised_resumes_exactly_from_sharded_checkpoints(tmp_path, synthetic
     assert not any(key.startswith("state.model.head.") for key in optimizer)
 
 
+@pytest.mark.slow
 def test_fixmatch_under_fsdp_exports_what_ddp_exports(tmp_path, synthetic_cache):
     """Same command, FSDP2 against DDP (both 2 gloo processes): SGD at lr 0.01, 2 steps. The only
     difference is where float32 sums are cut: FSDP2 takes the clipping norm as per-shard partial sums
