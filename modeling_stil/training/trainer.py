@@ -112,10 +112,13 @@ class Trainer:
             compile_model(method)
         self.method, self.optimizer, self.scheduler = acc.prepare(method, optimizer, scheduler)
         check_sharding_fits(self.method, method)
-        # clipping sees exactly what the optimizer updates, in the module's order: under FSDP Accelerate compares
-        # this list with the model's parameters, which for another order of equal length compares tensors
-        updated = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
-        self.clip_parameters = [p for p in self.method.parameters() if id(p) in updated]
+        # clipping sees exactly what the optimizer updates; under FSDP in the module's order (Accelerate compares
+        # this list with the model's parameters, which for another order of equal length compares tensors),
+        # otherwise in the optimizer's, so the norm is summed in the order every earlier run summed it
+        self.clip_parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if acc.is_fsdp2:
+            updated = {id(p) for p in self.clip_parameters}
+            self.clip_parameters = [p for p in self.method.parameters() if id(p) in updated]
         acc.register_for_checkpointing(self.progress)
         if hasattr(train_stream, "state_dict"):  # streamed data: the readers' positions travel with the checkpoint
             acc.register_for_checkpointing(train_stream)
