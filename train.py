@@ -78,10 +78,10 @@ def _launcher_config(parent: list[str]) -> dict:
 def cpu_engine_refusal() -> str | None:
     """Why this CPU launch, which asks for FSDP or DeepSpeed, cannot run as asked; None when it can.
 
-    ``accelerate launch`` with ``--cpu`` / ``use_cpu: true`` starts its plain launcher (it passes no
-    FSDP/DeepSpeed setting on), so the run would silently train with DDP over gloo (issue 23: "FSDP
-    on CPU" was never FSDP). A process that sees ACCELERATE_USE_FSDP itself is refused by
-    `make_accelerator`."""
+    ``accelerate launch --cpu`` starts Accelerate's plain launcher, which passes no FSDP/DeepSpeed
+    setting on, so the run would silently train with DDP over gloo. FSDP on the CPU is launched
+    without ``--cpu`` (``accelerate_configs/fsdp_cpu.yaml``: Accelerate's FSDP launcher, and
+    `make_accelerator` runs FSDP2 on the CPU); DeepSpeed there is refused by `make_accelerator`."""
     if not _truthy(os.environ.get("ACCELERATE_USE_CPU")):
         return None
     parent = _launcher_argv()

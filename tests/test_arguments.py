@@ -129,17 +129,19 @@ def test_accelerate_configs_load(path):
     expected = {"_bf16": "bf16", "_fp16": "fp16"}.get(path.stem[-5:], "no")
     assert str(config.mixed_precision) == expected
     kind = str(config.distributed_type).split(".")[-1]
-    want = {"cpu": "NO", "single_gpu": "NO", "multi_gpu": "MULTI_GPU", "multi_node": "MULTI_GPU", "fsdp": "FSDP", "deepspeed_zero2": "DEEPSPEED"}
+    want = {"cpu": "NO", "single_gpu": "NO", "multi_gpu": "MULTI_GPU", "multi_node": "MULTI_GPU", "fsdp": "FSDP",
+            "fsdp_cpu": "FSDP", "deepspeed_zero2": "DEEPSPEED"}
     base = path.stem.replace("_bf16", "").replace("_fp16", "")
     assert kind == want[base]
-    if base == "cpu":
+    if base in ("cpu", "fsdp_cpu"):
         assert config.use_cpu is True
     if base == "multi_node":
         assert config.num_machines > 1 and config.main_process_ip
     if base == "deepspeed_zero2":
         assert config.deepspeed_config["zero_stage"] == 2
-    if base == "fsdp":
+    if base in ("fsdp", "fsdp_cpu"):
         assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+        assert config.fsdp_config["fsdp_version"] == 2  # the only FSDP that runs on the CPU (and the one tested there)
 
 
 def test_every_field_has_help():

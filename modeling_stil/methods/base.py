@@ -204,7 +204,9 @@ class SSLMethod(nn.Module):
       updates (``after_optimizer_step``, or ``update_ema`` from the method) and evaluates them;
     * the unlabelled terms' epoch gate: arguments ``start_epoch`` / ``start_fraction`` read by
       ``unlabeled_terms_on``; ``gated_loss`` adds the terms and logs ``unsup_active`` and ``loss``;
-    * pretraining: ``linear_probe`` + ``probe_features`` (a linear probe on the representation after training).
+    * pretraining: ``linear_probe`` + ``probe_features`` (a linear probe on the representation after training);
+    * ``functional_parameter_use()``: why the method calls a module with parameters of its own choosing
+      (FSDP2 then needs the whole method as one sharded unit).
     """
 
     name: ClassVar[str] = ""
@@ -241,6 +243,9 @@ class SSLMethod(nn.Module):
     selection: ClassVar[tuple[str, bool] | str | None] = None
     # True: after training, a linear probe is fitted on ``probe_features`` (pretraining methods)
     linear_probe: ClassVar[bool] = False
+    # methods of ``self.model`` besides forward that training_step calls (TIP's encode_image, ...): under
+    # FSDP2 they gather the model's sharded parameters as its forward does
+    model_forward_methods: ClassVar[tuple[str, ...]] = ()
 
     @_then_build_emas
     def __init__(self, model: nn.Module, args: MethodArguments | None = None):
@@ -253,6 +258,12 @@ class SSLMethod(nn.Module):
         init = cls.__dict__.get("__init__")
         if init is not None and not getattr(init, "builds_emas", False):
             cls.__init__ = _then_build_emas(init)
+
+    def functional_parameter_use(self) -> str | None:
+        """How this method evaluates a module with parameters it supplies itself (``torch.func.
+        functional_call``), or None. Under FSDP2 with submodules sharded on their own that cannot work:
+        their parameters are whole only inside their own forward (`accelerator.check_sharding_fits`)."""
+        return None
 
     # ------------------------------------------------------------------ EMAs of the student
     def ema_options(self) -> list[EMAOption]:

@@ -184,6 +184,9 @@ class _L2IBase(MeanTeacher):
         # the trainer reads it; translate for landmarks, as Mean Teacher's views)
         self.meta_views = dict(self.labeled_views)
 
+    def functional_parameter_use(self) -> str | None:
+        return "evaluates the student at its virtual step (torch.func.functional_call on theta - lr g)"
+
     def training_step(self, labeled: dict, unlabeled: dict, state: TrainState):
         if state.phase == 0:
             return super().training_step(labeled, unlabeled, state)

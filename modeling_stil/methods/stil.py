@@ -283,6 +283,11 @@ class Stil(SSLMethod):
         h_t = F.normalize(at_least_float32(self.projector_tabular(out.tabular_shared)), dim=1)
         return h_m, h_i, h_t
 
+    def functional_parameter_use(self) -> str | None:
+        if self.args.club_standard:
+            return "with club_standard evaluates the CLUB estimators on detached weights (torch.func.functional_call)"
+        return None
+
     def _club(self, estimator: CLUBMean, u: torch.Tensor, v: torch.Tensor):
         u, v = at_least_float32(u), at_least_float32(v)
         if not self.args.club_standard:

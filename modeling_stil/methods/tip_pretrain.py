@@ -105,6 +105,7 @@ def reconstruction_loss(cat_logits, con_predictions, categorical, continuous, ma
 @register_method
 class TipPretrain(SSLMethod):
     name = "tip_pretrain"
+    model_forward_methods = ("encode_image", "encode_tabular", "fuse", "reconstruct", "itm_logits")
     arguments_class = TipPretrainArguments
     label_free = True
     labeled_views = None

@@ -300,6 +300,60 @@ def _safe_custom_states(progress: TrainerProgress | None):
         accelerator_module.load_custom_state = real
 
 
+@contextlib.contextmanager
+def _optimizer_state_as_saved(path: Path):
+    """During ``accelerator.load_state`` under FSDP2: the optimizer holds state for exactly the
+    parameters it held state for when saved.
+
+    A trainable parameter that has not received a gradient yet (a head the method does not use, a
+    branch behind an epoch gate) has no optimizer state. torch's FSDP2 loading assumes every trainable
+    parameter has one: it first takes a zero step on all of them (Adam's ``step`` becomes 1), then
+    refuses a checkpoint without their state (strict), and a sharded checkpoint's template asks for it.
+    So the template is cut to the names the checkpoint holds, loading is not strict, and the states
+    torch invented are dropped again (else such a parameter's first real update would use another
+    bias correction than in the uninterrupted run). Without FSDP none of this is called."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint.state_dict as dcp_state_dict
+
+    real_get, real_set = dcp_state_dict.get_optimizer_state_dict, dcp_state_dict.set_optimizer_state_dict
+    sharded = path / "optimizer_0"  # Accelerate's SHARDED_STATE_DICT folder (FULL: optimizer.bin)
+
+    def saved_in_shards() -> set[str]:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        prefix = "optimizer.state."  # flattened "optimizer.state.<parameter name>.<state key>"
+        keys = FileSystemReader(str(sharded)).read_metadata().state_dict_metadata
+        return {k[len(prefix):].rsplit(".", 1)[0] for k in keys if k.startswith(prefix)}
+
+    def get_optimizer_state_dict(model, optimizers, *, options=None):
+        template = real_get(model, optimizers, options=options)
+        if sharded.is_dir():
+            names = saved_in_shards()
+            template["state"] = {name: value for name, value in template["state"].items() if name in names}
+        return template
+
+    def set_optimizer_state_dict(model, optimizers, optim_state_dict, *, options=None):
+        names = [set(optim_state_dict["state"]) if optim_state_dict else None]
+        if dist.is_initialized():
+            dist.broadcast_object_list(names, src=0)  # a FULL_STATE_DICT is read by the main process only
+        options = dataclasses.replace(options or dcp_state_dict.StateDictOptions(), strict=False)
+        real_set(model, optimizers, optim_state_dict, options=options)
+        name_of = {id(p): name for name, p in model.named_parameters()}
+        for optimizer in optimizers if isinstance(optimizers, (list, tuple)) else [optimizers]:
+            for group in optimizer.param_groups:
+                for parameter in group["params"]:
+                    if name_of.get(id(parameter)) not in names[0]:
+                        optimizer.state.pop(parameter, None)
+
+    dcp_state_dict.get_optimizer_state_dict = get_optimizer_state_dict
+    dcp_state_dict.set_optimizer_state_dict = set_optimizer_state_dict
+    try:
+        yield
+    finally:
+        dcp_state_dict.get_optimizer_state_dict = real_get
+        dcp_state_dict.set_optimizer_state_dict = real_set
+
+
 def load_checkpoint(accelerator, path: str | os.PathLike, progress: TrainerProgress) -> None:
     """Restore a `save_checkpoint` folder into the prepared objects, the RNGs and ``progress``
     without unpickling anything that could run code (see the module docstring).
@@ -322,7 +376,7 @@ def load_checkpoint(accelerator, path: str | os.PathLike, progress: TrainerProgr
             f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}); an exact resume needs them"
         ) from error
     try:
-        with _safe_custom_states(progress):
+        with _safe_custom_states(progress), _optimizer_state_as_saved(path):
             accelerator.load_state(str(path), load_kwargs={"weights_only": True})
     except pickle.UnpicklingError as error:
         raise IncompatibleCheckpointError(

@@ -25,7 +25,7 @@ from data_utils.preparation import prepare_dataset
 
 from . import checkpointing as ckpt
 from . import manifest
-from .accelerator import make_accelerator
+from .accelerator import make_accelerator, whole_parameters
 from .batches import move_to_device
 from .errors import JobError
 from .data_setup import build_loaders, data_info, labeled_split
@@ -110,6 +110,7 @@ def run_info(args, job: dict, accelerator, fingerprint: dict[str, Any], resume: 
         "labeled_indices": job["labeled"],
         "split_sizes": {k: len(v) for k, v in dataset_dict.items()},
         "num_processes": accelerator.num_processes,
+        "distributed_type": accelerator.distributed_type.value,  # MULTI_CPU (DDP over gloo), FSDP, MULTI_GPU, ...
         "dataloader_num_workers": job["train_stream"].num_workers,  # what "auto" resolved to
         "mixed_precision": accelerator.mixed_precision,
         "device": str(accelerator.device),
@@ -231,7 +232,7 @@ def representation_probe(args, job: dict, trainer: Trainer) -> dict[str, float]:
         xs, ys = [], []
         was_training = model.training
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), whole_parameters(trainer.method):  # FSDP2: gathered outside the prepared forward
             for batch in loader:
                 batch = move_to_device(batch, acc.device)
                 xs.append(method.probe_features(model, batch).float().cpu())

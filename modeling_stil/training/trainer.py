@@ -25,7 +25,7 @@ from torch import nn
 from ..methods.base import TASK_CLASSIFICATION, SSLMethod, TrainState
 from . import checkpointing as ckpt
 from . import manifest
-from .accelerator import average_batchnorm_statistics, make_accelerator
+from .accelerator import average_batchnorm_statistics, check_sharding_fits, make_accelerator, whole_parameters
 from .batches import batch_size, display_images, move_to_device, standardize_targets, to_channels_last
 from .divergence import DivergenceGuard, NonFiniteLossError
 from .errors import JobError
@@ -111,8 +111,14 @@ class Trainer:
         if self.targs.torch_compile:
             compile_model(method)
         self.method, self.optimizer, self.scheduler = acc.prepare(method, optimizer, scheduler)
-        # clipping sees exactly what the optimizer updates
+        check_sharding_fits(self.method, method)
+        # clipping sees exactly what the optimizer updates; under FSDP in the module's order (Accelerate compares
+        # this list with the model's parameters, which for another order of equal length compares tensors),
+        # otherwise in the optimizer's, so the norm is summed in the order every earlier run summed it
         self.clip_parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if acc.is_fsdp2:
+            updated = {id(p) for p in self.clip_parameters}
+            self.clip_parameters = [p for p in self.method.parameters() if id(p) in updated]
         acc.register_for_checkpointing(self.progress)
         if hasattr(train_stream, "state_dict"):  # streamed data: the readers' positions travel with the checkpoint
             acc.register_for_checkpointing(train_stream)
@@ -272,7 +278,7 @@ class Trainer:
             if acc.sync_gradients and targs.max_grad_norm:
                 grad_norm = acc.clip_grad_norm_(self.clip_parameters, targs.max_grad_norm)
                 if isinstance(grad_norm, torch.Tensor):
-                    logs = {**logs, "grad_norm": grad_norm.detach()}
+                    logs = {**logs, "grad_norm": full_tensor(grad_norm).detach()}
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return loss, logs
@@ -337,7 +343,7 @@ class Trainer:
         references = []
         acc = self.accelerator
         sample_images = None  # first rows of this process's first batch, for the prediction plots
-        with torch.random.fork_rng(devices=[acc.device] if acc.device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=[acc.device] if acc.device.type == "cuda" else []), whole_parameters(self.method):
             for batch in loader:
                 batch = move_to_device(batch, acc.device)
                 if self.targs.channels_last:
@@ -472,6 +478,11 @@ def check_method_options(method: SSLMethod, targs) -> None:
                 f"method {method.name!r} differentiates through an optimisation step (double backward), which "
                 "torch.compile does not support; drop --torch_compile"
             )
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of a value FSDP2 may return as a DTensor (a replicated gradient norm)."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def compile_model(method, backend: str = "inductor") -> None:
