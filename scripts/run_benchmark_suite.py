@@ -29,7 +29,7 @@ Learning curves and time to beat: each dataset's section also plots (``<dataset>
 validation headline metric (the table's metric: accuracy, or NME where lower is better) of every
 baseline and SSL entry at each evaluation, mean over seeds, read from each run's
 ``run/logs/metrics.jsonl``, the reference entry in black; a small table gives, for every SSL entry, the
-first evaluated step at which its mean validation metric beats the reference's at the same step, or
+first evaluated step from which its mean validation metric beats the reference's at that step and every later one, or
 "not within N steps". ``--curves`` runs, for the selected datasets, seed 0 of every baseline and SSL
 entry (and the pretraining stage they start from; not the all-labels ceiling) at 3x the dataset's
 max_steps, evaluated every 100 steps, in ``<work_dir>/long/`` (resumable like the rest, never sharing a
@@ -739,11 +739,17 @@ def mean_curve(histories: list[dict[int, float]]) -> dict[int, float]:
 
 def first_step_beating(curve: dict[int, float], reference: dict[int, float],
                        lower_is_better: bool = False) -> tuple[int | None, int | None]:
-    """(first step at which ``curve`` is strictly better than ``reference`` at the same step, last step
-    both evaluated). Steps only one of them evaluated are not compared; (None, None) when they share none."""
+    """(first step from which ``curve`` is strictly better than ``reference`` at that step and at every
+    later step both evaluated, last step both evaluated). A method ahead early that falls behind again
+    has not beaten the reference (None). Steps only one of them evaluated are not compared; (None, None)
+    when they share none."""
     common = sorted(set(curve) & set(reference))
     sign = -1.0 if lower_is_better else 1.0
-    first = next((step for step in common if sign * (curve[step] - reference[step]) > 0), None)
+    first = None
+    for step in reversed(common):  # walk back from the end while the method stays ahead
+        if sign * (curve[step] - reference[step]) <= 0:
+            break
+        first = step
     return first, (common[-1] if common else None)
 
 
@@ -901,8 +907,9 @@ def write_markdown(path: Path, table: dict[str, list[Row]], skipped: list[tuple[
         lines.append("")
         if ds_name in curves and curves[ds_name].curves:
             how = (f"Validation metric at every evaluation, mean over the seeds, {ds.reference} in black. Time to "
-                   f"beat: the first evaluated step at which an SSL method's mean validation metric is better than "
-                   f"{ds.reference}'s at the same step (no noise margin: the verdicts with one are the orderings below).")
+                   f"beat: the first evaluated step from which an SSL method's mean validation metric is better than "
+                   f"{ds.reference}'s at that step and at every later one (no noise margin: the verdicts with one are the "
+                   f"orderings below).")
             lines += [f"### Learning curves and time to beat {ds.reference}", "", how, ""]
             lines += _curve_lines(curves[ds_name], ds, path, f"{ds.title}: validation curves", long=False)
         if ds_name in long_curves:

@@ -395,6 +395,9 @@ def test_time_to_beat_by_hand():
     reference = {100: 0.40, 200: 0.45, 300: 0.50}
     assert suite.first_step_beating({100: 0.30, 200: 0.50, 300: 0.60}, reference) == (200, 300)
     assert suite.time_to_beat({100: 0.30, 200: 0.50, 300: 0.60}, reference) == "step 200"
+    # ahead early, behind at the end: not beaten (a method must stay ahead from the step named on)
+    assert suite.time_to_beat({100: 0.50, 200: 0.40, 300: 0.60}, reference) == "step 300"
+    assert suite.time_to_beat({100: 0.50, 200: 0.50, 300: 0.45}, reference) == "not within 300 steps"
     # equal is not ahead; never ahead: "not within" the last step both evaluated
     assert suite.time_to_beat({100: 0.40, 200: 0.45, 300: 0.50}, reference) == "not within 300 steps"
     # missing steps: only steps both evaluated are compared (150 has no reference value, 300 none of the method)
@@ -407,8 +410,10 @@ def test_time_to_beat_by_hand():
     # lower is better (landmark NME): the smaller value beats
     nme_reference = {100: 0.30, 200: 0.20}
     assert suite.time_to_beat({100: 0.35, 200: 0.15}, nme_reference, lower_is_better=True) == "step 200"
-    assert suite.time_to_beat({100: 0.35, 200: 0.15}, nme_reference) == "step 100"  # read as higher-is-better
-    assert suite.time_to_beat({100: 0.25, 200: 0.25}, nme_reference, lower_is_better=True) == "step 100"
+    # read as higher-is-better the same numbers are ahead at 100 and behind at 200: not beaten
+    assert suite.time_to_beat({100: 0.35, 200: 0.15}, nme_reference) == "not within 200 steps"
+    assert suite.time_to_beat({100: 0.25, 200: 0.15}, nme_reference, lower_is_better=True) == "step 100"
+    assert suite.time_to_beat({100: 0.25, 200: 0.25}, nme_reference, lower_is_better=True) == "not within 200 steps"
 
 
 def test_long_runs_plan_baselines_and_ssl_at_three_times_the_steps_in_their_own_folder(repo):
