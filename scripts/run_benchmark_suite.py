@@ -5,6 +5,7 @@
     python scripts/run_benchmark_suite.py --quick         # smoke check: 1 seed, a few dozen steps per run
     python scripts/run_benchmark_suite.py --methods stil,supervised_multimodal --datasets multimodal_1pct --seeds 0,1
     python scripts/run_benchmark_suite.py --curves --datasets image,digits   # longer-budget curves (seed 0, 3x the steps)
+    python scripts/run_benchmark_suite.py --report_only   # the report from the runs finished so far (runs nothing)
 
 What runs is the table ``SUITE`` below: one line per (method, dataset) with the recipe and the
 overrides. A recipe that does not exist yet (a method not merged) is skipped with a note in the
@@ -691,13 +692,19 @@ def aggregate(runs: list[Run], results: dict[str, dict[str, Any]], entries: list
     return table
 
 
+ONE_SEED = "one seed: no verdict"
+
+
 def compare(better: Row, worse: Row) -> tuple[float, float, str]:
     """(difference in the metric's good direction, its standard error, verdict). The ordering holds when
     the difference exceeds two standard errors of the difference of the two seed means, fails when it is
-    below minus two, and is "not separated" in between (with one seed there is no noise estimate)."""
+    below minus two, and is "not separated" in between. A row with one seed has no noise estimate, so
+    no verdict is drawn from it (``ONE_SEED``; the standard error is nan)."""
     sign = -1.0 if (better.metric or "") in LOWER_IS_BETTER else 1.0
     diff = sign * (better.mean - worse.mean)
-    se = math.sqrt(better.std ** 2 / max(len(better.values), 1) + worse.std ** 2 / max(len(worse.values), 1))
+    if min(len(better.values), len(worse.values)) < 2:
+        return diff, math.nan, ONE_SEED
+    se = math.sqrt(better.std ** 2 / len(better.values) + worse.std ** 2 / len(worse.values))
     if diff > 2 * se:
         verdict = "holds"
     elif diff < -2 * se:
@@ -866,7 +873,7 @@ def write_markdown(path: Path, table: dict[str, list[Row]], skipped: list[tuple[
     lines = ["# Benchmark results", ""]
     lines += [
         "Produced by `python scripts/run_benchmark_suite.py" + (" --quick" if quick else "") + "` (do not edit by hand). "
-        f"Seeds {', '.join(map(str, seeds))}; each cell is the mean ± standard deviation over seeds of the **test** "
+        f"Seeds {', '.join(map(str, seeds))} (the seeds column says how many finished for each row); each cell is the mean ± standard deviation over seeds of the **test** "
         "metric of the model selected on validation; Δ is the difference of means to the dataset's supervised "
         "baseline; wall time is per run (start-up, training, evaluation), on this machine. "
         f"Sum of the wall times of every run in the table: **{compute / 60:.1f} min** ({compute / 3600:.2f} h); "
@@ -896,7 +903,8 @@ def write_markdown(path: Path, table: dict[str, list[Row]], skipped: list[tuple[
         else:  # only longer-budget runs so far
             lines.append("No run of this dataset's table has finished yet (only the longer-budget runs below).")
         for row in rows:
-            cell = f"{_fmt(row.mean)} ± {_fmt(row.std)}" if row.values else "failed"
+            cell = ("failed" if not row.values else f"{_fmt(row.mean)} (one seed)" if len(row.values) == 1
+                    else f"{_fmt(row.mean)} ± {_fmt(row.std)}")
             delta = (f"{row.mean - reference.mean:+.3f}" if reference is not None and row.values and row.metric == reference.metric
                      and row is not reference else "")
             note = row.entry.note
@@ -932,12 +940,13 @@ def write_markdown(path: Path, table: dict[str, list[Row]], skipped: list[tuple[
         lines += ["## Expected orderings, checked", "",
                   "What the papers lead one to expect, against these numbers: an ordering *holds* when the better "
                   "method's mean is ahead by more than two standard errors of the difference (seed noise), *does not "
-                  "hold* when it is behind by as much, and is *not separated* in between. Nothing was tuned to make "
-                  "an ordering hold.", "",
+                  "hold* when it is behind by as much, and is *not separated* in between; with one seed on either side "
+                  "there is no noise estimate and no verdict. Nothing was tuned to make an ordering hold.", "",
                   "| dataset | expected | because | difference ± s.e. | verdict |", "|---|---|---|---|---|"]
         for c, better, worse in measured:
             diff, se, verdict = compare(better, worse)
-            lines.append(f"| {c.dataset} | {c.better} > {c.worse} | {c.why} | {diff:+.3f} ± {se:.3f} | **{verdict}** |")
+            spread = f"{diff:+.3f}" if math.isnan(se) else f"{diff:+.3f} ± {se:.3f}"
+            lines.append(f"| {c.dataset} | {c.better} > {c.worse} | {c.why} | {spread} | **{verdict}** |")
         lines.append("")
     if skipped:
         lines += ["## Skipped", "", "| dataset | method | why |", "|---|---|---|"]
@@ -1067,6 +1076,8 @@ def main(argv: list[str] | None = None, runner: Callable[[Run, Path], dict[str, 
                              f"baseline and SSL entry at {LONG_FACTOR}x the steps, evaluated every {LONG_EVAL_STEPS}, in "
                              f"<work_dir>/{LONG_FOLDER}/; every report (this one and later plain invocations) includes them")
     parser.add_argument("--list", action="store_true", help="print the planned runs and exit")
+    parser.add_argument("--report_only", action="store_true",
+                        help="run nothing: write the report from the runs already finished (each row states its seed count)")
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
     datasets = datasets or DATASETS
@@ -1099,8 +1110,11 @@ def main(argv: list[str] | None = None, runner: Callable[[Run, Path], dict[str, 
             print(("done  " if is_done(run) else "to do ") + run.id + "\n    " + display_command(run))
         return 0
     started = time.perf_counter()
-    prepare_datasets(runs, work_dir, datasets, root=root)
-    fresh = execute(runs, runner, progress=not args.no_progress)
+    if args.report_only:
+        runs, fresh = [], {}
+    else:
+        prepare_datasets(runs, work_dir, datasets, root=root)
+        fresh = execute(runs, runner, progress=not args.no_progress)
     # the report covers the whole table and every longer-budget run: runs not selected this time count
     # when already done (their markers and histories are read, nothing is run again)
     everything, skipped_all = plan_runs(entries, seeds, work_dir, quick=args.quick, root=root, datasets=datasets)

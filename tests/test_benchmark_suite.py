@@ -291,6 +291,9 @@ def test_compare_verdicts_by_hand():
     lm_sup, lm_ssl = _row("supervised", [0.20, 0.21, 0.22], "nme"), _row("ssl", [0.10, 0.11, 0.12], "nme")
     diff, _, verdict = suite.compare(lm_ssl, lm_sup)
     assert diff == pytest.approx(0.10) and verdict == "holds"
+    # one seed on either side: no noise estimate, so no verdict however large the difference
+    diff, se, verdict = suite.compare(_row("ssl", [0.9]), worse)
+    assert diff == pytest.approx(0.3) and se != se and verdict == suite.ONE_SEED
 
 
 def test_report_has_delta_column_expected_orderings_and_total_cost(repo):
@@ -531,3 +534,16 @@ def test_runs_shared_by_both_label_rates_have_one_command_whatever_the_selection
     assert set(both) == {"multimodal/tip_pretrain/seed0", "multimodal/supervised_all_labels/seed0"}
     assert shared_commands(["multimodal_10pct"]) == shared_commands(["multimodal_1pct"]) == both
     assert suite.DATASETS["multimodal_10pct"].budget["max_steps"] != suite.SHARED_MULTIMODAL_BUDGET["max_steps"]
+
+
+def test_report_only_runs_nothing_and_reports_the_finished_runs_with_their_seed_counts(repo):
+    work = ["--no_progress", "--work_dir", str(repo / "w"), "--datasets", "toy"]
+    first = FakeRunner()
+    assert suite.main(work + ["--seeds", "0", "--output", str(repo / "a.md")], runner=first, entries=ENTRIES,
+                      datasets=DATASETS, root=repo) == 0 and first.calls
+    idle = FakeRunner()
+    assert suite.main(work + ["--report_only", "--output", str(repo / "b.md")], runner=idle, entries=ENTRIES,
+                      datasets=DATASETS, root=repo) == 0
+    assert idle.calls == []  # seeds 1 and 2 are not done, and nothing ran
+    rows = [line for line in (repo / "b.md").read_text().splitlines() if line.startswith("| supervised | baseline |")]
+    assert rows and "| 1 |" in rows[0]  # the seed column says how many seeds the row has
