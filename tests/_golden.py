@@ -43,8 +43,9 @@ def assert_terms_match_original(fixture: dict, terms: dict, loss, count: int, rt
     assert len(recorded) == count
 
 
-def build_network(meta):
-    """Our mmatch-family network (concat fusion, three heads) in the fixture's tiny configuration, float64."""
+def build_concat_network(meta, **heads):
+    """Our concat multimodal network in the fixture's tiny configuration, float64; ``heads`` are the
+    head fields that differ between the method families (see `build_network` and the Match ports)."""
     from modeling_stil.configuration_baselines import MultimodalClassifierConfig
     from modeling_stil.configuration_stil import layout_from_field_lengths, placeholder_schema
     from modeling_stil.modeling_baselines import MultimodalClassifier
@@ -56,5 +57,9 @@ def build_network(meta):
             backbone=o["model"], image_size=o["img_size"], num_labels=o["num_classes"],
             tabular_schema=placeholder_schema(*layout_from_field_lengths(meta["field_lengths"])),
             tabular_embedding_dim=o["tabular_embedding_dim"], tabular_num_layers=o["tabular_transformer_num_layers"],
-            tabular_num_heads=8, fusion="concat", unimodal_heads=True, fused_dim=o["projection_dim"],
-            image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0]))
+            tabular_num_heads=8, fusion="concat", image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0], **heads))
+
+
+def build_network(meta):
+    """Our mmatch-family network (concat fusion, three heads) in the fixture's tiny configuration, float64."""
+    return build_concat_network(meta, unimodal_heads=True, fused_dim=meta["overrides"]["projection_dim"])

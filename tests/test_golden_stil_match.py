@@ -44,8 +44,8 @@ from modeling_stil.methods.common import ProjectedNet
 from modeling_stil.methods.freematch import MultimodalFreeMatch, MultimodalFreeMatchArguments
 from modeling_stil.methods.simmatch import MultimodalSimMatch, MultimodalSimMatchArguments
 from modeling_stil.training.optim import build_optimizer
-from tests._golden import assert_matches_original, assert_terms_match_original, load_golden, with_prefix
-from tests._golden_seeded import compare_recorded, float64_default, float_shapes, perturbed, seeded_images, seeded_state
+from tests._golden import assert_matches_original, assert_terms_match_original, build_concat_network, load_golden, with_prefix
+from tests._golden_seeded import compare_recorded, float_shapes, perturbed, seeded_images, seeded_state
 
 
 def _check(ours, theirs, name):
@@ -57,25 +57,16 @@ def original_names(state: dict) -> dict:
     return {k.replace("head.model.", "head."): v for k, v in state.items()}
 
 
-def build_concat_network(meta):
+def match_network(meta):
     """Our Match-family concat network (``multimodal-concat``) in the fixture's tiny configuration, float64."""
-    from modeling_stil.configuration_baselines import MultimodalClassifierConfig
-    from modeling_stil.configuration_stil import layout_from_field_lengths, placeholder_schema
-    from modeling_stil.modeling_baselines import MultimodalClassifier
-
     o = meta["overrides"]
-    with float64_default():
-        return MultimodalClassifier(MultimodalClassifierConfig(
-            backbone=o["model"], image_size=o["img_size"], num_labels=o["num_classes"],
-            tabular_schema=placeholder_schema(*layout_from_field_lengths(meta["field_lengths"])),
-            tabular_embedding_dim=o["tabular_embedding_dim"], tabular_num_layers=o["tabular_transformer_num_layers"],
-            tabular_num_heads=8, fusion="concat", unimodal_heads=False, projection_dim=o["projection_dim"],
-            projection_hidden_dim=o["multimodal_embedding_dim"], image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0]))
+    return build_concat_network(meta, unimodal_heads=False, projection_dim=o["projection_dim"],
+                                projection_hidden_dim=o["multimodal_embedding_dim"])
 
 
 def seeded_networks(fixture, meta, student_prefix="main.", teacher_prefix="ema."):
     """(our network with the student weights, the teacher's weights in our names)."""
-    model = build_concat_network(meta)
+    model = match_network(meta)
     own = model.state_dict()
     to_ours = {original: ours for ours, original in zip(own, original_names(own))}
     shapes = original_names(float_shapes(own))
