@@ -55,6 +55,7 @@ def prepare_dataset(data, accelerator) -> tuple[str, Any, Any, Any]:
     Returns ``(source, DatasetDict, DatasetMetadata, TabularSchema | None)``."""
     source = data.dataset
     if source is None:
+        from .io import DatasetExistsError
         from .synthetic import make_synthetic_dataset
 
         build = SyntheticBuild.from_data_arguments(data)
@@ -63,8 +64,11 @@ def prepare_dataset(data, accelerator) -> tuple[str, Any, Any, Any]:
         def build_if_missing(builder: bool) -> None:
             if builder and not path.exists():
                 print(f"building the synthetic {build.task} dataset into {path}", flush=True)
-                make_synthetic_dataset(build.task, path, num_samples=build.num_samples, image_size=build.image_size,
-                                       labeled_fraction=build.labeled_fraction)
+                try:
+                    make_synthetic_dataset(build.task, path, num_samples=build.num_samples, image_size=build.image_size,
+                                           labeled_fraction=build.labeled_fraction)
+                except DatasetExistsError:  # another run (same arguments, same data) finished building it first
+                    print(f"another run built {path} meanwhile; using it", flush=True)
 
         # the main process builds it; then the first process of each other machine, if that machine does
         # not see it (a disk of its own; on a shared filesystem it is already there, so nobody races)

@@ -1,6 +1,8 @@
 """The data contract's core: TabularSchema, labelled splits, atomic dataset IO."""
 
+import contextlib
 import json
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -140,3 +142,39 @@ def test_fit_and_raw_encoding_share_one_category_rule():
     assert schema.fields[0].categories == ["2", "4"]
     out = schema.encode_raw_rows([{"doors": 4}, {"doors": "2"}, {"doors": 2.0}])
     assert out["categorical_values"][:, 0].tolist() == [1, 0, 0]
+
+
+def test_a_folder_another_process_wrote_meanwhile_is_kept_not_replaced(tmp_path):
+    """Two runs filling one dataset cache: the one that finishes second keeps the first one's folder
+    (its readers may have it open) and says so with DatasetExistsError, leaving no staging folder."""
+    target = tmp_path / "ds"
+    with pytest.raises(DatasetExistsError, match="another process"):
+        with atomic_directory(target) as staging:
+            (staging / "mine.txt").write_text("late")
+            target.mkdir()
+            (target / "theirs.txt").write_text("first")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+    assert [p.name for p in target.iterdir()] == ["theirs.txt"]
+
+
+def test_a_synthetic_build_that_loses_the_race_uses_the_winners_dataset(tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    import data_utils.synthetic as synthetic
+    from data_utils import preparation
+
+    data = SimpleNamespace(dataset=None, synthetic_task="image", synthetic_num_samples=200, synthetic_image_size=16,
+                           labeled_fraction=0.2, dataset_cache_dir=str(tmp_path), bad_images="error")
+    real = synthetic.make_synthetic_dataset
+
+    def another_run_finishes_first(task, path, **kwargs):
+        real(task, path, **kwargs)  # the other run's copy
+        raise DatasetExistsError(f"output folder {path} was written by another process meanwhile")
+
+    monkeypatch.setattr(synthetic, "make_synthetic_dataset", another_run_finishes_first)
+    accelerator = SimpleNamespace(is_main_process=True, is_local_main_process=True,
+                                  main_process_first=contextlib.nullcontext, local_main_process_first=contextlib.nullcontext)
+    monkeypatch.setattr(preparation, "check_images", lambda dataset_dict, *args: dataset_dict)
+    source, dataset_dict, metadata, _ = preparation.prepare_dataset(data, accelerator)
+    assert "using it" in capsys.readouterr().out
+    assert Path(source).parent == tmp_path and len(dataset_dict["train"]) > 0 and metadata.num_labels == 10
