@@ -852,14 +852,64 @@ def _fmt(value: float, digits: int = 3) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
+@dataclass
+class CarriedOver:
+    """The parts of an earlier report about datasets this invocation has no run of: their sections, their
+    rows of the orderings table and their commands, kept verbatim (a run folder lost or never copied to
+    this machine does not erase a table the runs of another machine produced)."""
+
+    sections: dict[str, list[str]] = field(default_factory=dict)  # dataset -> its "## " section's lines
+    orderings: list[str] = field(default_factory=list)  # table rows, "| dataset | ..."
+    commands: dict[str, list[str]] = field(default_factory=dict)  # dataset -> its "### " command blocks
+
+
+CARRIED_NOTE = ("*Carried over unchanged from the previous report: no finished run of this dataset is in the work "
+                "folder of the invocation that wrote this file. `--datasets {name}` runs it again.*")
+
+
+def _blocks(lines: list[str], prefix: str) -> list[list[str]]:
+    """``lines`` cut before every line starting with ``prefix`` (the first block: what precedes the first)."""
+    blocks: list[list[str]] = [[]]
+    for line in lines:
+        if line.startswith(prefix):
+            blocks.append([])
+        blocks[-1].append(line)
+    return blocks
+
+
+def carry_over(report: str, names: Iterable[str], datasets: dict[str, Dataset]) -> CarriedOver:
+    """What ``report`` (an earlier report's text) says about the datasets ``names``."""
+    names = [n for n in names if n in datasets]
+    titles = {f"## {datasets[n].title}": n for n in names}
+    carried = CarriedOver()
+    for block in _blocks(report.splitlines(), "## ")[1:]:
+        heading = block[0].rstrip()
+        if heading in titles:
+            body = [line for line in block[1:] if not line.startswith("*Carried over unchanged")]
+            while body and not body[0].strip():
+                body = body[1:]
+            carried.sections[titles[heading]] = [heading, "", CARRIED_NOTE.format(name=titles[heading]), ""] + body
+        elif heading == "## Expected orderings, checked":
+            carried.orderings = [line for line in block if any(line.startswith(f"| {n} | ") for n in names)]
+        elif heading == "## Exact commands":
+            for sub in _blocks(block, "### ")[1:]:
+                name = sub[0][4:].split(",")[0].strip()
+                if name in names:
+                    carried.commands.setdefault(name, []).extend(sub)
+    return carried
+
+
 def write_markdown(path: Path, table: dict[str, list[Row]], skipped: list[tuple[Entry, str]], seeds: list[int],
                    quick: bool, total_seconds: float, datasets: dict[str, Dataset] | None = None,
                    plot_files: dict[str, Path] | None = None, checks: list[Check] | None = None,
                    notes: str | None = None, curves: dict[str, CurveSection] | None = None,
-                   long_curves: dict[str, CurveSection] | None = None) -> None:
+                   long_curves: dict[str, CurveSection] | None = None, carried: CarriedOver | None = None) -> None:
     """The report. ``curves``: each dataset's validation curves of the table's runs; ``long_curves``: those
-    of the longer-budget runs (--curves), a subsection of the datasets they were run on."""
+    of the longer-budget runs (--curves), a subsection of the datasets they were run on; ``carried``: an
+    earlier report's parts about datasets with no run here, kept as they were."""
     datasets = datasets or DATASETS
+    carried = carried or CarriedOver()
+    order = {name: i for i, name in enumerate(datasets)}
     plot_files = plot_files or {}
     curves = curves or {}
     long_curves = long_curves or {}
@@ -870,6 +920,8 @@ def write_markdown(path: Path, table: dict[str, list[Row]], skipped: list[tuple[
         for row in rows:
             counted[row.entry.key] = sum(w for w in row.walls if not math.isnan(w))
     compute = sum(counted.values())
+    long_run = [d for d in datasets if d in long_curves or any(line.startswith("### Longer budget")
+                                                               for line in carried.sections.get(d, []))]
     lines = ["# Benchmark results", ""]
     lines += [
         "Produced by `python scripts/run_benchmark_suite.py" + (" --quick" if quick else "") + "` (do not edit by hand). "
@@ -881,14 +933,23 @@ def write_markdown(path: Path, table: dict[str, list[Row]], skipped: list[tuple[
         "Each dataset's section also draws every baseline's and SSL method's **validation** metric at each "
         "evaluation (mean over seeds) and gives the step at which each SSL method first beats the reference "
         "there (*time to beat*). Longer-budget curves (`--curves`: seed "
-        f"{LONG_SEED}, {LONG_FACTOR}x the steps) " + (f"were run for: {', '.join(long_curves)}." if long_curves else
+        f"{LONG_SEED}, {LONG_FACTOR}x the steps) " + (f"were run for: {', '.join(long_run)}." if long_run else
                                                      "have not been run for any dataset."), "",
     ]
+    if carried.sections:
+        lines += ["Sections carried over from the previous report, not re-run by this invocation (their wall times are "
+                  f"not in the sum above): {', '.join(sorted(carried.sections, key=order.get))}.", ""]
     if notes:
         lines += [notes, ""]
     if quick:
         lines += ["**Quick mode: a smoke check with a few dozen steps per run; the numbers are not results.**", ""]
-    for ds_name in list(table) + [d for d in long_curves if d not in table]:
+    shown = [d for d in datasets if d in table or d in long_curves or d in carried.sections]
+    for ds_name in shown + [d for d in list(table) + list(long_curves) if d not in shown]:
+        if ds_name not in table and ds_name not in long_curves:
+            lines += carried.sections[ds_name]
+            if lines[-1].strip():
+                lines.append("")
+            continue
         rows, ds = table.get(ds_name, []), datasets[ds_name]
         lines += [f"## {ds.title}", ""]
         data = ", ".join(f"{k} {v}" for k, v in ds.data.items())
@@ -936,17 +997,20 @@ def write_markdown(path: Path, table: dict[str, list[Row]], skipped: list[tuple[
     by_name = {(ds_name, row.entry.name): row for ds_name, rows in table.items() for row in rows if row.values}
     measured = [(c, by_name[(c.dataset, c.better)], by_name[(c.dataset, c.worse)]) for c in checks
                 if (c.dataset, c.better) in by_name and (c.dataset, c.worse) in by_name]
-    if measured:
+    if measured or carried.orderings:
         lines += ["## Expected orderings, checked", "",
                   "What the papers lead one to expect, against these numbers: an ordering *holds* when the better "
                   "method's mean is ahead by more than two standard errors of the difference (seed noise), *does not "
                   "hold* when it is behind by as much, and is *not separated* in between; with one seed on either side "
                   "there is no noise estimate and no verdict. Nothing was tuned to make an ordering hold.", "",
                   "| dataset | expected | because | difference ± s.e. | verdict |", "|---|---|---|---|---|"]
+        ordered: list[tuple[int, str]] = []
         for c, better, worse in measured:
             diff, se, verdict = compare(better, worse)
             spread = f"{diff:+.3f}" if math.isnan(se) else f"{diff:+.3f} ± {se:.3f}"
-            lines.append(f"| {c.dataset} | {c.better} > {c.worse} | {c.why} | {spread} | **{verdict}** |")
+            ordered.append((order.get(c.dataset, len(order)), f"| {c.dataset} | {c.better} > {c.worse} | {c.why} | {spread} | **{verdict}** |"))
+        ordered += [(order.get(row.split(" | ")[0][2:], len(order)), row) for row in carried.orderings]
+        lines += [row for _, row in sorted(ordered, key=lambda item: item[0])]  # stable: each dataset's rows keep their order
         lines.append("")
     if skipped:
         lines += ["## Skipped", "", "| dataset | method | why |", "|---|---|---|"]
@@ -954,14 +1018,19 @@ def write_markdown(path: Path, table: dict[str, list[Row]], skipped: list[tuple[
             lines.append(f"| {e.dataset} | {e.name} | {why} |")
         lines.append("")
     lines += ["## Exact commands", "", "From the repository root; `{seed}` is each of the seeds above.", ""]
-    for ds_name, rows in table.items():
-        lines += [f"### {ds_name}", "", "```"]
-        lines += [row.command for row in rows]
-        lines += ["```", ""]
-    for ds_name, section in long_curves.items():
-        lines += [f"### {ds_name}, longer budget (seed {section.seed}, {section.max_steps} steps)", "", "```"]
-        lines += section.commands
-        lines += ["```", ""]
+    for ds_name in sorted(set(table) | set(long_curves) | set(carried.commands), key=lambda d: order.get(d, len(order))):
+        if ds_name in carried.commands and ds_name not in table and ds_name not in long_curves:
+            lines += carried.commands[ds_name]
+            continue
+        if ds_name in table:
+            lines += [f"### {ds_name}", "", "```"]
+            lines += [row.command for row in table[ds_name]]
+            lines += ["```", ""]
+        if ds_name in long_curves:
+            section = long_curves[ds_name]
+            lines += [f"### {ds_name}, longer budget (seed {section.seed}, {section.max_steps} steps)", "", "```"]
+            lines += section.commands
+            lines += ["```", ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(lines))
@@ -1130,8 +1199,12 @@ def main(argv: list[str] | None = None, runner: Callable[[Run, Path], dict[str, 
     analysis = output.parent / ANALYSIS_FILE
     notes = (f"Why the orderings below come out as they do, with the evidence: [{ANALYSIS_FILE}]({ANALYSIS_FILE})."
              if analysis.is_file() and not args.quick else None)
+    # datasets with nothing finished here keep what the report already says of them (unless it is a smoke check)
+    absent = [d for d in datasets if d not in table and d not in long_curves]
+    carried = (carry_over(output.read_text(), absent, datasets) if absent and output.is_file() and not args.quick
+               else CarriedOver())
     write_markdown(output, table, skipped_all, seeds, args.quick, time.perf_counter() - started, datasets, plots,
-                   EXPECTED if entries is SUITE else [], notes, curves, long_curves)
+                   EXPECTED if entries is SUITE else [], notes, curves, long_curves, carried)
     failed = [rid for rid, r in fresh.items() if r.get("status") != "ok"]
     print(f"wrote {output} and {len(plots) + len(curve_plots) + len(long_curves)} plot(s); "
           f"{len(runs) - len(failed)} of {len(runs)} runs ok" + (f"; failed: {', '.join(failed)}" if failed else ""))

@@ -547,3 +547,49 @@ def test_report_only_runs_nothing_and_reports_the_finished_runs_with_their_seed_
     assert idle.calls == []  # seeds 1 and 2 are not done, and nothing ran
     rows = [line for line in (repo / "b.md").read_text().splitlines() if line.startswith("| supervised | baseline |")]
     assert rows and "| 1 |" in rows[0]  # the seed column says how many seeds the row has
+
+
+def test_a_dataset_with_no_run_here_keeps_its_section_and_commands_from_the_previous_report(repo):
+    """A partial re-run (or a machine without the other datasets' run folders) rewrites what it ran and
+    carries the rest of the report over verbatim, saying so; a dataset run again replaces its carried text."""
+    import shutil
+
+    out = repo / "results.md"
+    work = ["--no_progress", "--work_dir", str(repo / "w"), "--seeds", "0", "--output", str(out)]
+    assert suite.main(work, runner=FakeRunner(), entries=ENTRIES, datasets=DATASETS, root=repo) == 0
+    first = out.read_text()
+    assert "## toy landmarks" in first and "### toy_lm" in first and "Carried over" not in first
+    shutil.rmtree(repo / "w" / "toy_lm")  # its runs are gone from this machine
+    assert suite.main(work + ["--report_only"], runner=FakeRunner(), entries=ENTRIES, datasets=DATASETS, root=repo) == 0
+    second = out.read_text()
+    section = second.split("## toy landmarks")[1].split("\n## ")[0]
+    assert "Carried over unchanged" in section and "--datasets toy_lm" in section
+    assert section.count("| supervised | baseline |") == 1  # its table, once
+    assert "### toy_lm" in second.split("## Exact commands")[1]
+    assert "Sections carried over from the previous report, not re-run by this invocation" in second
+    assert second.index("## toy data") < second.index("## toy landmarks")  # the datasets' order
+    # carried twice: one note, not two
+    assert suite.main(work + ["--report_only"], runner=FakeRunner(), entries=ENTRIES, datasets=DATASETS, root=repo) == 0
+    assert out.read_text().count("Carried over unchanged") == 1
+    # run again: the dataset's own section replaces the carried one
+    assert suite.main(work + ["--datasets", "toy_lm"], runner=FakeRunner(), entries=ENTRIES, datasets=DATASETS, root=repo) == 0
+    assert "Carried over" not in out.read_text()
+
+
+def test_carry_over_takes_the_orderings_rows_and_long_commands_of_the_datasets_named():
+    report = "\n".join([
+        "# Benchmark results", "", "intro", "",
+        "## toy data", "", "| supervised | baseline | accuracy |", "",
+        "## toy landmarks", "", "| supervised | baseline | nme |", "", "### Longer budget (seed 0, 15 steps)", "", "curve", "",
+        "## Expected orderings, checked", "", "| dataset | expected |", "|---|---|",
+        "| toy | a > b | why | +0.1 | **holds** |", "| toy_lm | c > d | why | -0.1 | **does not hold** |", "",
+        "## Exact commands", "", "### toy", "", "```", "python train.py a", "```", "",
+        "### toy_lm", "", "```", "python train.py b", "```", "",
+        "### toy_lm, longer budget (seed 0, 15 steps)", "", "```", "python train.py c", "```", ""])
+    carried = suite.carry_over(report, ["toy_lm"], DATASETS)
+    assert list(carried.sections) == ["toy_lm"] and "curve" in carried.sections["toy_lm"]
+    assert "| supervised | baseline | nme |" in carried.sections["toy_lm"]
+    assert carried.orderings == ["| toy_lm | c > d | why | -0.1 | **does not hold** |"]
+    commands = "\n".join(carried.commands["toy_lm"])
+    assert "python train.py b" in commands and "python train.py c" in commands and "train.py a" not in commands
+    assert suite.carry_over(report, ["toy_lm"], {"toy": DATASETS["toy"]}).sections == {}  # unknown names: nothing
