@@ -128,10 +128,10 @@ DATASETS = {
                 "supervised_multimodal"),
         Dataset("image", "synthetic image (CIFAR-like, 10 classes), 5 % labelled",
                 dict(synthetic_task="image", synthetic_num_samples=4000, synthetic_image_size=32, labeled_fraction=0.05), BUDGET),
-        Dataset("landmarks", "synthetic landmarks (AFLW-like faces, 5 keypoints), 10 % labelled",
-                dict(synthetic_task="landmarks", synthetic_num_samples=2000, synthetic_image_size=60, labeled_fraction=0.1), BUDGET),
         Dataset("digits", "real handwritten digits (scikit-learn, 1,797 8x8 images, 10 classes), 5 % labelled",
                 dict(labeled_fraction=0.05), BUDGET, build="digits"),
+        Dataset("landmarks", "synthetic landmarks (AFLW-like faces, 5 keypoints), 10 % labelled",
+                dict(synthetic_task="landmarks", synthetic_num_samples=2000, synthetic_image_size=60, labeled_fraction=0.1), BUDGET),
     ]
 }
 MULTIMODAL = ("multimodal_1pct", "multimodal_10pct")
