@@ -74,10 +74,11 @@ def atomic_directory(output_dir: str | os.PathLike, overwrite: bool = False) -> 
         from .permissions import share_like_umask
 
         share_like_umask(staging)  # mkdtemp is 0700: give the dataset the mode a plain mkdir would
+        # another process may have written it while this one was building (two runs filling one cache):
+        # theirs stays, readers of it keep their files, and this copy is dropped
+        taken = f"output folder {output} was written by another process meanwhile"
         if output.exists() and not overwrite:
-            # another process wrote it while this one was building (two runs filling one cache): theirs
-            # stays, readers of it keep their files, and this copy is dropped
-            raise DatasetExistsError(f"output folder {output} was written by another process meanwhile")
+            raise DatasetExistsError(taken)
         if output.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
             output.rename(trash / output.name)
@@ -89,7 +90,7 @@ def atomic_directory(output_dir: str | os.PathLike, overwrite: bool = False) -> 
             except OSError as error:  # created between the check and the rename: rename refuses a non-empty folder
                 if not output.exists():
                     raise
-                raise DatasetExistsError(f"output folder {output} was written by another process meanwhile") from error
+                raise DatasetExistsError(taken) from error
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

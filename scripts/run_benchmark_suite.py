@@ -877,6 +877,12 @@ def _blocks(lines: list[str], prefix: str) -> list[list[str]]:
     return blocks
 
 
+def _ending_blank(block: list[str]) -> list[str]:
+    """``block`` ending with one blank line, as the blocks write_markdown makes (the report's last block
+    has none: the file ends without a newline)."""
+    return block if block and not block[-1].strip() else block + [""]
+
+
 def carry_over(report: str, names: Iterable[str], datasets: dict[str, Dataset]) -> CarriedOver:
     """What ``report`` (an earlier report's text) says about the datasets ``names``."""
     names = [n for n in names if n in datasets]
@@ -888,14 +894,14 @@ def carry_over(report: str, names: Iterable[str], datasets: dict[str, Dataset]) 
             body = [line for line in block[1:] if not line.startswith("*Carried over unchanged")]
             while body and not body[0].strip():
                 body = body[1:]
-            carried.sections[titles[heading]] = [heading, "", CARRIED_NOTE.format(name=titles[heading]), ""] + body
+            carried.sections[titles[heading]] = _ending_blank([heading, "", CARRIED_NOTE.format(name=titles[heading]), ""] + body)
         elif heading == "## Expected orderings, checked":
             carried.orderings = [line for line in block if any(line.startswith(f"| {n} | ") for n in names)]
         elif heading == "## Exact commands":
             for sub in _blocks(block, "### ")[1:]:
                 name = sub[0][4:].split(",")[0].strip()
                 if name in names:
-                    carried.commands.setdefault(name, []).extend(sub)
+                    carried.commands.setdefault(name, []).extend(_ending_blank(sub))
     return carried
 
 
@@ -943,12 +949,10 @@ def write_markdown(path: Path, table: dict[str, list[Row]], skipped: list[tuple[
         lines += [notes, ""]
     if quick:
         lines += ["**Quick mode: a smoke check with a few dozen steps per run; the numbers are not results.**", ""]
-    shown = [d for d in datasets if d in table or d in long_curves or d in carried.sections]
-    for ds_name in shown + [d for d in list(table) + list(long_curves) if d not in shown]:
-        if ds_name not in table and ds_name not in long_curves:
+    ran = set(table) | set(long_curves)  # datasets with runs here; every other one shown is carried over
+    for ds_name in [d for d in datasets if d in ran or d in carried.sections]:
+        if ds_name not in ran:
             lines += carried.sections[ds_name]
-            if lines[-1].strip():
-                lines.append("")
             continue
         rows, ds = table.get(ds_name, []), datasets[ds_name]
         lines += [f"## {ds.title}", ""]
@@ -1018,8 +1022,8 @@ def write_markdown(path: Path, table: dict[str, list[Row]], skipped: list[tuple[
             lines.append(f"| {e.dataset} | {e.name} | {why} |")
         lines.append("")
     lines += ["## Exact commands", "", "From the repository root; `{seed}` is each of the seeds above.", ""]
-    for ds_name in sorted(set(table) | set(long_curves) | set(carried.commands), key=lambda d: order.get(d, len(order))):
-        if ds_name in carried.commands and ds_name not in table and ds_name not in long_curves:
+    for ds_name in [d for d in datasets if d in ran or d in carried.commands]:
+        if ds_name not in ran:
             lines += carried.commands[ds_name]
             continue
         if ds_name in table:

@@ -566,11 +566,13 @@ def test_a_dataset_with_no_run_here_keeps_its_section_and_commands_from_the_prev
     assert "Carried over unchanged" in section and "--datasets toy_lm" in section
     assert section.count("| supervised | baseline |") == 1  # its table, once
     assert "### toy_lm" in second.split("## Exact commands")[1]
+    assert second.split("### toy_lm")[1] == first.split("### toy_lm")[1]  # its commands byte for byte (the file's end)
     assert "Sections carried over from the previous report, not re-run by this invocation" in second
     assert second.index("## toy data") < second.index("## toy landmarks")  # the datasets' order
     # carried twice: one note, not two
     assert suite.main(work + ["--report_only"], runner=FakeRunner(), entries=ENTRIES, datasets=DATASETS, root=repo) == 0
     assert out.read_text().count("Carried over unchanged") == 1
+    assert out.read_text() == second  # carrying over is stable: the same report, byte for byte
     # run again: the dataset's own section replaces the carried one
     assert suite.main(work + ["--datasets", "toy_lm"], runner=FakeRunner(), entries=ENTRIES, datasets=DATASETS, root=repo) == 0
     assert "Carried over" not in out.read_text()
