@@ -438,3 +438,17 @@ def test_short_loop_lowers_the_loss_with_unlabelled_terms_on(base_model):
             losses.append(logs["loss"].item())
             assert logs["unsup_loss"] > 0 and logs["loss_pt"] > 0 and logs["unsup_active"] == 1
     assert losses[-1] < losses[0]
+
+
+def test_view_option_chooses_the_one_shared_view(base_model):
+    """``view`` replaces the original's "stil" view for labelled and unlabelled rows alike (the key
+    compute_terms reads stays "stil"); the default is the original's; an unknown name is refused."""
+    assert make_method(base_model).labeled_views == {"stil": "stil"}
+    method = make_method(base_model, view="weak")
+    assert method.labeled_views == {"stil": "weak"} and method.unlabeled_views == {"stil": "weak"}
+    assert Stil.labeled_views == {"stil": "stil"}  # the class default is untouched
+    labeled, unlabeled = batches(tiny_config())
+    loss, _ = method.training_step(labeled, unlabeled, TrainState(epoch=0, step=0))
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="view must be one of"):
+        StilArguments(view="crop")

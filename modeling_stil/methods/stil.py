@@ -76,6 +76,9 @@ from .common import (
 )
 
 
+VIEWS = ("stil", "weak", "strong", "hard", "eval")
+
+
 @dataclass
 class StilArguments(MethodArguments):
     """Defaults = siyi-wind/STiL configs/config_dvm_STiL.yaml (cardiac values in brackets)."""
@@ -108,6 +111,11 @@ class StilArguments(MethodArguments):
     # True = standard CLUB: the estimator NLL sees detached features (trains only the
     # estimators) and the bound is computed with the estimator frozen (trains only the features).
     club_standard: bool = False
+    # The one view student and teacher share, for labelled and unlabelled rows: "stil" (the original:
+    # contrastive crop down to 8 %, colour jitter, blur, with probability augmentation_rate, and 30 %
+    # of the fields corrupted) or another view of data_utils/views.py ("weak": flip and pad-crop, 10 %
+    # corrupted; docs/methods.md, "stil").
+    view: str = "stil"
 
     def __post_init__(self):
         if not 0.0 <= self.ema_momentum <= 1.0:
@@ -124,6 +132,8 @@ class StilArguments(MethodArguments):
             raise ValueError("repeat_ratio must be >= 1")
         if self.club_hidden_dim < 1:
             raise ValueError("club_hidden_dim must be >= 1 (the original's is 512)")
+        if self.view not in VIEWS:
+            raise ValueError(f"view must be one of {VIEWS}, not {self.view!r}")
 
 
 class CLUBMean(nn.Module):
@@ -180,6 +190,8 @@ class Stil(SSLMethod):
             )
         a, d, p = self.args, int(hidden), int(self.args.projection_dim)
         self.hidden_size = d
+        self.labeled_views = {"stil": a.view}  # the key stays "stil": compute_terms reads it
+        self.unlabeled_views = {"stil": a.view}
         self.projector_multimodal = SimCLRProjectionHead(3 * d, 3 * d, p)
         if a.unimodal_projector == "linear":
             self.projector_imaging, self.projector_tabular = nn.Linear(d, p), nn.Linear(d, p)
