@@ -140,6 +140,16 @@ def test_registration_defaults_and_a_model_without_unimodal_heads_is_refused():
         MMatch(TinyNet())
 
 
+
+def test_view_option_chooses_the_one_shared_view():
+    """As STiL's: the original's "stil" view by default, another view for both streams when named."""
+    assert MMatch(ThreeHeadNet()).labeled_views == {"stil": "stil"}
+    method = MMatch(ThreeHeadNet(), MMatchArguments(view="weak"))
+    assert method.labeled_views == {"stil": "weak"} and method.unlabeled_views == {"stil": "weak"}
+    assert MMatch.labeled_views == {"stil": "stil"}
+    with pytest.raises(ValueError, match="view must be one of"):
+        MMatchArguments(view="crop")
+
 # ------------------------------------------------------------------------------------------ through train.py
 def test_train_py_resumes_the_queues_exactly_and_exports(tmp_path, synthetic_cache):
     history = resume_export_reload("mmatch", tmp_path, synthetic_cache, ("embed_queue", "probs_queue", "DA.queue.buffer"), "--th1", "0.0")

@@ -29,6 +29,7 @@ from .base import EMAOption, MethodArguments, SSLMethod, TrainState, register_me
 from .common import (
     at_least_float32,
     check_fraction,
+    check_shared_view,
     check_unimodal_heads,
     concat_views,
     confidence_mask,
@@ -36,6 +37,7 @@ from .common import (
     head_logits,
     model_inputs,
     pseudo_label_logs,
+    use_shared_view,
 )
 
 
@@ -52,8 +54,11 @@ class CoTrainingArguments(MethodArguments):
     ema_span_fraction: float | None = None  # relative form of ema_momentum: span 1/(1-m) = this x max_steps
     start_epoch: int = 10  # the unlabelled terms enter the loss from epoch start_epoch + 1 (DVM 10, cardiac 8)
     start_fraction: float | None = None  # relative form of start_epoch: the unlabelled terms join at this x max_steps
+    # the one view student and teacher share: the original's "stil" or another (common.SHARED_VIEWS)
+    view: str = "stil"
 
     def __post_init__(self):
+        check_shared_view(self.view)
         if not 0.0 <= self.ema_momentum <= 1.0:
             raise ValueError("ema_momentum must be in [0, 1]")
         check_fraction("ema_span_fraction", self.ema_span_fraction)
@@ -80,6 +85,7 @@ class CoTraining(SSLMethod):
     def __init__(self, model, args: CoTrainingArguments | None = None):
         super().__init__(model, args)
         check_unimodal_heads(model, self.name)
+        use_shared_view(self, self.args.view)
 
     def ema_options(self) -> list[EMAOption]:
         a = self.args  # the teacher: constant momentum, evaluation uses the student

@@ -251,6 +251,23 @@ class EMATeacher(nn.Module):
 # steps), and its ``*_fraction`` companion, when set, states the same schedule relative to the run
 # (a fraction of ``max_steps``) and replaces it. Paper recipes use the absolute keys; short recipes
 # the relative ones, so a 1,000-step run behaves like a compressed paper run.
+# Views a method that trains student and teacher on one shared view per row (STiL, MMatch, co-training)
+# may name instead of the original's "stil" (data_utils/views.py; docs/methods.md, "stil").
+SHARED_VIEWS = ("stil", "weak", "strong", "hard", "eval")
+
+
+def check_shared_view(view: str) -> None:
+    if view not in SHARED_VIEWS:
+        raise ValueError(f"view must be one of {SHARED_VIEWS}, not {view!r}")
+
+
+def use_shared_view(method, view: str) -> None:
+    """Both streams take ``view`` under the key "stil" (the key the step reads); the instance
+    attributes are what the loaders read, so the class default stays the original's."""
+    method.labeled_views = {"stil": view}
+    method.unlabeled_views = {"stil": view}
+
+
 def check_fraction(name: str, value: float | None, upper_inclusive: bool = True) -> None:
     """Stop on a schedule fraction outside [0, 1] (None = not used)."""
     if value is None:

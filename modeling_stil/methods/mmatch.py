@@ -34,6 +34,7 @@ from .common import (
     DistributionAlignment,
     at_least_float32,
     check_fraction,
+    check_shared_view,
     check_unimodal_heads,
     concat_views,
     cross_entropy,
@@ -42,6 +43,7 @@ from .common import (
     model_inputs,
     pseudo_label_logs,
     unlabeled_gate_open,
+    use_shared_view,
 )
 
 
@@ -79,8 +81,11 @@ class MMatchArguments(MethodArguments):
     da_queue_size: int = 256
     start_epoch: int = 10  # the unlabelled terms enter the loss from epoch start_epoch + 1 (DVM 10, cardiac 8)
     start_fraction: float | None = None  # relative form of start_epoch: the unlabelled terms join at this x max_steps
+    # the one view student and teacher share: the original's "stil" or another (common.SHARED_VIEWS)
+    view: str = "stil"
 
     def __post_init__(self):
+        check_shared_view(self.view)
         if not 0.0 <= self.smoothing <= 1.0:
             raise ValueError("smoothing must be in [0, 1]")
         if self.temperature <= 0:
@@ -109,6 +114,7 @@ class MMatch(SSLMethod):
     def __init__(self, model, args: MMatchArguments | None = None):
         super().__init__(model, args)
         bare = check_unimodal_heads(model, self.name)
+        use_shared_view(self, self.args.view)
         self.feature_dim = int(getattr(bare, "fused_dim", 0) or bare.config.fused_dim)
         self.DA = None
         num_labels = int(getattr(bare.config, "num_labels", 0) or 0)

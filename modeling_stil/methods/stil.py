@@ -68,15 +68,14 @@ from .common import (
     DistributionAlignment,
     at_least_float32,
     check_fraction,
+    check_shared_view,
     concat_views,
     model_inputs,
     pseudo_label_logs,
     soft_cross_entropy,
     unwrap_model,
+    use_shared_view,
 )
-
-
-VIEWS = ("stil", "weak", "strong", "hard", "eval")
 
 
 @dataclass
@@ -132,8 +131,7 @@ class StilArguments(MethodArguments):
             raise ValueError("repeat_ratio must be >= 1")
         if self.club_hidden_dim < 1:
             raise ValueError("club_hidden_dim must be >= 1 (the original's is 512)")
-        if self.view not in VIEWS:
-            raise ValueError(f"view must be one of {VIEWS}, not {self.view!r}")
+        check_shared_view(self.view)
 
 
 class CLUBMean(nn.Module):
@@ -190,8 +188,7 @@ class Stil(SSLMethod):
             )
         a, d, p = self.args, int(hidden), int(self.args.projection_dim)
         self.hidden_size = d
-        self.labeled_views = {"stil": a.view}  # the key stays "stil": compute_terms reads it
-        self.unlabeled_views = {"stil": a.view}
+        use_shared_view(self, a.view)
         self.projector_multimodal = SimCLRProjectionHead(3 * d, 3 * d, p)
         if a.unimodal_projector == "linear":
             self.projector_imaging, self.projector_tabular = nn.Linear(d, p), nn.Linear(d, p)
