@@ -157,6 +157,9 @@ EARLY_GATE = {"start_epoch": 1}
 # (recipe comments; docs/results_analysis.md).
 HARD_LABELED_VIEW = {"labeled_view": "hard"}
 ORIGINAL_SHARED_VIEW = {"view": "stil"}
+# STiL's recipe (the default job's, 1 %) keeps its original view; at 10 % the weak view was ahead on validation
+# (seed 0: 0.383 against 0.292, and 0.328 with the original view's image half off), so the 10 % table passes it.
+WEAK_SHARED_VIEW = {"view": "weak"}
 # The pretrained-backbone baseline: timm's ImageNet weights for the tiny presets' backbone (test_resnet),
 # used only when already in the local Hugging Face cache (the suite never downloads).
 PRETRAINED_TIMM = ("timm/test_resnet.r160_in1k", "model.safetensors")
@@ -181,6 +184,9 @@ def _multimodal_entries() -> list[Entry]:
         def one_percent(overrides: dict[str, Any]) -> dict[str, Any]:
             return dict(overrides) if ds == "multimodal_1pct" else {}
 
+        def ten_percent(overrides: dict[str, Any]) -> dict[str, Any]:
+            return dict(overrides) if ds == "multimodal_10pct" else {}
+
         out += [
             Entry("supervised_image", ds, sup, IMAGE_ONLY, "baseline", "image-only model (image-tiny), labelled rows only"),
             Entry("supervised_tabular", ds, "recipes/supervised_synthetic_tabular.yaml", {}, "baseline",
@@ -202,8 +208,9 @@ def _multimodal_entries() -> list[Entry]:
             Entry("supervised_multimodal_pretrained", ds, sup, PRETRAINED_IMAGE, "baseline",
                   "concat model with timm's ImageNet-pretrained image backbone, fine-tuned on the labelled rows",
                   requires_cached=PRETRAINED_TIMM),
-            Entry("stil", ds, "recipes/stil_synthetic.yaml", TIP_INIT, "ssl", "STiL started from tip_pretrain"),
-            Entry("stil_no_tip", ds, "recipes/stil_synthetic.yaml", {"init_from": None}, "ssl",
+            Entry("stil", ds, "recipes/stil_synthetic.yaml", {**TIP_INIT, **ten_percent(WEAK_SHARED_VIEW)}, "ssl",
+                  "STiL started from tip_pretrain"),
+            Entry("stil_no_tip", ds, "recipes/stil_synthetic.yaml", {"init_from": None, **ten_percent(WEAK_SHARED_VIEW)}, "ssl",
                   "STiL from random initialisation"),
             Entry("mmatch", ds, "recipes/mmatch_synthetic.yaml", {**EARLY_GATE, **one_percent(ORIGINAL_SHARED_VIEW)}, "ssl"),
             Entry("co_training", ds, "recipes/co_training_synthetic.yaml", {**EARLY_GATE, **one_percent(ORIGINAL_SHARED_VIEW)}, "ssl"),
