@@ -338,7 +338,6 @@ def test_every_image_table_entry_trains_the_supervised_baselines_network():
     assert {e.name: network(e) for e in entries} == {e.name: network(reference) for e in entries}
 
 
-
 def test_multimodal_views_follow_the_label_rate_they_were_chosen_at():
     """The multimodal Match, MMatch and co-training recipes train on the weak view; the 1 % table
     gives SimMatch, CoMatch and FreeMatch back the STiL repository's hard labelled view, and MMatch and
@@ -361,6 +360,7 @@ def test_multimodal_views_follow_the_label_rate_they_were_chosen_at():
     for name in ("stil", "stil_no_tip"):
         assert view(entries["multimodal_10pct", name]) == "weak"
         assert view(entries["multimodal_1pct", name]) == "stil"
+
 
 # ------------------------------------------------------------------------------ the real digits benchmark
 def test_digits_is_a_bring_your_own_dataset_with_the_image_table(repo):

@@ -85,16 +85,6 @@ def test_registration_defaults_and_a_model_without_unimodal_heads_is_refused():
         CoTraining(TinyNet())
 
 
-
-def test_view_option_chooses_the_one_shared_view():
-    """As STiL's: the original's "stil" view by default, another view for both streams when named."""
-    assert CoTraining(ThreeHeadNet()).labeled_views == {"stil": "stil"}
-    method = CoTraining(ThreeHeadNet(), CoTrainingArguments(view="weak"))
-    assert method.labeled_views == {"stil": "weak"} and method.unlabeled_views == {"stil": "weak"}
-    assert CoTraining.labeled_views == {"stil": "stil"}
-    with pytest.raises(ValueError, match="view must be one of"):
-        CoTrainingArguments(view="crop")
-
 def test_short_run_lowers_the_loss_with_the_cross_modal_terms_on():
     torch.manual_seed(0)
     centres = 3.0 * torch.eye(3)

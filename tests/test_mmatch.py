@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from modeling_stil.methods.base import TrainState, get_method_class
+from modeling_stil.methods.co_training import CoTraining
 from modeling_stil.methods.mmatch import MMatch, MMatchArguments, write_columns
 from tests.helpers.multimodal_match import hand_inputs, mm_batches, multimodal_argv, resume_export_reload
 from tests.helpers.nets import ThreeHeadNet, TinyNet
@@ -141,14 +142,18 @@ def test_registration_defaults_and_a_model_without_unimodal_heads_is_refused():
 
 
 
-def test_view_option_chooses_the_one_shared_view():
-    """As STiL's: the original's "stil" view by default, another view for both streams when named."""
-    assert MMatch(ThreeHeadNet()).labeled_views == {"stil": "stil"}
-    method = MMatch(ThreeHeadNet(), MMatchArguments(view="weak"))
+@pytest.mark.parametrize("method_class", [MMatch, CoTraining])
+def test_view_option_chooses_the_one_shared_view(method_class):
+    """MMatch and co-training share STiL's one-view design and its option: the original's "stil" view by
+    default, another view for both streams when named, an unknown name refused."""
+    arguments_class = method_class.arguments_class
+    assert method_class(ThreeHeadNet()).labeled_views == {"stil": "stil"}
+    method = method_class(ThreeHeadNet(), arguments_class(view="weak"))
     assert method.labeled_views == {"stil": "weak"} and method.unlabeled_views == {"stil": "weak"}
-    assert MMatch.labeled_views == {"stil": "stil"}
+    assert method_class.labeled_views == {"stil": "stil"}
     with pytest.raises(ValueError, match="view must be one of"):
-        MMatchArguments(view="crop")
+        arguments_class(view="crop")
+
 
 # ------------------------------------------------------------------------------------------ through train.py
 def test_train_py_resumes_the_queues_exactly_and_exports(tmp_path, synthetic_cache):

@@ -452,4 +452,3 @@ def test_view_option_chooses_the_one_shared_view(base_model):
     assert torch.isfinite(loss)
     with pytest.raises(ValueError, match="view must be one of"):
         StilArguments(view="crop")
-

@@ -245,12 +245,7 @@ class EMATeacher(nn.Module):
             teacher_value.copy_(student_value)
 
 
-# ---------------------------------------------------------------------------------------- budget-aware schedules
-# One convention for every schedule a method has (docs/methods.md, "Budget-aware schedules"): the
-# absolute key keeps the original's unit and value (``start_epoch``, ``ema_momentum``, a ramp in
-# steps), and its ``*_fraction`` companion, when set, states the same schedule relative to the run
-# (a fraction of ``max_steps``) and replaces it. Paper recipes use the absolute keys; short recipes
-# the relative ones, so a 1,000-step run behaves like a compressed paper run.
+# ---------------------------------------------------------------------------------------- one shared view
 # Views a method that trains student and teacher on one shared view per row (STiL, MMatch, co-training)
 # may name instead of the original's "stil" (data_utils/views.py; docs/methods.md, "stil").
 SHARED_VIEWS = ("stil", "weak", "strong", "hard", "eval")
@@ -268,6 +263,12 @@ def use_shared_view(method, view: str) -> None:
     method.unlabeled_views = {"stil": view}
 
 
+# ---------------------------------------------------------------------------------------- budget-aware schedules
+# One convention for every schedule a method has (docs/methods.md, "Budget-aware schedules"): the
+# absolute key keeps the original's unit and value (``start_epoch``, ``ema_momentum``, a ramp in
+# steps), and its ``*_fraction`` companion, when set, states the same schedule relative to the run
+# (a fraction of ``max_steps``) and replaces it. Paper recipes use the absolute keys; short recipes
+# the relative ones, so a 1,000-step run behaves like a compressed paper run.
 def check_fraction(name: str, value: float | None, upper_inclusive: bool = True) -> None:
     """Stop on a schedule fraction outside [0, 1] (None = not used)."""
     if value is None:
